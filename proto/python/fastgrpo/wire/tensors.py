@@ -1,0 +1,237 @@
+"""Tensors on the wire: raw little-endian bytes with dtype and shape, sha256 per tensor, and the
+weight checksum both sides compute. Nothing here unpickles: bytes become tensors only through
+`torch.frombuffer` with a dtype and shape declared up front and checked against the byte count.
+
+Both the rollout service and its clients import this module, so that "what the learner thinks is
+served" and "what is served" are computed by one piece of code.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping
+
+import torch
+
+from fastgrpo.v1 import rollout_pb2 as pb
+
+MAX_CHUNK_BYTES = 4 * 1024 * 1024  # gRPC's default message limit is 4 MiB; chunks stay below it
+
+_TORCH_TO_PB = {
+    torch.float32: pb.DTYPE_FLOAT32,
+    torch.float16: pb.DTYPE_FLOAT16,
+    torch.bfloat16: pb.DTYPE_BFLOAT16,
+    torch.float64: pb.DTYPE_FLOAT64,
+}
+_PB_TO_TORCH = {v: k for k, v in _TORCH_TO_PB.items()}
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+}
+
+
+class WireError(ValueError):
+    """A tensor on the wire does not match its declaration. `code` names the gRPC status it maps to."""
+
+    def __init__(self, message: str, code: str = "INVALID_ARGUMENT"):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Declaration of one tensor: what its bytes must be."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    byte_length: int
+    sha256: str
+
+    def to_pb(self) -> pb.TensorSpec:
+        return pb.TensorSpec(
+            name=self.name,
+            dtype=_TORCH_TO_PB[self.dtype],
+            shape=list(self.shape),
+            byte_length=self.byte_length,
+            sha256=self.sha256,
+        )
+
+    @staticmethod
+    def from_pb(spec: pb.TensorSpec) -> "TensorMeta":
+        if spec.dtype not in _PB_TO_TORCH:
+            raise WireError(f"tensors[{spec.name!r}].dtype: unsupported dtype {spec.dtype}")
+        if any(d < 0 for d in spec.shape):
+            raise WireError(f"tensors[{spec.name!r}].shape: negative dimension in {list(spec.shape)}")
+        dtype = _PB_TO_TORCH[spec.dtype]
+        expected = _numel(spec.shape) * dtype.itemsize
+        if spec.byte_length != expected:
+            raise WireError(
+                f"tensors[{spec.name!r}].byte_length: {spec.byte_length} does not match "
+                f"shape {list(spec.shape)} x {_DTYPE_NAMES[dtype]} = {expected} bytes"
+            )
+        return TensorMeta(spec.name, dtype, tuple(int(d) for d in spec.shape), spec.byte_length, spec.sha256.lower())
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """C-order little-endian bytes of `t` (on the CPU, in its own dtype)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype not in _TORCH_TO_PB:
+        raise WireError(f"unsupported dtype {t.dtype}")
+    # view as uint8 keeps bf16 (which numpy lacks) and avoids any copy through numpy
+    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian hosts in CI
+        raise WireError("big-endian hosts are not supported")
+    return raw
+
+
+def encode_tensor(name: str, t: torch.Tensor) -> tuple[TensorMeta, bytes]:
+    raw = tensor_bytes(t)
+    meta = TensorMeta(name, t.dtype, tuple(t.shape), len(raw), hashlib.sha256(raw).hexdigest())
+    return meta, raw
+
+
+def decode_tensor(meta: TensorMeta, raw: bytes | bytearray | memoryview) -> torch.Tensor:
+    """Bytes -> tensor after checking length and sha256. Raises WireError (DATA_LOSS on a bad hash)."""
+    if len(raw) != meta.byte_length:
+        raise WireError(
+            f"tensors[{meta.name!r}]: got {len(raw)} bytes, manifest says {meta.byte_length}", "DATA_LOSS"
+        )
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != meta.sha256:
+        raise WireError(f"tensors[{meta.name!r}]: sha256 {digest} does not match manifest {meta.sha256}", "DATA_LOSS")
+    if meta.byte_length == 0:
+        return torch.empty(meta.shape, dtype=meta.dtype)
+    buf = bytearray(raw)  # frombuffer needs a writable buffer it can own
+    return torch.frombuffer(buf, dtype=meta.dtype).reshape(meta.shape).clone()
+
+
+def chunk_bytes(parts: Iterable[bytes], chunk_size: int = MAX_CHUNK_BYTES) -> Iterator[bytes]:
+    """Concatenation of `parts`, cut into pieces of at most `chunk_size` bytes."""
+    if not 0 < chunk_size <= MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_size must be in (0, {MAX_CHUNK_BYTES}], got {chunk_size}")
+    pending = bytearray()
+    for part in parts:
+        pending += part
+        while len(pending) >= chunk_size:
+            yield bytes(pending[:chunk_size])
+            del pending[:chunk_size]
+    if pending:
+        yield bytes(pending)
+
+
+def state_checksum(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over every entry in name order: name, dtype, shape, then the values as float32 bytes.
+
+    float32 makes the checksum independent of the served dtype's bit layout only when the values
+    are equal; bf16 -> float32 is exact, so a bf16 server and a learner mirroring it in bf16 agree.
+    """
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        h.update(name.encode())
+        h.update(_DTYPE_NAMES.get(t.dtype, str(t.dtype)).encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(tensor_bytes(t.detach().to(torch.float32)))
+    return h.hexdigest()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Applying an update. Both sides call these so the learner's mirror of the served weights is
+# bit-identical to what the rollout serves after every push (old + delta is not exactly new in float).
+
+def lora_product(a: torch.Tensor, b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """scale * B @ A, computed in float32, as a delta for a weight of dtype out_dtype."""
+    assert a.dim() == 2 and b.dim() == 2 and b.shape[1] == a.shape[0], (a.shape, b.shape)
+    return (scale * (b.to(torch.float32) @ a.to(torch.float32))).to(out_dtype)  # (out, in)
+
+
+def lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """Maps weight name -> (A name, B name) for names "<W>.lora_A" / "<W>.lora_B"; raises on orphans."""
+    names = list(names)
+    pairs: dict[str, tuple[str, str]] = {}
+    for n in names:
+        if n.endswith(".lora_A"):
+            base = n[: -len(".lora_A")]
+            if base + ".lora_B" not in names:
+                raise WireError(f"tensors[{n!r}]: LoRA factor without its {base + '.lora_B'!r}")
+            pairs[base] = (n, base + ".lora_B")
+        elif n.endswith(".lora_B"):
+            if n[: -len(".lora_B")] + ".lora_A" not in names:
+                raise WireError(f"tensors[{n!r}]: LoRA factor without its lora_A")
+        else:
+            raise WireError(f"tensors[{n!r}]: a lora_delta update holds only '<weight>.lora_A' / '.lora_B' tensors")
+    return pairs
+
+
+def updated_values(
+    current: Mapping[str, torch.Tensor],
+    kind: int,
+    tensors: Mapping[str, torch.Tensor],
+    lora_scale: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """New values of the weights an update touches (current is not modified).
+
+    kind is a pb.UpdateKind. Every name and shape is checked before anything is computed, so a bad
+    update raises WireError with nothing half-applied.
+    """
+    if kind == pb.UPDATE_KIND_LORA_DELTA:
+        pairs = lora_pairs(tensors)
+        for base, (an, bn) in pairs.items():
+            if base not in current:
+                raise WireError(f"tensors[{an!r}]: no weight named {base!r} in the model")
+            a, b = tensors[an], tensors[bn]
+            w = current[base]
+            if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != tuple(w.shape):
+                raise WireError(
+                    f"tensors[{an!r}]: LoRA factors A {list(a.shape)} and B {list(b.shape)} do not make a "
+                    f"delta of shape {list(w.shape)}"
+                )
+        return {base: current[base] + _like(lora_product(tensors[an], tensors[bn], lora_scale, torch.float32), current[base])
+                for base, (an, bn) in pairs.items()}
+    if kind not in (pb.UPDATE_KIND_FULL, pb.UPDATE_KIND_DENSE_DELTA):
+        raise WireError(f"header.kind: unknown update kind {kind}")
+    for name, t in tensors.items():
+        if name not in current:
+            raise WireError(f"tensors[{name!r}]: no tensor of that name in the model")
+        if tuple(t.shape) != tuple(current[name].shape):
+            raise WireError(
+                f"tensors[{name!r}].shape: {list(t.shape)} but the model's is {list(current[name].shape)}"
+            )
+    if kind == pb.UPDATE_KIND_FULL:
+        return {name: _like(t, current[name]) for name, t in tensors.items()}
+    return {name: current[name] + _like(t, current[name]) for name, t in tensors.items()}
+
+
+def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return t.to(device=ref.device, dtype=ref.dtype)
+
+
+def unique_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """state_dict without aliases: tied weights (e.g. lm_head tied to the embedding) appear once, under
+    their first name in sorted order. This is the set of names updates may address, and what the
+    checksum covers, so a delta can never be added twice to one storage."""
+    seen: dict[tuple[int, int], str] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(state):
+        t = state[name]
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
+        if key in seen:
+            continue
+        seen[key] = name
+        out[name] = t
+    return out

@@ -1,0 +1,309 @@
+"""Continuous-batching engine: one background thread owns the model, the cache and every sequence.
+
+Each loop iteration is one engine step:
+  1. run queued operations (weight updates) — this is the "between decode steps" point where they
+     are applied atomically;
+  2. drop sequences of cancelled requests;
+  3. admit queued sequences into free cache slots and prefill them in one batched forward, which
+     also samples their first token;
+  4. one batched decode step over the sequences that were already running;
+  5. finished sequences leave at once (their completion goes to the request's result queue) and
+     free their slots for the next step's admissions.
+Callers talk to it only through `submit`, `run_exclusive` and `snapshot`, all thread-safe.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import queue
+import secrets
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, TypeVar
+
+import torch
+
+from fastgrpo.rollout.engine import sampler
+from fastgrpo.rollout.engine.model_runner import ForwardBatch, ModelRunner
+from fastgrpo.rollout.engine.types import (
+    CompletionResult,
+    EngineLimits,
+    FinishReason,
+    GenerationRequest,
+    SpecCounts,
+    validate_request,
+)
+
+T = TypeVar("T")
+_DONE = object()  # end-of-stream marker in a request's result queue
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_running: int = 64  # KV-cache slots = most sequences decoding at once
+    max_prefill_tokens: int = 4096  # prompt tokens admitted per step (bounds prefill memory)
+    max_queued: int = 100_000  # sequences waiting for a slot before Generate gets RESOURCE_EXHAUSTED
+
+
+class RequestHandle:
+    """Results of one submitted request, in finishing order. Iterate to receive them."""
+
+    def __init__(self, request: GenerationRequest, engine: "Engine"):
+        self.request = request
+        self._engine = engine
+        self._results: queue.Queue = queue.Queue()
+        self._remaining = len(request.prompts) * request.num_samples
+        self.cancelled = False
+
+    def __iter__(self) -> Iterator[CompletionResult]:
+        while True:
+            item = self._results.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def cancel(self) -> None:
+        """Drop this request's queued and running sequences at the next step."""
+        self.cancelled = True
+        self._engine._wake()
+
+    def _deliver(self, result: CompletionResult) -> None:
+        self._results.put(result)
+        self._remaining -= 1
+        if self._remaining == 0:
+            self._results.put(_DONE)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._results.put(exc)
+
+
+@dataclass(eq=False)
+class Sequence:
+    handle: RequestHandle
+    prompt_index: int
+    sample_index: int
+    prompt: tuple[int, ...]
+    generator: torch.Generator | None  # None for greedy
+    stop_ids: frozenset[int]
+    min_version: int
+    slot: int = -1
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    cached: int = 0  # tokens whose keys/values are in the cache
+
+    @property
+    def sampling(self):
+        return self.handle.request.sampling
+
+
+def sequence_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """Independent, batching-agnostic stream per (request seed, prompt, sample)."""
+    digest = hashlib.sha256(f"{seed}:{prompt_index}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, eos_token_ids: tuple[int, ...], config: EngineConfig = EngineConfig()):
+        if config.max_running > runner.num_slots:
+            raise ValueError(f"max_running {config.max_running} exceeds the cache's {runner.num_slots} slots")
+        self.runner = runner
+        self.config = config
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.limits = EngineLimits(vocab_size=runner.vocab_size, max_context=runner.max_len)
+        self.policy_version = 0
+        self._cv = threading.Condition()
+        self._queue: deque[Sequence] = deque()
+        self._ops: list[tuple[Callable[[], object], Future]] = []
+        self._running: list[Sequence] = []
+        self._free_slots = list(range(config.max_running - 1, -1, -1))
+        self._stop = False
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="fastgrpo-engine", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- public, thread-safe
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Validates (InvalidRequest) and queues every (prompt, sample) sequence of the request."""
+        validate_request(request, self.limits)
+        handle = RequestHandle(request, self)
+        s = request.sampling
+        stop = frozenset(s.stop_token_ids) | (frozenset() if s.ignore_eos else self.eos_token_ids)
+        base_seed = s.seed if s.seed is not None else secrets.randbits(63)
+        with self._cv:
+            n_new = len(request.prompts) * request.num_samples
+            if len(self._queue) + n_new > self.config.max_queued:
+                raise OverflowError(f"queue full: {len(self._queue)} sequences waiting, limit {self.config.max_queued}")
+            for i, prompt in enumerate(request.prompts):
+                for j in range(request.num_samples):
+                    gen = None
+                    if s.temperature > 0:
+                        gen = torch.Generator().manual_seed(sequence_seed(base_seed, i, j))
+                    self._queue.append(Sequence(handle, i, j, tuple(prompt), gen, stop, self.policy_version))
+            self._cv.notify()
+        return handle
+
+    def run_exclusive(self, fn: Callable[[], T], timeout: float | None = None) -> T:
+        """Runs fn on the engine thread between two steps (no forward in flight) and returns its result."""
+        fut: Future = Future()
+        with self._cv:
+            if self._stop:
+                raise RuntimeError("engine is stopped")
+            self._ops.append((fn, fut))
+            self._cv.notify()
+        return fut.result(timeout)
+
+    def snapshot(self) -> dict:
+        with self._cv:
+            return {"running": len(self._running), "queued": len(self._queue), "policy_version": self.policy_version}
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+        for seq in list(self._running) + list(self._queue):
+            self._finish(seq, FinishReason.ABORT)
+
+    # ---------------------------------------------------------------- engine thread
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stop or self._ops or self._queue or self._running):
+                    self._cv.wait()
+                if self._stop:
+                    ops, self._ops = self._ops, []
+                    for _, fut in ops:
+                        fut.set_exception(RuntimeError("engine is stopped"))
+                    return
+                ops, self._ops = self._ops, []
+                self._drop_cancelled()
+                admitted = self._admit()
+            for fn, fut in ops:
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # the caller gets the exception; the engine goes on
+                    fut.set_exception(exc)
+            try:
+                self._step(admitted)
+            except BaseException as exc:  # a failing forward must not hang every caller
+                for seq in {id(s): s for s in admitted + self._running}.values():
+                    seq.handle._fail(exc)
+                    self._release(seq)
+                self._running = []
+
+    def _drop_cancelled(self) -> None:
+        if any(s.handle.cancelled for s in self._queue):
+            self._queue = deque(s for s in self._queue if not s.handle.cancelled)
+        for seq in [s for s in self._running if s.handle.cancelled]:
+            self._running.remove(seq)
+            self._release(seq)
+
+    def _admit(self) -> list[Sequence]:
+        admitted, budget = [], self.config.max_prefill_tokens
+        while self._queue and self._free_slots:
+            seq = self._queue[0]
+            if admitted and len(seq.prompt) > budget:
+                break
+            self._queue.popleft()
+            seq.slot = self._free_slots.pop()
+            seq.min_version = self.policy_version
+            budget -= len(seq.prompt)
+            admitted.append(seq)
+        return admitted
+
+    def _step(self, admitted: list[Sequence]) -> None:
+        decoding = list(self._running)
+        if admitted:
+            self._prefill(admitted)
+            self._running.extend(admitted)
+        if decoding:
+            self._decode(decoding)
+        for seq in admitted + decoding:
+            reason = self._finish_reason(seq)
+            if reason is not None:
+                self._running.remove(seq)
+                self._finish(seq, reason)
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        dev = self.runner.device
+        lens = torch.tensor([len(s.prompt) for s in seqs], device=dev)  # (B,)
+        Q = int(lens.max())
+        tokens = torch.zeros(len(seqs), Q, dtype=torch.long, device=dev)  # (B, Q) right-padded
+        for b, s in enumerate(seqs):
+            tokens[b, : len(s.prompt)] = torch.tensor(s.prompt, device=dev)
+        positions = torch.arange(Q, device=dev)[None, :].expand(len(seqs), Q)  # (B, Q)
+        slots = torch.tensor([s.slot for s in seqs], device=dev)  # (B,)
+        batch = ForwardBatch(tokens, positions, slots, torch.zeros_like(slots))
+        out = self.runner.forward(batch, logits_at=lens - 1)  # logits (B, V)
+        for s in seqs:
+            s.cached = len(s.prompt)
+        self._sample_and_append(seqs, out.logits)
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        dev = self.runner.device
+        tokens = torch.tensor([[s.generated[-1]] for s in seqs], device=dev)  # (B, 1)
+        starts = torch.tensor([s.cached for s in seqs], device=dev)  # (B,)
+        slots = torch.tensor([s.slot for s in seqs], device=dev)  # (B,)
+        out = self.runner.forward(ForwardBatch(tokens, starts[:, None], slots, starts))
+        for s in seqs:
+            s.cached += 1
+        self._sample_and_append(seqs, out.logits[:, 0])
+
+    def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """logits (B, V) of the next token of each sequence -> one token each, with its logprob."""
+        params = self._sampling_batch(seqs)
+        logp_sample = sampler.sampling_logprobs(logits, params)  # (B, V)
+        noise = torch.ones_like(logp_sample, dtype=torch.float64)  # (B, V); greedy rows: one-hot wins
+        sampled_rows = [b for b, s in enumerate(seqs) if s.generator is not None]
+        if sampled_rows:
+            gens = [seqs[b].generator for b in sampled_rows]
+            noise[sampled_rows] = sampler.exponential_noise(gens, logits.shape[-1], logits.device)
+        tokens = sampler.sample_from_logprobs(logp_sample, noise)  # (B,)
+        logp = sampler.gather_rows(sampler.policy_logprobs(logits, params.temperature), tokens)  # (B,)
+        for s, t, lp in zip(seqs, tokens.tolist(), logp.tolist()):
+            s.generated.append(t)
+            s.logprobs.append(lp)
+
+    def _sampling_batch(self, seqs: list[Sequence]) -> sampler.SamplingBatch:
+        dev = self.runner.device
+        return sampler.SamplingBatch(
+            temperature=torch.tensor([s.sampling.temperature for s in seqs], device=dev, dtype=torch.float32),
+            top_k=torch.tensor([s.sampling.top_k for s in seqs], device=dev, dtype=torch.long),
+            top_p=torch.tensor([s.sampling.top_p for s in seqs], device=dev, dtype=torch.float32),
+        )
+
+    @staticmethod
+    def _finish_reason(seq: Sequence) -> FinishReason | None:
+        if seq.generated and seq.generated[-1] in seq.stop_ids:
+            return FinishReason.STOP
+        if len(seq.generated) >= seq.sampling.max_new_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.slot >= 0:
+            self._free_slots.append(seq.slot)
+            seq.slot = -1
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self._release(seq)
+        seq.handle._deliver(
+            CompletionResult(
+                request_id=seq.handle.request.request_id,
+                prompt_index=seq.prompt_index,
+                sample_index=seq.sample_index,
+                token_ids=list(seq.generated),
+                logprobs=list(seq.logprobs),
+                finish_reason=reason,
+                policy_version=seq.min_version,
+                spec=SpecCounts(),
+            )
+        )

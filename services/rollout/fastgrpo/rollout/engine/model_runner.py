@@ -1,0 +1,145 @@
+"""Model runner: drives a transformers decoder's own modules over our KV cache.
+
+The HF model is loaded with transformers (so any checkpoint of a supported family loads, and the
+weights live in one place that updates modify), but its forward is ours: per-sequence cache slots,
+per-token rotary positions and an arbitrary mask over the new tokens. That one entry point serves
+prefill (causal mask, right padding), plain decode (Q = 1) and tree verification (Q = tree nodes,
+tree mask, depth-based positions) without a rewrite.
+
+Supported families: the Llama-style decoders (Llama, Qwen2, Qwen3, Mistral): pre-norm layers of
+self_attn (q/k/v/o projections, optional q/k norms) and a gated MLP, rotary positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from fastgrpo.rollout.engine.kv_cache import KVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """New tokens of B sequences, Q per sequence (right-padded where sequences have fewer)."""
+
+    tokens: torch.Tensor  # (B, Q) long
+    positions: torch.Tensor  # (B, Q) long, rotary positions (depth-based inside a tree)
+    slots: torch.Tensor  # (B,) long, KV-cache slot of each sequence
+    starts: torch.Tensor  # (B,) long, cache position where the first new token is written
+    tree_mask: torch.Tensor | None = None  # (B, Q, Q) bool: new token q sees new token k; None = causal
+
+    def __post_init__(self):
+        B, Q = self.tokens.shape
+        assert self.positions.shape == (B, Q) and self.slots.shape == (B,) and self.starts.shape == (B,)
+        assert self.tree_mask is None or self.tree_mask.shape == (B, Q, Q)
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    logits: torch.Tensor  # (B, Q, V) float32, or (B, V) when logits_at was given
+    hidden: torch.Tensor  # (B, Q, H): the final-norm hidden state that feeds lm_head
+
+
+def attention_mask(batch: ForwardBatch, key_len: int) -> torch.Tensor:
+    """(B, 1, Q, key_len) bool: True where query q of row b may attend to cache position j.
+
+    Everything before starts[b] is the sequence's own past; among the new tokens, the tree mask (or
+    causality) decides.
+    """
+    B, Q = batch.tokens.shape
+    device = batch.tokens.device
+    j = torch.arange(key_len, device=device)  # (T,)
+    past = j[None, None, :] < batch.starts[:, None, None]  # (B, 1, T)
+    rel = j[None, :] - batch.starts[:, None]  # (B, T) offset of key j among the new tokens
+    in_new = (rel >= 0) & (rel < Q)  # (B, T)
+    tree = batch.tree_mask
+    if tree is None:
+        tree = torch.ones(Q, Q, dtype=torch.bool, device=device).tril().expand(B, Q, Q)  # (B, Q, Q)
+    new_ok = tree.gather(2, rel.clamp(0, Q - 1)[:, None, :].expand(B, Q, key_len))  # (B, Q, T)
+    return (past | (in_new[:, None, :] & new_ok))[:, None]  # (B, 1, Q, T)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class ModelRunner:
+    """Owns the HF model and the KV cache; one `forward` for every kind of step."""
+
+    def __init__(self, model: PreTrainedModel, num_slots: int, max_len: int | None = None):
+        cfg = model.config
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {cfg.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        self.model = model.eval()
+        self.config = cfg
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.vocab_size = cfg.vocab_size
+        self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        window = getattr(cfg, "sliding_window", None)
+        if getattr(cfg, "use_sliding_window", False) and window and window < self.max_len:
+            raise ValueError(f"sliding_window {window} < context {self.max_len} is not supported; pass --max-context")
+        self.cache = KVCache(
+            self.num_layers, num_slots, self.num_kv_heads, self.max_len, self.head_dim, self.dtype, self.device
+        )
+        self.num_slots = num_slots
+
+    @staticmethod
+    def load(path: str | Path, dtype: torch.dtype, device: str, num_slots: int, max_len: int | None = None):
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+        return ModelRunner(model, num_slots, max_len)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, logits_at: torch.Tensor | None = None) -> ForwardOutput:
+        """Runs the new tokens through every layer, writing their keys/values into the cache.
+
+        logits_at (B,) picks one query index per row to project through lm_head (prefill needs only
+        the last prompt token); None projects every position.
+        """
+        B, Q = batch.tokens.shape
+        assert int(batch.starts.max()) + Q <= self.max_len, "write past the end of the KV cache"
+        inner = self.model.model
+        h = inner.embed_tokens(batch.tokens)  # (B, Q, H)
+        cos, sin = inner.rotary_emb(h, batch.positions)  # (B, Q, D) each
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, Q, D)
+        key_len = int(batch.starts.max()) + Q
+        mask = attention_mask(batch, key_len)  # (B, 1, Q, T)
+        write_pos = batch.starts[:, None] + torch.arange(Q, device=self.device)[None, :]  # (B, Q)
+        for i, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)  # (B, Q, H)
+            q = attn.q_proj(x).view(B, Q, -1, self.head_dim)  # (B, Q, Hq, D)
+            k = attn.k_proj(x).view(B, Q, -1, self.head_dim)  # (B, Q, Hkv, D)
+            v = attn.v_proj(x).view(B, Q, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, Q, D)
+            if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before rotary
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H*, Q, D)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.cache.write(i, batch.slots, write_pos, k, v)
+            keys, values = self.cache.read(i, batch.slots, key_len)  # (B, Hkv, T, D)
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=self.num_heads != self.num_kv_heads
+            )  # (B, Hq, Q, D)
+            h = h + attn.o_proj(out.transpose(1, 2).reshape(B, Q, -1))  # (B, Q, H)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))  # (B, Q, H)
+        h = inner.norm(h)  # (B, Q, H)
+        if logits_at is not None:
+            picked = h[torch.arange(B, device=self.device), logits_at]  # (B, H)
+            return ForwardOutput(self.model.lm_head(picked).float(), h)  # (B, V)
+        return ForwardOutput(self.model.lm_head(h).float(), h)  # (B, Q, V)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())

@@ -1,0 +1,100 @@
+"""Engine-level request and result types (no gRPC here), and request validation."""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # (0, 1]
+    top_k: int = -1  # <= 0 = off
+    max_new_tokens: int = 128
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None  # None: fresh random seed per request
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompts: tuple[tuple[int, ...], ...]  # token ids per prompt
+    num_samples: int = 1
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass(frozen=True)
+class SpecCounts:
+    """Speculative-decoding counts of one sequence (zero while speculation is off)."""
+
+    drafted: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+
+
+@dataclass(frozen=True)
+class CompletionResult:
+    request_id: str
+    prompt_index: int
+    sample_index: int
+    token_ids: list[int]
+    logprobs: list[float]  # log p(token | prefix) under softmax(logits / T) (T = 1 when greedy)
+    finish_reason: FinishReason
+    policy_version: int  # oldest policy version that produced any of the tokens
+    spec: SpecCounts = SpecCounts()
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    vocab_size: int
+    max_context: int
+
+
+class InvalidRequest(ValueError):
+    """A request field is out of range. `field` names it (as in the proto) for the error message."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+def validate_request(req: GenerationRequest, limits: EngineLimits) -> None:
+    """Raises InvalidRequest naming the first bad field; returns None for a request the engine can run."""
+    s = req.sampling
+    if req.num_samples < 1:
+        raise InvalidRequest("num_samples", f"must be >= 1, got {req.num_samples}")
+    if not req.prompts:
+        raise InvalidRequest("prompts", "at least one prompt is required")
+    if not (isinstance(s.temperature, (int, float)) and math.isfinite(s.temperature) and s.temperature >= 0):
+        raise InvalidRequest("sampling.temperature", f"must be a finite number >= 0, got {s.temperature}")
+    if not (math.isfinite(s.top_p) and 0 < s.top_p <= 1):
+        raise InvalidRequest("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+    if s.top_k == 0 or s.top_k < -1:
+        raise InvalidRequest("sampling.top_k", f"must be -1 (off) or >= 1, got {s.top_k}")
+    if s.max_new_tokens < 1:
+        raise InvalidRequest("sampling.max_new_tokens", f"must be >= 1, got {s.max_new_tokens}")
+    for t in s.stop_token_ids:
+        if not 0 <= t < limits.vocab_size:
+            raise InvalidRequest("sampling.stop_token_ids", f"id {t} is outside [0, {limits.vocab_size})")
+    for i, p in enumerate(req.prompts):
+        if len(p) == 0:
+            raise InvalidRequest(f"prompts[{i}]", "prompt is empty")
+        bad = [t for t in p if not 0 <= t < limits.vocab_size]
+        if bad:
+            raise InvalidRequest(
+                f"prompts[{i}].token_ids", f"token id {bad[0]} is outside the vocabulary [0, {limits.vocab_size})"
+            )
+        if len(p) + s.max_new_tokens > limits.max_context:
+            raise InvalidRequest(
+                "sampling.max_new_tokens",
+                f"prompts[{i}] has {len(p)} tokens; {len(p)} + max_new_tokens {s.max_new_tokens} exceeds the "
+                f"context length {limits.max_context}",
+            )
