@@ -1,0 +1,31 @@
+"""Python clients of the fastgrpo rollout service (blocking and asyncio)."""
+from fastgrpo.client.common import NO_RETRY, RetryPolicy
+from fastgrpo.client.sync import RolloutClient
+from fastgrpo.client.types import (
+    ChecksumMismatch,
+    Completion,
+    GroupedBatch,
+    ModelInfo,
+    RolloutError,
+    Sampling,
+    SpecStats,
+    Status,
+    UpdateResult,
+)
+from fastgrpo.client.weights import WeightMirror
+
+__all__ = [
+    "RolloutClient",
+    "RetryPolicy",
+    "NO_RETRY",
+    "ChecksumMismatch",
+    "Completion",
+    "GroupedBatch",
+    "ModelInfo",
+    "RolloutError",
+    "Sampling",
+    "SpecStats",
+    "Status",
+    "UpdateResult",
+    "WeightMirror",
+]

@@ -130,20 +130,33 @@ def chunk_bytes(parts: Iterable[bytes], chunk_size: int = MAX_CHUNK_BYTES) -> It
         yield bytes(pending)
 
 
-def state_checksum(state: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over every entry in name order: name, dtype, shape, then the values as float32 bytes.
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's values as float32 little-endian bytes, with its dtype and shape.
 
-    float32 makes the checksum independent of the served dtype's bit layout only when the values
-    are equal; bf16 -> float32 is exact, so a bf16 server and a learner mirroring it in bf16 agree.
+    float32 makes equal values hash equal whatever the served dtype (bf16/fp16 -> float32 is exact),
+    so a bf16 server and a learner mirroring it in bf16 agree.
     """
     h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name]
-        h.update(name.encode())
-        h.update(_DTYPE_NAMES.get(t.dtype, str(t.dtype)).encode())
-        h.update(repr(tuple(t.shape)).encode())
-        h.update(tensor_bytes(t.detach().to(torch.float32)))
+    h.update(dtype_name(t.dtype).encode())
+    h.update(repr(tuple(t.shape)).encode())
+    h.update(tensor_bytes(t.detach().to(torch.float32)))
     return h.hexdigest()
+
+
+def combine_digests(digests: Mapping[str, str]) -> str:
+    """The weight checksum: sha256 over (name, per-tensor digest) in name order. Per-tensor digests
+    let a server re-hash only the tensors an update touched."""
+    h = hashlib.sha256()
+    for name in sorted(digests):
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(digests[name].encode())
+    return h.hexdigest()
+
+
+def state_checksum(state: Mapping[str, torch.Tensor]) -> str:
+    """Checksum of a state dict (use `unique_state` first so tied weights count once)."""
+    return combine_digests({name: tensor_digest(t) for name, t in state.items()})
 
 
 def dtype_name(dtype: torch.dtype) -> str:

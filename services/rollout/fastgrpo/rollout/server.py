@@ -1,0 +1,216 @@
+"""gRPC side of the rollout service: servicer (validate, convert, delegate), health, reflection, auth."""
+from __future__ import annotations
+
+import logging
+import uuid
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from transformers import AutoTokenizer
+
+from fastgrpo.common.cli import help_field
+from fastgrpo.rollout import convert
+from fastgrpo.rollout.engine.engine import Engine, EngineConfig
+from fastgrpo.rollout.engine.model_runner import ModelRunner
+from fastgrpo.rollout.engine.types import InvalidRequest
+from fastgrpo.rollout.weights import WeightStore
+from fastgrpo.v1 import rollout_pb2 as pb
+from fastgrpo.v1 import rollout_pb2_grpc as pb_grpc
+from fastgrpo.wire.tensors import WireError, dtype_name
+
+log = logging.getLogger("fastgrpo.rollout")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RolloutService"].full_name
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a 4 MiB data chunk plus a manifest of thousands of tensors
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = help_field(None, "HF model directory (config.json, safetensors, tokenizer) of the policy")
+    host: str = help_field("127.0.0.1", "address to bind; 0.0.0.0 exposes the service to the network")
+    port: int = help_field(50051, "gRPC port (0 picks a free one)")
+    device: str = help_field("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1")
+    dtype: str = help_field("auto", "weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    max_running: int = help_field(64, "most sequences decoding at once (KV-cache slots)")
+    max_context: int = help_field(0, "longest prompt + completion in tokens; 0 = the model's max_position_embeddings")
+    max_prefill_tokens: int = help_field(4096, "prompt tokens admitted into one prefill step")
+    auth_token: str = help_field("", "require 'authorization: Bearer <token>' metadata on every call (also $FASTGRPO_AUTH_TOKEN)")
+    tls_cert: str = help_field("", "PEM certificate chain; with --tls-key serves TLS instead of plaintext")
+    tls_key: str = help_field("", "PEM private key for --tls-cert")
+    workers: int = help_field(32, "gRPC worker threads (each streaming Generate call holds one)")
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "bfloat16"
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"--dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
+    return device, table[dtype]
+
+
+class RolloutServicer(pb_grpc.RolloutServiceServicer):
+    def __init__(self, engine: Engine, policy: WeightStore, tokenizer, model_info: pb.ModelInfo):
+        self.engine = engine
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.model_info = model_info
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            req = convert.request_from_pb(request, request_id, self._tokenize)
+            handle = self.engine.submit(req)
+        except InvalidRequest as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except OverflowError as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        context.add_callback(handle.cancel)  # client gone or deadline hit: free its slots
+        for result in handle:
+            text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True) if self.tokenizer else ""
+            yield convert.completion_to_pb(result, text)
+
+    def _tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequest("prompts.text", "this model has no tokenizer; send token_ids")
+        return self.tokenizer(text)["input_ids"]
+
+    def UpdateWeights(self, request_iterator, context: grpc.ServicerContext):
+        try:
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("payload") != "header":
+                raise WireError("the first message of the stream must carry the header")
+            header = first.header
+            store = self._store(header.target)
+            pending = store.begin(header)
+            for msg in request_iterator:
+                if msg.WhichOneof("payload") != "data":
+                    raise WireError("only data chunks may follow the header")
+                pending.receive(msg.data)
+            pending.finish()
+            result = self.engine.run_exclusive(lambda: self._commit(store, pending))
+        except WireError as exc:
+            log.warning("weight update refused: %s", exc)
+            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        log.info("weights updated to version %d in %.3fs (%d bytes)", result.version, result.seconds, result.bytes_received)
+        return pb.UpdateWeightsReply(
+            target=header.target,
+            version=result.version,
+            checksum=result.checksum,
+            seconds=result.seconds,
+            bytes_received=result.bytes_received,
+        )
+
+    def _commit(self, store: WeightStore, pending):
+        # runs on the engine thread, so sequences admitted from the next step on carry the new version
+        result = store.commit(pending)
+        if store is self.policy:
+            self.engine.policy_version = result.version
+        return result
+
+    def _store(self, target: int) -> WeightStore:
+        if target == pb.MODEL_TARGET_POLICY:
+            return self.policy
+        if target == pb.MODEL_TARGET_DRAFT:
+            raise WireError("header.target: this server hosts no draft model", "FAILED_PRECONDITION")
+        raise WireError(f"header.target: unknown target {target}")
+
+    def GetStatus(self, request, context):
+        snap = self.engine.snapshot()
+        return pb.StatusReply(
+            policy_version=self.policy.version,
+            policy_checksum=self.policy.checksum,
+            running_sequences=snap["running"],
+            queued_sequences=snap["queued"],
+            model=self.model_info,
+            max_running_sequences=self.engine.config.max_running,
+        )
+
+
+class BearerAuth(grpc.ServerInterceptor):
+    """Rejects calls without 'authorization: Bearer <token>'. Health checks stay open for probes."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}"
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            return continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if metadata.get("authorization") != self._expected:
+            return self._deny
+        return continuation(handler_call_details)
+
+
+@dataclass
+class RolloutApp:
+    server: grpc.Server
+    port: int
+    engine: Engine
+    servicer: RolloutServicer
+    health: health.HealthServicer
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.engine.shutdown()
+
+
+def build_app(cfg: ServeConfig) -> RolloutApp:
+    """Loads the model and starts serving on cfg.host:cfg.port."""
+    if not cfg.model:
+        raise ValueError("--model is required")
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    runner = ModelRunner.load(cfg.model, dtype, device, cfg.max_running, cfg.max_context or None)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model) if (Path(cfg.model) / "tokenizer_config.json").exists() else None
+    eos = runner.config.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    engine = Engine(runner, eos_ids, EngineConfig(max_running=cfg.max_running, max_prefill_tokens=cfg.max_prefill_tokens))
+    info = pb.ModelInfo(
+        name=str(cfg.model),
+        architecture=(runner.config.architectures or [type(runner.model).__name__])[0],
+        num_parameters=runner.num_parameters(),
+        vocab_size=runner.vocab_size,
+        max_context=runner.max_len,
+        dtype=dtype_name(dtype),
+        device=str(runner.device),
+        eos_token_id=eos_ids[0] if eos_ids else -1,
+    )
+    servicer = RolloutServicer(engine, WeightStore(runner.model), tokenizer, info)
+    interceptors = [BearerAuth(cfg.auth_token)] if cfg.auth_token else []
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=cfg.workers),
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    pb_grpc.add_RolloutServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    address = f"{cfg.host}:{cfg.port}"
+    if cfg.tls_cert:
+        creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s (%s, %s on %s) at %s:%d", cfg.model, info.architecture, info.dtype, info.device, cfg.host, port)
+    return RolloutApp(server, port, engine, servicer, health_servicer)
