@@ -1,4 +1,5 @@
 """Python clients of the fastgrpo rollout service (blocking and asyncio)."""
+from fastgrpo.client.aio import AsyncRolloutClient
 from fastgrpo.client.common import NO_RETRY, RetryPolicy
 from fastgrpo.client.sync import RolloutClient
 from fastgrpo.client.types import (
@@ -15,6 +16,7 @@ from fastgrpo.client.types import (
 from fastgrpo.client.weights import WeightMirror
 
 __all__ = [
+    "AsyncRolloutClient",
     "RolloutClient",
     "RetryPolicy",
     "NO_RETRY",

@@ -1,13 +1,16 @@
-"""What the blocking and asyncio clients share: options, request building, retry policy, channels."""
+"""What the blocking and asyncio clients share: options, request building, retry policy, channels,
+grouping a batch, and planning / checking a weight push. Nothing here does I/O."""
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Mapping, Sequence
 
 import grpc
+import torch
 
-from fastgrpo.client.types import RolloutError
+from fastgrpo.client.types import ChecksumMismatch, Completion, GroupedBatch, RolloutError, Status, UpdateResult
+from fastgrpo.client.weights import DTYPES, Kind, WeightMirror, as_state
 from fastgrpo.v1 import rollout_pb2 as pb
 
 Prompt = str | Sequence[int]
@@ -75,3 +78,75 @@ def addresses_of(address: str | Sequence[str]) -> list[str]:
     if not addrs:
         raise ValueError("at least one address is required")
     return addrs
+
+
+def group_completions(completions: Iterable[Completion], num_prompts: int, num_samples: int) -> GroupedBatch:
+    """Completions in any order -> completions[i][j] = sample j of prompt i."""
+    groups: list[list[Completion | None]] = [[None] * num_samples for _ in range(num_prompts)]
+    for c in completions:
+        groups[c.prompt_index][c.sample_index] = c
+    return GroupedBatch([list(g) for g in groups])  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class PushPlan:
+    """One weight push, decided before any byte is sent: what goes out, and what must come back."""
+
+    tensors: dict[str, torch.Tensor]  # on the CPU, cast to the served dtype
+    base_version: int
+    new_version: int
+    expected_checksum: str | None  # None: the reply is not verified
+    mirror: WeightMirror | None
+    new_values: dict[str, torch.Tensor] | None  # the mirror's values after the update (with a mirror)
+
+    def result(self, reply: pb.UpdateWeightsReply, address: str, bytes_sent: int) -> UpdateResult:
+        """The reply of one replica as an UpdateResult; ChecksumMismatch if it serves other weights."""
+        if self.expected_checksum is not None and reply.checksum != self.expected_checksum:
+            raise ChecksumMismatch(self.expected_checksum, reply.checksum, address)
+        return UpdateResult(address, reply.version, reply.checksum, reply.seconds, bytes_sent)
+
+    def commit(self) -> None:
+        """Advances the mirror; call once every replica has accepted the update."""
+        if self.mirror is not None:
+            self.mirror.commit(self.new_values, self.new_version)
+
+
+def plan_push(
+    weights: torch.nn.Module | Mapping[str, torch.Tensor],
+    kind: Kind,
+    served: Status,
+    *,
+    base_version: int | None,
+    new_version: int | None,
+    lora_scale: float,
+    mirror: WeightMirror | None,
+    verify: bool,
+) -> PushPlan:
+    """Versions, tensors and expected checksum of a push (see RolloutClient.push_weights).
+
+    `served` is the status of the first replica: its version is the default base (unless a mirror
+    says otherwise) and its dtype the one tensors are cast to.
+    """
+    if mirror is not None:
+        base = mirror.version if base_version is None else base_version
+    else:
+        base = served.policy_version if base_version is None else base_version
+    new = base + 1 if new_version is None else new_version
+    dtype = served_dtype(served.model.dtype)
+    tensors = {n: t.detach().to("cpu", dtype) for n, t in as_state(weights).items()}
+    expected = None
+    new_values = None
+    if mirror is not None:
+        new_values = mirror.preview(kind, tensors, lora_scale)
+        expected = mirror.expected_checksum(new_values)
+    elif verify and kind == "full":
+        expected = WeightMirror(tensors).checksum
+    elif verify:
+        raise ValueError(f"a {kind} update can only be verified against a mirror: pass mirror= or verify=False")
+    return PushPlan(tensors, base, new, expected, mirror, new_values)
+
+
+def served_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"the service reports dtype {name!r}, which the client cannot encode")
+    return DTYPES[name]

@@ -12,16 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fastgrpo.client import common
 from fastgrpo.client.common import Prompt, RetryPolicy
-from fastgrpo.client.types import (
-    ChecksumMismatch,
-    Completion,
-    GroupedBatch,
-    RolloutError,
-    Sampling,
-    Status,
-    UpdateResult,
-)
-from fastgrpo.client.weights import DTYPES, Kind, Target, WeightMirror, as_state, update_stream
+from fastgrpo.client.types import Completion, GroupedBatch, RolloutError, Sampling, Status, UpdateResult
+from fastgrpo.client.weights import Kind, Target, WeightMirror, update_stream
 from fastgrpo.v1 import rollout_pb2 as pb
 from fastgrpo.v1 import rollout_pb2_grpc as pb_grpc
 
@@ -155,10 +147,8 @@ class RolloutClient:
         timeout: float | None = None,
     ) -> GroupedBatch:
         """Gathers a whole GRPO batch: result.completions[i][j] is sample j of prompt i."""
-        groups: list[list[Completion | None]] = [[None] * num_samples for _ in prompts]
-        for c in self.generate(prompts, num_samples, sampling, request_id=request_id, timeout=timeout):
-            groups[c.prompt_index][c.sample_index] = c
-        return GroupedBatch([list(g) for g in groups])  # type: ignore[arg-type]
+        completions = self.generate(prompts, num_samples, sampling, request_id=request_id, timeout=timeout)
+        return common.group_completions(completions, len(prompts), num_samples)
 
     def push_weights(
         self,
@@ -182,39 +172,16 @@ class RolloutClient:
         update is taken to cover every tensor (pass verify=False for a partial one), and deltas
         cannot be verified (verify=False required).
         """
-        first = self.status(timeout=timeout)
-        base = first.policy_version if base_version is None else base_version
-        if mirror is not None:
-            base = mirror.version if base_version is None else base_version
-        new = base + 1 if new_version is None else new_version
-        dtype = first.model.dtype
-        state = {n: t.detach().to("cpu", _dtype(dtype)) for n, t in as_state(weights).items()}
-        expected = None
-        new_values = None
-        if mirror is not None:
-            new_values = mirror.preview(kind, state, lora_scale)
-            expected = mirror.expected_checksum(new_values)
-        elif verify and kind == "full":
-            expected = WeightMirror(state).checksum
-        elif verify:
-            raise ValueError(f"a {kind} update can only be verified against a mirror: pass mirror= or verify=False")
+        plan = common.plan_push(weights, kind, self.status(timeout=timeout), base_version=base_version,
+                                new_version=new_version, lora_scale=lora_scale, mirror=mirror, verify=verify)
         results = []
         for r in self.replicas:
-            total, messages = update_stream(state, kind, base, new, target, lora_scale)
+            total, messages = update_stream(plan.tensors, kind, plan.base_version, plan.new_version, target, lora_scale)
             try:
                 reply = r.stub.UpdateWeights(messages, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 raise common.to_error(exc, "UpdateWeights") from None
-            if expected is not None and reply.checksum != expected:
-                raise ChecksumMismatch(expected, reply.checksum, r.address)
-            results.append(UpdateResult(r.address, reply.version, reply.checksum, reply.seconds, total))
-        if mirror is not None:
-            mirror.commit(new_values, new)
+            results.append(plan.result(reply, r.address, total))
+        plan.commit()
         return results
-
-
-def _dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"the service reports dtype {name!r}, which the client cannot encode")
-    return DTYPES[name]
 

@@ -1,0 +1,215 @@
+"""One GRPO step, orchestrated: sample prompts -> Generate -> score -> advantages -> update -> push.
+
+The learner talks to the rollout replicas only through `fastgrpo.client.RolloutClient`.
+"""
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoTokenizer
+
+from fastgrpo.client import Completion, RolloutClient, Sampling
+from fastgrpo.learner.checkpoint import latest_checkpoint, load_checkpoint
+from fastgrpo.learner.algo import group_advantages, group_reward_stats, grpo_loss
+from fastgrpo.learner.config import LearnerConfig
+from fastgrpo.learner.policy import SequenceBatch, adapters_disabled, completion_logprobs, load_policy
+from fastgrpo.learner.push import Pusher
+from fastgrpo.learner.tasks import Problem, RewardFn, correctness_reward, format_prompt, load_gsm8k_jsonl, synthetic_math
+
+
+@dataclass(frozen=True)
+class StepStats:
+    step: int
+    policy_version: int  # version the rollouts of this step came from
+    new_version: int  # version served after this step's push
+    reward_mean: float
+    reward_std: float
+    accuracy: float
+    frac_zero_std: float
+    loss: float
+    kl: float
+    clip_fraction: float
+    grad_norm: float
+    completion_tokens: int
+    dropped_stale: int
+    generate_s: float
+    score_s: float
+    train_s: float
+    push_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / max(self.generate_s, 1e-9)
+
+
+def load_task(cfg: LearnerConfig) -> tuple[list[Problem], list[Problem]]:
+    if cfg.task == "synthetic":
+        data = synthetic_math(seed=cfg.task_seed)
+        return data.train, data.test
+    train = load_gsm8k_jsonl(cfg.task)
+    test = load_gsm8k_jsonl(cfg.test_task) if cfg.test_task else []
+    return train, test
+
+
+class GRPOLearner:
+    def __init__(self, cfg: LearnerConfig, client: RolloutClient | None = None):
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.client = client or RolloutClient(
+            [a.strip() for a in cfg.rollout.split(",") if a.strip()], token=cfg.auth_token or None, timeout=cfg.timeout
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.model = load_policy(cfg.model, cfg.device, cfg.lora, cfg.lora_r, cfg.lora_alpha,
+                                 [t.strip() for t in cfg.lora_targets.split(",") if t.strip()])
+        self.reference = None
+        if cfg.beta > 0 and not cfg.lora:  # LoRA's reference is the base model: adapters disabled
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.train_set, self.test_set = load_task(cfg)
+        self.reward_fn = RewardFn(correctness_weight=1.0, format_weight=cfg.format_reward)
+        self.rng = random.Random(cfg.seed)
+        self.order: list[int] = []
+        self.step_index = 0
+        self.pusher = Pusher(self.client, self.model, cfg.lora, cfg.push_kind)
+        checkpoint = latest_checkpoint(cfg.output_dir) if (cfg.resume and cfg.output_dir) else None
+        if checkpoint is not None:
+            load_checkpoint(self, checkpoint)
+            self.pusher.sync()
+        else:
+            self.pusher.check_in_sync()
+
+    # ---------------------------------------------------------------- prompts
+    def _next_problems(self, n: int) -> list[Problem]:
+        out = []
+        while len(out) < n:
+            if not self.order:
+                self.order = list(range(len(self.train_set)))
+                self.rng.shuffle(self.order)
+            out.append(self.train_set[self.order.pop()])
+        return out
+
+    def _prompt_ids(self, problems: list[Problem]) -> list[list[int]]:
+        return [self.tokenizer(format_prompt(p.question))["input_ids"] for p in problems]
+
+    # ---------------------------------------------------------------- one step
+    def step(self) -> StepStats:
+        cfg = self.cfg
+        Q, G = cfg.prompts_per_step, cfg.group_size
+        problems = self._next_problems(Q)
+        prompt_ids = self._prompt_ids(problems)
+        version = self.pusher.version
+
+        t0 = time.perf_counter()
+        sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                            seed=cfg.seed * 1_000_003 + self.step_index)
+        batch = self.client.generate_batch(prompt_ids, G, sampling, timeout=cfg.timeout)
+        t1 = time.perf_counter()
+
+        # staleness: drop whole groups any of whose completions lags too far behind
+        kept = [i for i, group in enumerate(batch.completions)
+                if all(version - c.policy_version <= cfg.max_staleness for c in group)]
+        dropped = (Q - len(kept)) * G
+        completions: list[Completion] = [c for i in kept for c in batch.completions[i]]
+        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        group_problems = [problems[i] for i in kept for _ in range(G)]
+        rewards = torch.tensor(self.reward_fn.batch(texts, group_problems), dtype=torch.float32)  # (N,)
+        correct = [correctness_reward(t, p) for t, p in zip(texts, group_problems)]
+        t2 = time.perf_counter()
+
+        loss = kl = clip = grad_norm = 0.0
+        frac_zero = 1.0
+        if completions:
+            advantages = group_advantages(rewards, G, cfg.advantage_scale)  # (N,)
+            frac_zero = float(group_reward_stats(rewards, G).frac_zero_std)
+            prompts = [prompt_ids[i] for i in kept for _ in range(G)]
+            loss, kl, clip, grad_norm = self._train(prompts, completions, advantages)
+        t3 = time.perf_counter()
+        pushed = self.pusher.push()
+        t4 = time.perf_counter()
+        self.step_index += 1
+        n = max(len(completions), 1)
+        return StepStats(
+            step=self.step_index,
+            policy_version=version,
+            new_version=pushed.version,
+            reward_mean=float(rewards.mean()) if completions else 0.0,
+            reward_std=float(rewards.std()) if len(completions) > 1 else 0.0,
+            accuracy=sum(correct) / n,
+            frac_zero_std=frac_zero,
+            loss=loss,
+            kl=kl,
+            clip_fraction=clip,
+            grad_norm=grad_norm,
+            completion_tokens=sum(len(c.token_ids) for c in completions),
+            dropped_stale=dropped,
+            generate_s=t1 - t0,
+            score_s=t2 - t1,
+            train_s=t3 - t2,
+            push_s=t4 - t3,
+        )
+
+    def _train(self, prompts: list[list[int]], completions: list[Completion], advantages: torch.Tensor):
+        """One optimiser step over the batch, in micro-batches normalised as one batch would be."""
+        cfg = self.cfg
+        N = len(completions)
+        total_tokens = sum(len(c.token_ids) for c in completions)
+        # sequences with zero advantage add exactly nothing to the loss or its gradient unless a
+        # KL term is on; skip their forward passes (they still count in the normalisers below)
+        active = [i for i in range(N) if cfg.beta > 0 or advantages[i] != 0]
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = kl_sum = clip_sum = 0.0
+        for start in range(0, len(active), cfg.micro_batch):
+            idx = active[start : start + cfg.micro_batch]
+            mb = SequenceBatch.build([prompts[i] for i in idx], [completions[i].token_ids for i in idx], self.pad_id)
+            T = mb.completion_ids.shape[1]
+            old = torch.zeros(len(idx), T)  # (b, T) logprobs the rollout returned
+            for row, i in enumerate(idx):
+                old[row, : len(completions[i].logprobs)] = torch.tensor(completions[i].logprobs)
+            new = completion_logprobs(self.model, mb, cfg.temperature)  # (b, T)
+            ref = None
+            if cfg.beta > 0:
+                with torch.no_grad():
+                    if self.reference is not None:
+                        ref = completion_logprobs(self.reference, mb, cfg.temperature)
+                    else:
+                        with adapters_disabled(self.model) as base:
+                            ref = completion_logprobs(base, mb, cfg.temperature)
+            out = grpo_loss(new, old.to(new.device), advantages[idx].to(new.device), mb.completion_mask.to(new.device),
+                            eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, logp_ref=ref,
+                            mode=cfg.loss_mode, max_completion_length=max(cfg.max_new_tokens, T))
+            tokens = int(mb.completion_mask.sum())
+            # rescale the micro-batch's own normalisation to the whole batch's
+            weight = tokens / max(total_tokens, 1) if cfg.loss_mode == "dapo" else len(idx) / N
+            (out.loss * weight).backward()
+            loss_sum += float(out.loss) * weight
+            kl_sum += float(out.kl_mean) * weight
+            clip_sum += float(out.clip_fraction) * weight
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = 0.0
+        if active:
+            if cfg.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            self.optimizer.step()
+        self.model.eval()
+        return loss_sum, kl_sum, clip_sum, grad_norm
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, n: int | None = None) -> float:
+        """Greedy accuracy on the first n test problems, generated by the rollout service."""
+        problems = self.test_set[: (self.cfg.eval_size if n is None else n)]
+        if not problems:
+            return float("nan")
+        sampling = Sampling(temperature=0.0, max_new_tokens=self.cfg.max_new_tokens)
+        batch = self.client.generate_batch(self._prompt_ids(problems), 1, sampling, timeout=self.cfg.timeout)
+        texts = [self.tokenizer.decode(g[0].token_ids, skip_special_tokens=True) for g in batch.completions]
+        return sum(correctness_reward(t, p) for t, p in zip(texts, problems)) / len(problems)
+
