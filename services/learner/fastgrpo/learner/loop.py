@@ -13,8 +13,8 @@ import torch
 from transformers import AutoTokenizer
 
 from fastgrpo.client import Completion, RolloutClient, Sampling
-from fastgrpo.learner.checkpoint import latest_checkpoint, load_checkpoint
 from fastgrpo.learner.algo import group_advantages, group_reward_stats, grpo_loss
+from fastgrpo.learner.checkpoint import latest_checkpoint, load_checkpoint
 from fastgrpo.learner.config import LearnerConfig
 from fastgrpo.learner.policy import SequenceBatch, adapters_disabled, completion_logprobs, load_policy
 from fastgrpo.learner.push import Pusher
@@ -44,6 +44,15 @@ class StepStats:
     @property
     def tokens_per_s(self) -> float:
         return self.completion_tokens / max(self.generate_s, 1e-9)
+
+
+def fresh_groups(groups: list[list[Completion]], version: int, max_staleness: int) -> list[int]:
+    """Indices of the groups whose every completion is at most `max_staleness` versions behind.
+
+    A group is kept or dropped whole: advantages are relative to the group, so a partial group
+    would bias them.
+    """
+    return [i for i, group in enumerate(groups) if all(version - c.policy_version <= max_staleness for c in group)]
 
 
 def load_task(cfg: LearnerConfig) -> tuple[list[Problem], list[Problem]]:
@@ -111,9 +120,7 @@ class GRPOLearner:
         batch = self.client.generate_batch(prompt_ids, G, sampling, timeout=cfg.timeout)
         t1 = time.perf_counter()
 
-        # staleness: drop whole groups any of whose completions lags too far behind
-        kept = [i for i, group in enumerate(batch.completions)
-                if all(version - c.policy_version <= cfg.max_staleness for c in group)]
+        kept = fresh_groups(batch.completions, version, cfg.max_staleness)
         dropped = (Q - len(kept)) * G
         completions: list[Completion] = [c for i in kept for c in batch.completions[i]]
         texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]

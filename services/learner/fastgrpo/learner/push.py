@@ -93,6 +93,8 @@ class Pusher:
                 tensors = {n: t.detach() for n, t in unique_state(self.model.state_dict()).items()}
             else:
                 tensors = self.mirror.dense_delta(self.model)
+            if not tensors:  # nothing moved (every advantage was zero): the replicas already serve it
+                return PushResult(self.mirror.version, self.mirror.checksum, 0, "none")
             results = self.client.push_weights(tensors, self.push_kind, mirror=self.mirror)
             self._adopt_served()
             kind = self.push_kind

@@ -69,6 +69,44 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def decoder_layer(
+    layer: torch.nn.Module,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+    cache: KVCache,
+    cache_layer: int,
+    slots: torch.Tensor,
+    write_pos: torch.Tensor,
+    key_len: int,
+    head_dim: int,
+) -> torch.Tensor:
+    """One pre-norm Llama-family decoder layer over new tokens h (B, Q, H), attending through `cache`.
+
+    cos/sin (B, 1, Q, D) rotary tables, mask (B, 1, Q, key_len), write_pos (B, Q) cache positions.
+    Shared by the target runner and the draft head (whose one layer has the same structure).
+    """
+    B, Q, _ = h.shape
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)  # (B, Q, H)
+    q = attn.q_proj(x).view(B, Q, -1, head_dim)  # (B, Q, Hq, D)
+    k = attn.k_proj(x).view(B, Q, -1, head_dim)  # (B, Q, Hkv, D)
+    v = attn.v_proj(x).view(B, Q, -1, head_dim).transpose(1, 2)  # (B, Hkv, Q, D)
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before rotary
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H*, Q, D)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    cache.write(cache_layer, slots, write_pos, k, v)
+    keys, values = cache.read(cache_layer, slots, key_len)  # (B, Hkv, T, D)
+    out = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1]
+    )  # (B, Hq, Q, D)
+    h = h + attn.o_proj(out.transpose(1, 2).reshape(B, Q, -1))  # (B, Q, H)
+    return h + layer.mlp(layer.post_attention_layernorm(h))  # (B, Q, H)
+
+
 class ModelRunner:
     """Owns the HF model and the KV cache; one `forward` for every kind of step."""
 
@@ -118,23 +156,7 @@ class ModelRunner:
         mask = attention_mask(batch, key_len)  # (B, 1, Q, T)
         write_pos = batch.starts[:, None] + torch.arange(Q, device=self.device)[None, :]  # (B, Q)
         for i, layer in enumerate(inner.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)  # (B, Q, H)
-            q = attn.q_proj(x).view(B, Q, -1, self.head_dim)  # (B, Q, Hq, D)
-            k = attn.k_proj(x).view(B, Q, -1, self.head_dim)  # (B, Q, Hkv, D)
-            v = attn.v_proj(x).view(B, Q, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, Q, D)
-            if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before rotary
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H*, Q, D)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            self.cache.write(i, batch.slots, write_pos, k, v)
-            keys, values = self.cache.read(i, batch.slots, key_len)  # (B, Hkv, T, D)
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=self.num_heads != self.num_kv_heads
-            )  # (B, Hq, Q, D)
-            h = h + attn.o_proj(out.transpose(1, 2).reshape(B, Q, -1))  # (B, Q, H)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))  # (B, Q, H)
+            h = decoder_layer(layer, h, cos, sin, mask, self.cache, i, batch.slots, write_pos, key_len, self.head_dim)
         h = inner.norm(h)  # (B, Q, H)
         if logits_at is not None:
             picked = h[torch.arange(B, device=self.device), logits_at]  # (B, H)
