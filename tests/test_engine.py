@@ -82,6 +82,12 @@ def test_attention_mask_tree_and_past():
                          torch.tensor([2]), tree)
     mask = attention_mask(batch, 5)[0, 0].int().tolist()
     assert mask == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 1]]
+    # a region that starts before the new tokens: 2 tree nodes already cached at 2, 3; new nodes at 4, 5
+    region = torch.tensor([[[1, 0, 1, 0], [0, 1, 0, 1]]], dtype=torch.bool)  # node 4 under 2, node 5 under 3
+    batch = ForwardBatch(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[4, 4]]), torch.tensor([0]),
+                         torch.tensor([4]), region, torch.tensor([2]))
+    mask = attention_mask(batch, 6)[0, 0].int().tolist()
+    assert mask == [[1, 1, 1, 0, 1, 0], [1, 1, 0, 1, 0, 1]]
 
 
 def test_unsupported_architecture_is_refused():

@@ -35,6 +35,8 @@ from fastgrpo.rollout.engine.types import (
     SpecCounts,
     validate_request,
 )
+from fastgrpo.rollout.speculative.decode import SpecDecoder, SpecState
+from fastgrpo.rollout.speculative.drafter import Drafter, TreeShape
 
 T = TypeVar("T")
 _DONE = object()  # end-of-stream marker in a request's result queue
@@ -94,6 +96,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     cached: int = 0  # tokens whose keys/values are in the cache
+    spec: SpecState = field(default_factory=SpecState)
 
     @property
     def sampling(self):
@@ -107,10 +110,17 @@ def sequence_seed(seed: int, prompt_index: int, sample_index: int) -> int:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, eos_token_ids: tuple[int, ...], config: EngineConfig = EngineConfig()):
+    def __init__(self, runner: ModelRunner, eos_token_ids: tuple[int, ...], config: EngineConfig = EngineConfig(),
+                 drafter: Drafter | None = None, tree: TreeShape | None = None):
         if config.max_running > runner.num_slots:
             raise ValueError(f"max_running {config.max_running} exceeds the cache's {runner.num_slots} slots")
+        if (drafter is None) != (tree is None):
+            raise ValueError("speculative decoding needs both a drafter and a tree shape")
+        if tree is not None and runner.cache.max_len < runner.max_len + tree.n_verify:
+            raise ValueError(f"the KV cache needs {tree.n_verify} positions of headroom for trees of {tree.n_verify} nodes")
         self.runner = runner
+        self.spec = SpecDecoder(runner, drafter) if drafter is not None else None
+        self.tree = tree
         self.config = config
         self.eos_token_ids = frozenset(eos_token_ids)
         self.limits = EngineLimits(vocab_size=runner.vocab_size, max_context=runner.max_len)
@@ -225,7 +235,10 @@ class Engine:
             self._prefill(admitted)
             self._running.extend(admitted)
         if decoding:
-            self._decode(decoding)
+            if self.spec is not None:
+                self._spec_decode(decoding)
+            else:
+                self._decode(decoding)
         for seq in admitted + decoding:
             reason = self._finish_reason(seq)
             if reason is not None:
@@ -246,6 +259,9 @@ class Engine:
         for s in seqs:
             s.cached = len(s.prompt)
         self._sample_and_append(seqs, out.logits)
+        if self.spec is not None:
+            for b, s in enumerate(seqs):
+                SpecDecoder.after_prefill(s.spec, s.prompt, s.generated[-1], out.hidden[b, : len(s.prompt)])
 
     def _decode(self, seqs: list[Sequence]) -> None:
         dev = self.runner.device
@@ -256,6 +272,30 @@ class Engine:
         for s in seqs:
             s.cached += 1
         self._sample_and_append(seqs, out.logits[:, 0])
+
+    def _spec_decode(self, seqs: list[Sequence]) -> None:
+        dev = self.runner.device
+        steps = self.spec.step(
+            slots=torch.tensor([s.slot for s in seqs], device=dev),
+            settled=torch.tensor([s.cached for s in seqs], device=dev),
+            roots=torch.tensor([s.generated[-1] for s in seqs], device=dev),
+            states=[s.spec for s in seqs],
+            params=self._sampling_batch(seqs),
+            generators=[s.generator for s in seqs],
+            shape=self.tree,
+        )
+        for s, st in zip(seqs, steps):
+            s.cached += st.accepted + 1  # the root and the accepted draft tokens are now in the cache
+            self._append(s, st.tokens, st.logprobs)
+
+    @staticmethod
+    def _append(seq: Sequence, tokens: list[int], logprobs: list[float]) -> None:
+        """Appends tokens up to and including the first stop token, and at most up to max_new_tokens."""
+        for t, lp in zip(tokens, logprobs):
+            seq.generated.append(t)
+            seq.logprobs.append(lp)
+            if t in seq.stop_ids or len(seq.generated) >= seq.sampling.max_new_tokens:
+                return
 
     def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """logits (B, V) of the next token of each sequence -> one token each, with its logprob."""
@@ -304,6 +344,6 @@ class Engine:
                 logprobs=list(seq.logprobs),
                 finish_reason=reason,
                 policy_version=seq.min_version,
-                spec=SpecCounts(),
+                spec=SpecCounts(seq.spec.drafted, seq.spec.accepted, seq.spec.verify_steps),
             )
         )

@@ -25,18 +25,27 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 @dataclass(frozen=True)
 class ForwardBatch:
-    """New tokens of B sequences, Q per sequence (right-padded where sequences have fewer)."""
+    """New tokens of B sequences, Q per sequence (right-padded where sequences have fewer).
+
+    Cache positions below `region_start` are the sequence's settled past: every new token sees
+    them. Positions from `region_start` to `starts + Q` form a region (tree nodes already in the
+    cache, then the new tokens) in which `region_mask[b, q, r]` says whether new token q sees
+    region position r. Default: the region is just the new tokens, causally masked.
+    """
 
     tokens: torch.Tensor  # (B, Q) long
     positions: torch.Tensor  # (B, Q) long, rotary positions (depth-based inside a tree)
     slots: torch.Tensor  # (B,) long, KV-cache slot of each sequence
     starts: torch.Tensor  # (B,) long, cache position where the first new token is written
-    tree_mask: torch.Tensor | None = None  # (B, Q, Q) bool: new token q sees new token k; None = causal
+    region_mask: torch.Tensor | None = None  # (B, Q, R) bool; None = causal over the new tokens
+    region_start: torch.Tensor | None = None  # (B,) long; None = starts (R = Q)
 
     def __post_init__(self):
         B, Q = self.tokens.shape
         assert self.positions.shape == (B, Q) and self.slots.shape == (B,) and self.starts.shape == (B,)
-        assert self.tree_mask is None or self.tree_mask.shape == (B, Q, Q)
+        assert self.region_mask is None or self.region_mask.shape[:2] == (B, Q)
+        if self.region_start is not None:
+            assert self.region_mask is not None and bool((self.starts - self.region_start + Q == self.region_mask.shape[2]).all())
 
 
 @dataclass(frozen=True)
@@ -46,22 +55,20 @@ class ForwardOutput:
 
 
 def attention_mask(batch: ForwardBatch, key_len: int) -> torch.Tensor:
-    """(B, 1, Q, key_len) bool: True where query q of row b may attend to cache position j.
-
-    Everything before starts[b] is the sequence's own past; among the new tokens, the tree mask (or
-    causality) decides.
-    """
+    """(B, 1, Q, key_len) bool: True where new token q of row b may attend to cache position j."""
     B, Q = batch.tokens.shape
     device = batch.tokens.device
+    start = batch.starts if batch.region_start is None else batch.region_start  # (B,)
+    region = batch.region_mask
+    if region is None:
+        region = torch.ones(Q, Q, dtype=torch.bool, device=device).tril().expand(B, Q, Q)  # (B, Q, Q)
+    R = region.shape[-1]
     j = torch.arange(key_len, device=device)  # (T,)
-    past = j[None, None, :] < batch.starts[:, None, None]  # (B, 1, T)
-    rel = j[None, :] - batch.starts[:, None]  # (B, T) offset of key j among the new tokens
-    in_new = (rel >= 0) & (rel < Q)  # (B, T)
-    tree = batch.tree_mask
-    if tree is None:
-        tree = torch.ones(Q, Q, dtype=torch.bool, device=device).tril().expand(B, Q, Q)  # (B, Q, Q)
-    new_ok = tree.gather(2, rel.clamp(0, Q - 1)[:, None, :].expand(B, Q, key_len))  # (B, Q, T)
-    return (past | (in_new[:, None, :] & new_ok))[:, None]  # (B, 1, Q, T)
+    past = j[None, None, :] < start[:, None, None]  # (B, 1, T)
+    rel = j[None, :] - start[:, None]  # (B, T) offset of key j inside the region
+    in_region = (rel >= 0) & (rel < R)  # (B, T)
+    region_ok = region.gather(2, rel.clamp(0, R - 1)[:, None, :].expand(B, Q, key_len))  # (B, Q, T)
+    return (past | (in_region[:, None, :] & region_ok))[:, None]  # (B, 1, Q, T)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +117,9 @@ def decoder_layer(
 class ModelRunner:
     """Owns the HF model and the KV cache; one `forward` for every kind of step."""
 
-    def __init__(self, model: PreTrainedModel, num_slots: int, max_len: int | None = None):
+    def __init__(self, model: PreTrainedModel, num_slots: int, max_len: int | None = None, headroom: int = 0):
+        """max_len: longest sequence served (the context limit); headroom: extra cache positions past
+        it, where speculative tree nodes of a sequence near the limit are written."""
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -130,14 +139,15 @@ class ModelRunner:
         if getattr(cfg, "use_sliding_window", False) and window and window < self.max_len:
             raise ValueError(f"sliding_window {window} < context {self.max_len} is not supported; pass --max-context")
         self.cache = KVCache(
-            self.num_layers, num_slots, self.num_kv_heads, self.max_len, self.head_dim, self.dtype, self.device
+            self.num_layers, num_slots, self.num_kv_heads, self.max_len + headroom, self.head_dim, self.dtype, self.device
         )
         self.num_slots = num_slots
 
     @staticmethod
-    def load(path: str | Path, dtype: torch.dtype, device: str, num_slots: int, max_len: int | None = None):
+    def load(path: str | Path, dtype: torch.dtype, device: str, num_slots: int, max_len: int | None = None,
+             headroom: int = 0):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
-        return ModelRunner(model, num_slots, max_len)
+        return ModelRunner(model, num_slots, max_len, headroom)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, logits_at: torch.Tensor | None = None) -> ForwardOutput:
@@ -147,7 +157,7 @@ class ModelRunner:
         the last prompt token); None projects every position.
         """
         B, Q = batch.tokens.shape
-        assert int(batch.starts.max()) + Q <= self.max_len, "write past the end of the KV cache"
+        assert int(batch.starts.max()) + Q <= self.cache.max_len, "write past the end of the KV cache"
         inner = self.model.model
         h = inner.embed_tokens(batch.tokens)  # (B, Q, H)
         cos, sin = inner.rotary_emb(h, batch.positions)  # (B, Q, D) each

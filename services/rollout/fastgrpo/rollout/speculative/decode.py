@@ -1,0 +1,127 @@
+"""One speculative decode step for a batch of running sequences: draft a tree, verify, settle.
+
+  1. catch-up: the draft reads the (target feature, next token) pairs settled since its last step;
+  2. grow: K x L tree per sequence, the best N_verify - 1 nodes kept under the root;
+  3. verify: one target forward over every node of every tree (tree mask, depth positions), then
+     greedy or sample-matching acceptance;
+  4. settle: the accepted path's keys/values move onto consecutive cache positions (rejected nodes
+     are simply overwritten later), emitted tokens and their exact logprobs go to the sequences,
+     and the accepted path's target features become the draft's next catch-up pairs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fastgrpo.rollout.engine import sampler
+from fastgrpo.rollout.engine.model_runner import ForwardBatch, ModelRunner
+from fastgrpo.rollout.speculative.drafter import Drafter, TreeShape
+from fastgrpo.rollout.speculative.verify import VerifyResult, verify_greedy, verify_sampled
+
+
+@dataclass
+class SpecState:
+    """Per-sequence speculative state, owned by the engine's Sequence."""
+
+    pending_tokens: list[int] = field(default_factory=list)  # x_{i+1} of pairs not yet in the draft cache
+    pending_features: torch.Tensor | None = None  # (P, H) f_i of those pairs
+    drafted: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+    accepted_per_depth: list[int] = field(default_factory=list)  # [d-1]: draft tokens accepted at depth d
+
+
+@dataclass(frozen=True)
+class StepTokens:
+    """What one verify step emits for one sequence, before stop / length truncation."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    accepted: int
+
+
+class SpecDecoder:
+    def __init__(self, runner: ModelRunner, drafter: Drafter):
+        self.runner = runner
+        self.drafter = drafter
+
+    @staticmethod
+    def after_prefill(state: SpecState, prompt: tuple[int, ...], first_token: int, hidden: torch.Tensor) -> None:
+        """Queues the prompt's pairs (f_i, x_{i+1}) for the draft. hidden (n, H) target features."""
+        state.pending_tokens = list(prompt[1:]) + [first_token]
+        state.pending_features = hidden
+
+    def step(
+        self,
+        slots: torch.Tensor,
+        settled: torch.Tensor,
+        roots: torch.Tensor,
+        states: list[SpecState],
+        params: sampler.SamplingBatch,
+        generators: list[torch.Generator | None],
+        shape: TreeShape,
+    ) -> list[StepTokens]:
+        """slots, settled (tokens in the cache), roots (last emitted token) (B,) -> tokens per sequence.
+
+        Leaves each state's pending pairs set to the accepted path, and its counters advanced; the
+        caller appends the tokens and advances its settled count by len(tokens).
+        """
+        B = slots.shape[0]
+        dev = slots.device
+        root_feature = self._catch_up(slots, settled, states)  # (B, H)
+        tree = self.drafter.grow(slots, settled, roots, root_feature, shape)
+        N = tree.size
+        out = self.runner.forward(ForwardBatch(tree.tokens, settled[:, None] + tree.depths, slots, settled, tree.ancestors))
+        logits = out.logits  # (B, N, V)
+        V = logits.shape[-1]
+        result = self._verify(tree, logits, params, generators)
+        D1 = result.path.shape[1]
+        # settle the accepted path onto consecutive cache positions settled + k
+        k = torch.arange(D1, device=dev)[None, :]
+        self.runner.cache.move(slots, settled[:, None] + result.path, settled[:, None] + k)
+        pol = sampler.policy_logprobs(logits.reshape(B * N, V), params.temperature.repeat_interleave(N)).view(B, N, V)
+        path_logp = pol.gather(1, result.path[:, :, None].expand(B, D1, V))  # (B, D+1, V)
+        emitted_logp = path_logp.gather(2, result.tokens[:, :, None])[:, :, 0]  # (B, D+1)
+        path_feat = out.hidden.gather(1, result.path[:, :, None].expand(B, D1, out.hidden.shape[-1]))  # (B, D+1, H)
+        n_acc = result.accepted.tolist()
+        toks, lps = result.tokens.tolist(), emitted_logp.tolist()
+        steps = []
+        for b, st in enumerate(states):
+            n = n_acc[b] + 1
+            st.pending_tokens = toks[b][:n]
+            st.pending_features = path_feat[b, :n]
+            st.drafted += N - 1
+            st.accepted += n - 1
+            st.verify_steps += 1
+            if len(st.accepted_per_depth) < shape.depth:
+                st.accepted_per_depth += [0] * (shape.depth - len(st.accepted_per_depth))
+            for d in range(n - 1):
+                st.accepted_per_depth[d] += 1
+            steps.append(StepTokens(toks[b][:n], lps[b][:n], n - 1))
+        return steps
+
+    def _catch_up(self, slots: torch.Tensor, settled: torch.Tensor, states: list[SpecState]) -> torch.Tensor:
+        dev = slots.device
+        counts = torch.tensor([len(s.pending_tokens) for s in states], device=dev)  # (B,)
+        P = int(counts.max())
+        H = states[0].pending_features.shape[-1]
+        tokens = torch.zeros(len(states), P, dtype=torch.long, device=dev)  # (B, P)
+        feats = torch.zeros(len(states), P, H, dtype=states[0].pending_features.dtype, device=dev)  # (B, P, H)
+        for b, s in enumerate(states):
+            n = len(s.pending_tokens)
+            tokens[b, :n] = torch.tensor(s.pending_tokens, device=dev)
+            feats[b, :n] = s.pending_features
+        return self.drafter.catch_up(slots, settled - counts, tokens, feats, counts)
+
+    @staticmethod
+    def _verify(tree, logits: torch.Tensor, params: sampler.SamplingBatch,
+                generators: list[torch.Generator | None]) -> VerifyResult:
+        if bool(params.greedy.all()):
+            return verify_greedy(tree, logits)
+        B, N, V = logits.shape
+        logp = sampler.sampling_logprobs(logits.reshape(B * N, V), params.repeat_rows(N)).view(B, N, V)
+        # greedy rows have a one-hot distribution: any uniform picks the argmax
+        u = torch.stack([torch.rand(N, generator=g, dtype=torch.float64) if g is not None
+                         else torch.full((N,), 0.5, dtype=torch.float64) for g in generators]).to(logits.device)
+        return verify_sampled(tree, logp, u)
