@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -102,10 +103,13 @@ def test_two_processes_run_two_grpo_steps(fixture_dir, service_process):
     """The rollout service and the learner as two OS processes talking gRPC on 127.0.0.1."""
     service = service_process(fixture_dir, "--max-running", "16")
     cmd = [sys.executable, "-m", "fastgrpo.learner.cli", "train", "--rollout", service.address,
-           "--model", str(fixture_dir), "--steps", "2", "--prompts-per-step", "4", "--group-size", "4",
+           "--model", str(fixture_dir), "--steps", "2", "--prompts-per-step", "8", "--group-size", "4",
            "--max-new-tokens", "40", "--eval-size", "0", "--lr", "2e-4"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "step   1" in done.stdout and "step   2" in done.stdout
+    steps = re.findall(r"step +(\d+) \| v(\d+)->v(\d+)", done.stdout)
+    assert [int(s[0]) for s in steps] == [1, 2], done.stdout
+    # a step whose every group had equal rewards changes nothing and pushes nothing
+    assert int(steps[-1][2]) >= 1
     with RolloutClient(service.address) as client:
-        assert client.status().policy_version == 2
+        assert client.status().policy_version == int(steps[-1][2])

@@ -195,7 +195,7 @@ class GRPOLearner:
             # rescale the micro-batch's own normalisation to the whole batch's
             weight = tokens / max(total_tokens, 1) if cfg.loss_mode == "dapo" else len(idx) / N
             (out.loss * weight).backward()
-            loss_sum += float(out.loss) * weight
+            loss_sum += float(out.loss.detach()) * weight
             kl_sum += float(out.kl_mean) * weight
             clip_sum += float(out.clip_fraction) * weight
         params = [p for p in self.model.parameters() if p.requires_grad]
