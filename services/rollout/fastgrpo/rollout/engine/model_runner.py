@@ -82,17 +82,18 @@ def decoder_layer(
     cos: torch.Tensor,
     sin: torch.Tensor,
     mask: torch.Tensor,
-    cache: KVCache,
+    cache: KVCache | None,
     cache_layer: int,
-    slots: torch.Tensor,
-    write_pos: torch.Tensor,
+    slots: torch.Tensor | None,
+    write_pos: torch.Tensor | None,
     key_len: int,
     head_dim: int,
 ) -> torch.Tensor:
     """One pre-norm Llama-family decoder layer over new tokens h (B, Q, H), attending through `cache`.
 
     cos/sin (B, 1, Q, D) rotary tables, mask (B, 1, Q, key_len), write_pos (B, Q) cache positions.
-    Shared by the target runner and the draft head (whose one layer has the same structure).
+    With cache None the tokens attend only among themselves (mask (B, 1, Q, Q)): the differentiable
+    path used to train the draft head. Shared by the target runner and the draft head.
     """
     B, Q, _ = h.shape
     attn = layer.self_attn
@@ -105,8 +106,11 @@ def decoder_layer(
     q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H*, Q, D)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
-    cache.write(cache_layer, slots, write_pos, k, v)
-    keys, values = cache.read(cache_layer, slots, key_len)  # (B, Hkv, T, D)
+    if cache is None:
+        keys, values = k, v  # (B, Hkv, Q, D)
+    else:
+        cache.write(cache_layer, slots, write_pos, k, v)
+        keys, values = cache.read(cache_layer, slots, key_len)  # (B, Hkv, T, D)
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1]
     )  # (B, Hq, Q, D)
@@ -125,7 +129,9 @@ class ModelRunner:
             raise ValueError(
                 f"model_type {cfg.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        self.model = model.eval()
+        # served weights never train here; a draft head sharing embedding and lm_head must not
+        # accumulate gradients into them either
+        self.model = model.eval().requires_grad_(False)
         self.config = cfg
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype

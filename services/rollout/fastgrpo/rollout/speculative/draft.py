@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 from transformers import PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from fastgrpo.rollout.engine.model_runner import decoder_layer
+
 DRAFT_WEIGHTS = "draft.safetensors"
 DRAFT_CONFIG = "draft_config.json"
 
@@ -33,7 +35,8 @@ def _decoder_layer_class(config: PretrainedConfig):
 
 
 class DraftHead(torch.nn.Module):
-    def __init__(self, config: PretrainedConfig, embed_tokens: torch.nn.Module, lm_head: torch.nn.Module):
+    def __init__(self, config: PretrainedConfig, embed_tokens: torch.nn.Module, lm_head: torch.nn.Module,
+                 rotary: torch.nn.Module):
         super().__init__()
         self.config = config
         H = config.hidden_size
@@ -47,6 +50,24 @@ class DraftHead(torch.nn.Module):
         # state_dict / parameters so optimisers and checkpoints only see the draft's own weights
         object.__setattr__(self, "embed_tokens", embed_tokens)
         object.__setattr__(self, "lm_head", lm_head)
+        object.__setattr__(self, "rotary", rotary)
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def forward(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
+                valid: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced pass over whole sequences (training): predicted features (B, S, H).
+
+        tokens (B, S) = x_{i+1}, features (B, S, H) = f_i, positions (B, S), valid (B, S) bool.
+        Causal attention among the pairs, padding keys masked (each pair always sees itself).
+        """
+        B, S = tokens.shape
+        x = self.fuse(tokens, features)  # (B, S, H)
+        cos, sin = self.rotary(x, positions)  # (B, S, D)
+        causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()  # (S, S)
+        eye = torch.eye(S, dtype=torch.bool, device=x.device)
+        mask = (causal[None] & valid[:, None, :]) | eye[None]  # (B, S, S)
+        return decoder_layer(self.layer, x, cos[:, None], sin[:, None], mask[:, None], None, 0, None, None, S,
+                             self.head_dim)
 
     def fuse(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """tokens (B, Q) = x_{i+1}, features (B, Q, H) = f_i -> the layer's input (B, Q, H)."""
@@ -85,6 +106,6 @@ class DraftHead(torch.nn.Module):
         """A fresh (randomly initialised) head shaped for `target`, on its device and dtype."""
         param = next(target.parameters())
         cfg = target.config
-        head = DraftHead(cfg, target.get_input_embeddings(), target.get_output_embeddings())
+        head = DraftHead(cfg, target.get_input_embeddings(), target.get_output_embeddings(), target.model.rotary_emb)
         return head.to(device=param.device, dtype=param.dtype)
 

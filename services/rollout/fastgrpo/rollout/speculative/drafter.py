@@ -30,11 +30,10 @@ class TreeShape:
 
 
 class Drafter:
-    def __init__(self, head: DraftHead, rotary: torch.nn.Module, num_slots: int, max_len: int):
+    def __init__(self, head: DraftHead, num_slots: int, max_len: int):
         cfg = head.config
         self.head = head.eval()
-        self.rotary = rotary
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = head.head_dim
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         param = next(head.parameters())
         self.cache = KVCache(1, num_slots, kv_heads, max_len, self.head_dim, param.dtype, param.device)
@@ -43,7 +42,7 @@ class Drafter:
         """The head's decoder layer over fused inputs x (B, Q, H) -> predicted features (B, Q, H)."""
         Q = batch.tokens.shape[1]
         key_len = int(batch.starts.max()) + Q
-        cos, sin = self.rotary(x, batch.positions)  # (B, Q, D)
+        cos, sin = self.head.rotary(x, batch.positions)  # (B, Q, D)
         mask = attention_mask(batch, key_len)  # (B, 1, Q, T)
         write_pos = batch.starts[:, None] + torch.arange(Q, device=x.device)[None, :]  # (B, Q)
         return decoder_layer(self.head.layer, x, cos[:, None], sin[:, None], mask, self.cache, 0, batch.slots,
