@@ -18,6 +18,8 @@ from fastgrpo.rollout import convert
 from fastgrpo.rollout.engine.engine import Engine, EngineConfig
 from fastgrpo.rollout.engine.model_runner import ModelRunner
 from fastgrpo.rollout.engine.types import InvalidRequest
+from fastgrpo.rollout.speculative.draft import DraftHead
+from fastgrpo.rollout.speculative.drafter import Drafter, TreeShape
 from fastgrpo.rollout.weights import WeightStore
 from fastgrpo.v1 import rollout_pb2 as pb
 from fastgrpo.v1 import rollout_pb2_grpc as pb_grpc
@@ -42,6 +44,10 @@ class ServeConfig:
     tls_cert: str = help_field("", "PEM certificate chain; with --tls-key serves TLS instead of plaintext")
     tls_key: str = help_field("", "PEM private key for --tls-cert")
     workers: int = help_field(32, "gRPC worker threads (each streaming Generate call holds one)")
+    draft: str = help_field("", "draft head directory (draft.safetensors + draft_config.json); enables speculative decoding")
+    spec_width: int = help_field(4, "K: children per tree node and nodes kept per tree level")
+    spec_depth: int = help_field(5, "L: tree depth (draft steps per verify step)")
+    spec_n_verify: int = help_field(16, "N_verify: tree nodes (root included) the target verifies per sequence and step")
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
@@ -56,9 +62,11 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
 
 
 class RolloutServicer(pb_grpc.RolloutServiceServicer):
-    def __init__(self, engine: Engine, policy: WeightStore, tokenizer, model_info: pb.ModelInfo):
+    def __init__(self, engine: Engine, policy: WeightStore, tokenizer, model_info: pb.ModelInfo,
+                 draft: WeightStore | None = None):
         self.engine = engine
         self.policy = policy
+        self.draft = draft
         self.tokenizer = tokenizer
         self.model_info = model_info
 
@@ -118,7 +126,10 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         if target == pb.MODEL_TARGET_POLICY:
             return self.policy
         if target == pb.MODEL_TARGET_DRAFT:
-            raise WireError("header.target: this server hosts no draft model", "FAILED_PRECONDITION")
+            if self.draft is None:
+                raise WireError("header.target: this server hosts no draft model (start it with --draft)",
+                                "FAILED_PRECONDITION")
+            return self.draft
         raise WireError(f"header.target: unknown target {target}")
 
     def GetStatus(self, request, context):
@@ -130,6 +141,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             queued_sequences=snap["queued"],
             model=self.model_info,
             max_running_sequences=self.engine.config.max_running,
+            draft_version=self.draft.version if self.draft is not None else 0,
         )
 
 
@@ -172,11 +184,19 @@ def build_app(cfg: ServeConfig) -> RolloutApp:
     if not cfg.model:
         raise ValueError("--model is required")
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
-    runner = ModelRunner.load(cfg.model, dtype, device, cfg.max_running, cfg.max_context or None)
+    tree = TreeShape(cfg.spec_width, cfg.spec_depth, cfg.spec_n_verify) if cfg.draft else None
+    headroom = tree.n_verify if tree else 0
+    runner = ModelRunner.load(cfg.model, dtype, device, cfg.max_running, cfg.max_context or None, headroom)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model) if (Path(cfg.model) / "tokenizer_config.json").exists() else None
     eos = runner.config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    engine = Engine(runner, eos_ids, EngineConfig(max_running=cfg.max_running, max_prefill_tokens=cfg.max_prefill_tokens))
+    drafter, draft_store = None, None
+    if tree is not None:
+        head = DraftHead.load(cfg.draft, runner.model)
+        drafter = Drafter(head, cfg.max_running, runner.cache.max_len + tree.width * tree.depth)
+        draft_store = WeightStore(head)
+    engine = Engine(runner, eos_ids, EngineConfig(max_running=cfg.max_running, max_prefill_tokens=cfg.max_prefill_tokens),
+                    drafter, tree)
     info = pb.ModelInfo(
         name=str(cfg.model),
         architecture=(runner.config.architectures or [type(runner.model).__name__])[0],
@@ -187,7 +207,7 @@ def build_app(cfg: ServeConfig) -> RolloutApp:
         device=str(runner.device),
         eos_token_id=eos_ids[0] if eos_ids else -1,
     )
-    servicer = RolloutServicer(engine, WeightStore(runner.model), tokenizer, info)
+    servicer = RolloutServicer(engine, WeightStore(runner.model), tokenizer, info, draft_store)
     interceptors = [BearerAuth(cfg.auth_token)] if cfg.auth_token else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.workers),

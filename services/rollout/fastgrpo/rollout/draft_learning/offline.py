@@ -83,14 +83,14 @@ def train_offline(model: torch.nn.Module, eos: tuple[int, ...], prompts: list[li
         for i in range(0, len(data), cfg.batch_size):
             last = trainer.step(data[i : i + cfg.batch_size])
             history.append(float(last.top1))
-        log.info("draft epoch %d: loss %.4f top1 %.3f", epoch, float(last.loss), float(last.top1))
+        log.info("draft epoch %d: loss %.4f top1 %.3f", epoch, float(last.loss.detach()), float(last.top1))
     report = {
         "sequences": len(data),
         "pairs": sum(len(s.tokens) for s in data),
         "capture_seconds": t1 - t0,
         "train_seconds": time.perf_counter() - t1,
         "steps": trainer.steps,
-        "final_loss": float(last.loss) if last is not None else None,
+        "final_loss": float(last.loss.detach()) if last is not None else None,
         "final_top1": sum(history[-20:]) / max(1, len(history[-20:])),
     }
     return head, report

@@ -1,0 +1,26 @@
+"""`fastgrpo-bench`: measured speed, written as JSON (and a PNG) to benchmarks/results/."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from fastgrpo.common.cli import add_dataclass_args, from_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fastgrpo.bench.spec import SpecBenchConfig, run as run_spec
+
+    parser = argparse.ArgumentParser(prog="fastgrpo-bench", description="fastgrpo benchmarks")
+    sub = parser.add_subparsers(dest="suite", required=True)
+    spec = sub.add_parser("spec", help="speculative vs plain decoding on the same engine, per batch size")
+    add_dataclass_args(spec, SpecBenchConfig)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.suite == "spec":
+        run_spec(from_args(SpecBenchConfig, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

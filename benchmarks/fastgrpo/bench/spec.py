@@ -1,0 +1,125 @@
+"""`fastgrpo-bench spec`: speculative vs plain decoding on the same engine, per batch size.
+
+For each B the engine runs with B cache slots and a queue of several times B task prompts, so the
+batch stays full until the tail; both modes decode the same prompts with the same seeds. Tokens/s
+counts every generated token over the wall time of the whole batch (prefill included).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fastgrpo.common.cli import help_field
+
+
+@dataclass(frozen=True)
+class SpecBenchConfig:
+    out: str = help_field("benchmarks/results/spec.json", "JSON output path (a PNG is written beside it)")
+    batch_sizes: str = help_field("1,2,4,8,16,32,64", "comma-separated batch sizes B (KV-cache slots)")
+    quick: bool = help_field(False, "B = 1 only with a few sequences: about a minute once the fixture is cached")
+    preset: str = help_field("bench", "fixture preset of the target (bench: >= 12 layers, >= 50M parameters)")
+    temperature: float = help_field(1.0, "sampling temperature (0 = greedy)")
+    max_new_tokens: int = help_field(96, "tokens per sequence at most")
+    sequences_per_slot: int = help_field(3, "sequences queued per slot (keeps the batch full)")
+    min_sequences: int = help_field(6, "sequences per batch size at least")
+    width: int = help_field(4, "tree width K")
+    depth: int = help_field(6, "tree depth L")
+    n_verify: int = help_field(20, "tree nodes verified per sequence (root included)")
+    seed: int = help_field(0, "sampling seed")
+
+
+def _run(engine, prompts, cfg: SpecBenchConfig) -> dict:
+    from fastgrpo.rollout.engine.types import GenerationRequest, SamplingConfig
+
+    req = GenerationRequest("bench", tuple(tuple(p) for p in prompts), 1,
+                            SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
+    t0 = time.perf_counter()
+    results = list(engine.submit(req))
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(r.token_ids) for r in results)
+    steps = sum(r.spec.verify_steps for r in results)
+    # the first token of each sequence comes from prefill, every later one from a verify step
+    emitted_by_verify = sum(len(r.token_ids) - 1 for r in results)
+    return {"tokens": tokens, "seconds": seconds, "verify_steps": steps,
+            "acceptance_length": emitted_by_verify / steps if steps else 0.0,
+            "drafted": sum(r.spec.drafted for r in results), "accepted": sum(r.spec.accepted for r in results)}
+
+
+def run(cfg: SpecBenchConfig) -> dict:
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastgrpo.bench.common import plot, write_results
+    from fastgrpo.fixture import build_fixture
+    from fastgrpo.fixture.draft import build_draft
+    from fastgrpo.learner.tasks import format_prompt, synthetic_math
+    from fastgrpo.rollout.engine.engine import Engine, EngineConfig
+    from fastgrpo.rollout.engine.model_runner import ModelRunner
+    from fastgrpo.rollout.speculative.draft import DraftHead
+    from fastgrpo.rollout.speculative.drafter import Drafter, TreeShape
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    fixture = build_fixture(cfg.preset)
+    draft_dir = build_draft(fixture)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(fixture), dtype=dtype).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(str(fixture))
+    head = DraftHead.load(draft_dir, model)
+    shape = TreeShape(cfg.width, cfg.depth, cfg.n_verify)
+    batch_sizes = [1] if cfg.quick else [int(b) for b in cfg.batch_sizes.split(",")]
+    problems = synthetic_math(seed=0).test
+    eos = (tok.eos_token_id,)
+    records = []
+    for B in batch_sizes:
+        n = 2 if cfg.quick else max(cfg.min_sequences, cfg.sequences_per_slot * B)
+        prompts = [tok(format_prompt(p.question))["input_ids"] for p in problems[:n]]
+        warm = prompts[: min(B, 2)]
+        plain = Engine(ModelRunner(model, B), eos, EngineConfig(max_running=B))
+        runner = ModelRunner(model, B, headroom=shape.n_verify)
+        spec = Engine(runner, eos, EngineConfig(max_running=B),
+                      Drafter(head, B, runner.cache.max_len + shape.width * shape.depth), shape)
+        try:
+            for engine in (plain, spec):
+                _run(engine, warm, cfg)  # warm-up: allocator, kernels
+            p = _run(plain, prompts, cfg)
+            s = _run(spec, prompts, cfg)
+        finally:
+            plain.shutdown()
+            spec.shutdown()
+        rec = {
+            "batch_size": B,
+            "sequences": n,
+            "tokens_per_s_plain": p["tokens"] / p["seconds"],
+            "tokens_per_s_spec": s["tokens"] / s["seconds"],
+            "speedup": (s["tokens"] / s["seconds"]) / (p["tokens"] / p["seconds"]),
+            "acceptance_length": s["acceptance_length"],
+            "tokens_plain": p["tokens"],
+            "tokens_spec": s["tokens"],
+            "seconds_plain": p["seconds"],
+            "seconds_spec": s["seconds"],
+            "drafted": s["drafted"],
+            "accepted": s["accepted"],
+        }
+        records.append(rec)
+        print(f"B={B:3d}  plain {rec['tokens_per_s_plain']:8.1f} tok/s  spec {rec['tokens_per_s_spec']:8.1f} tok/s  "
+              f"speedup {rec['speedup']:.2f}x  acceptance length {rec['acceptance_length']:.2f}", flush=True)
+    extra = {
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "target": {"preset": cfg.preset, "dir": str(fixture),
+                   "parameters": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers},
+        "draft": {"dir": str(draft_dir), "parameters": sum(p.numel() for p in head.parameters())},
+        "tree": {"width": shape.width, "depth": shape.depth, "n_verify": shape.n_verify},
+        "sampling": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+    }
+    path = write_results(cfg.out, "spec", records, **extra)
+    if len(records) > 1:
+        plot(path.with_suffix(".png"), f"speculative vs plain decoding ({extra['target']['parameters'] / 1e6:.0f}M target, {device})",
+             "batch size B", "speedup (tokens/s spec / plain)",
+             {"speedup": ([r["batch_size"] for r in records], [r["speedup"] for r in records])})
+    print(f"wrote {path}")
+    return {"path": str(path), "records": records}
