@@ -88,7 +88,7 @@ def _engines(model, shape, slots=8, head=None):
     plain = Engine(ModelRunner(model, slots), (0,), EngineConfig(max_running=slots))
     runner = ModelRunner(model, slots, headroom=shape.n_verify + 1)
     head = head or DraftHead.for_target(model)
-    drafter = Drafter(head, model.model.rotary_emb, slots, runner.cache.max_len + shape.width * shape.depth)
+    drafter = Drafter(head, slots, runner.cache.max_len + shape.width * shape.depth)
     return plain, Engine(runner, (0,), EngineConfig(max_running=slots), drafter, shape)
 
 
