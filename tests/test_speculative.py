@@ -30,10 +30,12 @@ def test_ancestor_mask_by_hand():
 def test_expand_level_keeps_best_cumulative():
     level_scores = torch.log(torch.tensor([[0.6, 0.3]]))
     child = torch.log(torch.tensor([[[0.5, 0.4, 0.1], [0.9, 0.05, 0.05]]]))
-    tokens, parent, scores = expand_level(level_scores, child, 2)
-    # cumulative: .6*.5=.30 (p0,t0), .6*.4=.24 (p0,t1), .3*.9=.27 (p1,t0) -> keep .30 and .27
-    assert tokens.tolist() == [[0, 0]] and parent.tolist() == [[0, 1]]
-    assert torch.allclose(scores.exp(), torch.tensor([[0.30, 0.27]]))
+    ex = expand_level(level_scores, child, 2)
+    # every node proposes its top 2: (p0,t0) .30, (p0,t1) .24, (p1,t0) .27, (p1,t1|t2) .015
+    assert ex.tokens[0, :3].tolist() == [0, 1, 0] and ex.parent_slot.tolist() == [[0, 0, 1, 1]]
+    assert torch.allclose(ex.scores.exp()[0, :3], torch.tensor([0.30, 0.24, 0.27]))
+    # the next level keeps .30 and .27
+    assert ex.keep.tolist() == [[0, 2]]
 
 
 def test_select_tree_keeps_best_nodes_closed_under_ancestors():

@@ -19,14 +19,23 @@ from fastgrpo.rollout.speculative.tree import DraftTree, expand_level, select_tr
 
 @dataclass(frozen=True)
 class TreeShape:
-    """Width K (children per node and nodes kept per level), depth L, and N_verify (nodes incl. root)."""
+    """Width K (children per node, nodes expanded per level), depth L, N_verify (nodes incl. root).
+
+    The candidate pool holds K nodes at depth 1 and K*K at every deeper level; the best
+    N_verify - 1 of them by cumulative draft log-prob are verified.
+    """
 
     width: int
     depth: int
     n_verify: int
 
     def __post_init__(self):
-        assert self.width >= 1 and self.depth >= 1 and 2 <= self.n_verify <= self.width * self.depth + 1, self
+        if not (self.width >= 1 and self.depth >= 1 and 2 <= self.n_verify <= self.pool_size + 1):
+            raise ValueError(f"{self}: need K, L >= 1 and 2 <= N_verify <= K + (L-1)K^2 + 1 = {self.pool_size + 1}")
+
+    @property
+    def pool_size(self) -> int:
+        return self.width + (self.depth - 1) * self.width * self.width
 
 
 class Drafter:
@@ -76,9 +85,11 @@ class Drafter:
         logp = torch.log_softmax(self.head.logits(root_feature), -1)  # (B, V)
         scores, tokens = logp.topk(K, dim=-1)  # (B, K) level 1
         parent_feat = root_feature[:, None, :].expand(B, K, root_feature.shape[-1])  # (B, K, H)
+        level_index = torch.arange(K, device=dev).expand(B, K)  # (B, K) pool index of each level node
         cand_tokens, cand_scores = [tokens], [scores]
         cand_parents = [torch.full((B, K), -1, dtype=torch.long, device=dev)]
         cand_depths = [torch.ones(B, K, dtype=torch.long, device=dev)]
+        pool = K
         region = torch.eye(K, dtype=torch.bool, device=dev).expand(B, K, K)  # (B, K, dK) ancestors of level d
         for d in range(1, L):
             batch = ForwardBatch(
@@ -91,13 +102,17 @@ class Drafter:
             )
             feat = self._layer(batch, self.head.fuse(tokens, parent_feat))  # (B, K, H)
             child_logp = torch.log_softmax(self.head.logits(feat), -1)  # (B, K, V)
-            tokens, parent_slot, scores = expand_level(scores, child_logp, K)  # (B, K) each
+            ex = expand_level(scores, child_logp, K)
+            cand_tokens.append(ex.tokens)
+            cand_scores.append(ex.scores)
+            cand_parents.append(level_index.gather(1, ex.parent_slot))
+            cand_depths.append(torch.full_like(ex.tokens, d + 1))
+            # the next level: the K best children, expanded in the next iteration
+            parent_slot = ex.parent_slot.gather(1, ex.keep)  # (B, K)
+            tokens, scores = ex.tokens.gather(1, ex.keep), ex.scores.gather(1, ex.keep)  # (B, K)
+            level_index = pool + ex.keep  # (B, K)
+            pool += ex.tokens.shape[1]
             parent_feat = feat.gather(1, parent_slot[:, :, None].expand(B, K, feat.shape[-1]))  # (B, K, H)
-            cand_tokens.append(tokens)
-            cand_scores.append(scores)
-            cand_parents.append(parent_slot + (d - 1) * K)
-            cand_depths.append(torch.full((B, K), d + 1, dtype=torch.long, device=dev))
-            # next level's ancestors: its parent's, plus itself
             inherited = region.gather(1, parent_slot[:, :, None].expand(B, K, region.shape[-1]))  # (B, K, dK)
             region = torch.cat([inherited, torch.eye(K, dtype=torch.bool, device=dev).expand(B, K, K)], dim=2)
         return select_tree(

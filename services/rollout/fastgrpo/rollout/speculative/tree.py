@@ -72,18 +72,26 @@ def select_tree(
     return DraftTree(tokens, parents, depths, ancestor_mask(parents, max_depth))
 
 
-def expand_level(
-    level_scores: torch.Tensor, child_logp: torch.Tensor, width: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """EAGLE-2 expansion: every node of a level proposes its top-`width` children; the `width` best by
-    cumulative log-prob form the next level.
+@dataclass(frozen=True)
+class Expansion:
+    """Every child proposed by one level, and which of them form the next level."""
+
+    tokens: torch.Tensor  # (B, K*W) child tokens, W children per node
+    parent_slot: torch.Tensor  # (B, K*W) index of the parent within the level
+    scores: torch.Tensor  # (B, K*W) cumulative draft log-probs
+    keep: torch.Tensor  # (B, W) indices (into the K*W children) of the next level, best first
+
+
+def expand_level(level_scores: torch.Tensor, child_logp: torch.Tensor, width: int) -> Expansion:
+    """EAGLE-2 expansion: every node of a level proposes its top-`width` children, all of which
+    become candidates for verification; the `width` best by cumulative log-prob are expanded next.
 
     level_scores (B, K) cumulative log-probs, child_logp (B, K, V) draft log-probs of each node's
-    next token -> (tokens (B, width), parent slot in the level (B, width), scores (B, width)).
+    next token.
     """
     B, K, V = child_logp.shape
-    top_lp, top_tok = child_logp.topk(width, dim=-1)  # (B, K, width)
-    cum = (level_scores[:, :, None] + top_lp).reshape(B, K * width)  # (B, K*width)
-    best, flat = cum.topk(width, dim=-1)  # (B, width)
-    tokens = top_tok.reshape(B, K * width).gather(1, flat)  # (B, width)
-    return tokens, flat // width, best
+    top_lp, top_tok = child_logp.topk(width, dim=-1)  # (B, K, W)
+    cum = (level_scores[:, :, None] + top_lp).reshape(B, K * width)  # (B, K*W)
+    parent = torch.arange(K, device=cum.device).repeat_interleave(width).expand(B, K * width)  # (B, K*W)
+    keep = cum.topk(width, dim=-1).indices  # (B, W)
+    return Expansion(top_tok.reshape(B, K * width), parent, cum, keep)
