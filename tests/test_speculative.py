@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config
+from fastgrpo.rollout.controller import SpecPolicy
 from fastgrpo.rollout.engine import sampler
 from fastgrpo.rollout.engine.engine import Engine, EngineConfig
 from fastgrpo.rollout.engine.model_runner import ModelRunner
@@ -88,10 +89,11 @@ def test_inverse_cdf_sampling_hits_only_positive_mass():
 # ------------------------------------------------------------------ end to end
 def _engines(model, shape, slots=8, head=None):
     plain = Engine(ModelRunner(model, slots), (0,), EngineConfig(max_running=slots))
-    runner = ModelRunner(model, slots, headroom=shape.n_verify + 1)
+    policy = SpecPolicy("static", static_tree=shape)
+    runner = ModelRunner(model, slots, headroom=policy.max_nodes())
     head = head or DraftHead.for_target(model)
-    drafter = Drafter(head, slots, runner.cache.max_len + shape.width * shape.depth)
-    return plain, Engine(runner, (0,), EngineConfig(max_running=slots), drafter, shape)
+    drafter = Drafter(head, slots, runner.cache.max_len + policy.draft_headroom())
+    return plain, Engine(runner, (0,), EngineConfig(max_running=slots), drafter, policy)
 
 
 def _run(engine, prompts, n=1, **s):

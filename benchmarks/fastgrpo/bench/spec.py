@@ -56,6 +56,7 @@ def run(cfg: SpecBenchConfig) -> dict:
     from fastgrpo.fixture import build_fixture
     from fastgrpo.fixture.draft import build_draft
     from fastgrpo.learner.tasks import format_prompt, synthetic_math
+    from fastgrpo.rollout.controller import SpecPolicy
     from fastgrpo.rollout.engine.engine import Engine, EngineConfig
     from fastgrpo.rollout.engine.model_runner import ModelRunner
     from fastgrpo.rollout.speculative.draft import DraftHead
@@ -79,9 +80,9 @@ def run(cfg: SpecBenchConfig) -> dict:
         prompts = [tok(format_prompt(p.question))["input_ids"] for p in problems[:n]]
         warm = prompts[: min(B, 2)]
         plain = Engine(ModelRunner(model, B), eos, EngineConfig(max_running=B))
-        runner = ModelRunner(model, B, headroom=shape.n_verify)
-        spec = Engine(runner, eos, EngineConfig(max_running=B),
-                      Drafter(head, B, runner.cache.max_len + shape.width * shape.depth), shape)
+        policy = SpecPolicy("static", static_tree=shape)
+        runner = ModelRunner(model, B, headroom=policy.max_nodes())
+        spec = Engine(runner, eos, EngineConfig(max_running=B), Drafter(head, B, runner.cache.max_len + policy.draft_headroom()), policy)
         try:
             for engine in (plain, spec):
                 _run(engine, warm, cfg)  # warm-up: allocator, kernels

@@ -18,6 +18,7 @@ from fastgrpo.rollout import convert
 from fastgrpo.rollout.engine.engine import Engine, EngineConfig
 from fastgrpo.rollout.engine.model_runner import ModelRunner
 from fastgrpo.rollout.engine.types import InvalidRequest
+from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy
 from fastgrpo.rollout.speculative.draft import DraftHead
 from fastgrpo.rollout.speculative.drafter import Drafter, TreeShape
 from fastgrpo.rollout.weights import WeightStore
@@ -45,9 +46,16 @@ class ServeConfig:
     tls_key: str = help_field("", "PEM private key for --tls-cert")
     workers: int = help_field(32, "gRPC worker threads (each streaming Generate call holds one)")
     draft: str = help_field("", "draft head directory (draft.safetensors + draft_config.json); enables speculative decoding")
-    spec_width: int = help_field(4, "K: children per tree node and nodes kept per tree level")
-    spec_depth: int = help_field(5, "L: tree depth (draft steps per verify step)")
-    spec_n_verify: int = help_field(16, "N_verify: tree nodes (root included) the target verifies per sequence and step")
+    spec_mode: str = help_field("static", "speculation with --draft: static (fixed K, L, N_verify), adaptive (from the live batch size and --c-peak), off")
+    spec_width: int = help_field(4, "static K: children per tree node and nodes expanded per level")
+    spec_depth: int = help_field(5, "static L: tree depth (draft steps per verify step)")
+    spec_n_verify: int = help_field(16, "static N_verify: tree nodes (root included) verified per sequence and step")
+    c_peak: float = help_field(160.0, "adaptive: tokens per target forward at the compute knee (160 is the paper's GPU figure; measure yours)")
+    n_max: int = help_field(160, "adaptive: largest N_verify")
+    k_max: int = help_field(8, "adaptive: largest K")
+    l_min: int = help_field(3, "adaptive: smallest L")
+    l_max: int = help_field(5, "adaptive: largest L")
+    alpha: float = help_field(0.75, "adaptive: L = floor(log2(N_verify / alpha))")
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
@@ -184,19 +192,27 @@ def build_app(cfg: ServeConfig) -> RolloutApp:
     if not cfg.model:
         raise ValueError("--model is required")
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
-    tree = TreeShape(cfg.spec_width, cfg.spec_depth, cfg.spec_n_verify) if cfg.draft else None
-    headroom = tree.n_verify if tree else 0
+    policy = None
+    if cfg.draft:
+        if cfg.spec_mode not in ("static", "adaptive", "off"):
+            raise ValueError(f"--spec-mode must be static, adaptive or off; got {cfg.spec_mode!r}")
+        policy = SpecPolicy(
+            cfg.spec_mode,
+            ControllerConfig(cfg.c_peak, cfg.n_max, cfg.k_max, cfg.l_min, cfg.l_max, cfg.alpha),
+            TreeShape(cfg.spec_width, cfg.spec_depth, cfg.spec_n_verify),
+        )
+    headroom = policy.max_nodes() if policy else 0
     runner = ModelRunner.load(cfg.model, dtype, device, cfg.max_running, cfg.max_context or None, headroom)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model) if (Path(cfg.model) / "tokenizer_config.json").exists() else None
     eos = runner.config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     drafter, draft_store = None, None
-    if tree is not None:
+    if policy is not None:
         head = DraftHead.load(cfg.draft, runner.model)
-        drafter = Drafter(head, cfg.max_running, runner.cache.max_len + tree.width * tree.depth)
+        drafter = Drafter(head, cfg.max_running, runner.cache.max_len + policy.draft_headroom())
         draft_store = WeightStore(head)
     engine = Engine(runner, eos_ids, EngineConfig(max_running=cfg.max_running, max_prefill_tokens=cfg.max_prefill_tokens),
-                    drafter, tree)
+                    drafter, policy)
     info = pb.ModelInfo(
         name=str(cfg.model),
         architecture=(runner.config.architectures or [type(runner.model).__name__])[0],

@@ -21,7 +21,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 import torch
 
@@ -37,6 +37,9 @@ from fastgrpo.rollout.engine.types import (
 )
 from fastgrpo.rollout.speculative.decode import SpecDecoder, SpecState
 from fastgrpo.rollout.speculative.drafter import Drafter, TreeShape
+
+if TYPE_CHECKING:
+    from fastgrpo.rollout.controller import SpecPolicy
 
 T = TypeVar("T")
 _DONE = object()  # end-of-stream marker in a request's result queue
@@ -111,16 +114,17 @@ def sequence_seed(seed: int, prompt_index: int, sample_index: int) -> int:
 
 class Engine:
     def __init__(self, runner: ModelRunner, eos_token_ids: tuple[int, ...], config: EngineConfig = EngineConfig(),
-                 drafter: Drafter | None = None, tree: TreeShape | None = None):
+                 drafter: Drafter | None = None, policy: "SpecPolicy | None" = None):
         if config.max_running > runner.num_slots:
             raise ValueError(f"max_running {config.max_running} exceeds the cache's {runner.num_slots} slots")
-        if (drafter is None) != (tree is None):
-            raise ValueError("speculative decoding needs both a drafter and a tree shape")
-        if tree is not None and runner.cache.max_len < runner.max_len + tree.n_verify:
-            raise ValueError(f"the KV cache needs {tree.n_verify} positions of headroom for trees of {tree.n_verify} nodes")
+        if (drafter is None) != (policy is None):
+            raise ValueError("speculative decoding needs both a drafter and a speculation policy")
+        if policy is not None and runner.cache.max_len < runner.max_len + policy.max_nodes():
+            raise ValueError(f"the KV cache needs {policy.max_nodes()} positions of headroom for the largest tree")
         self.runner = runner
         self.spec = SpecDecoder(runner, drafter) if drafter is not None else None
-        self.tree = tree
+        self.policy = policy
+        self.last_tree: TreeShape | None = None  # tree of the latest decode step (None: plain)
         self.config = config
         self.eos_token_ids = frozenset(eos_token_ids)
         self.limits = EngineLimits(vocab_size=runner.vocab_size, max_context=runner.max_len)
@@ -235,10 +239,11 @@ class Engine:
             self._prefill(admitted)
             self._running.extend(admitted)
         if decoding:
-            if self.spec is not None:
-                self._spec_decode(decoding)
-            else:
-                self._decode(decoding)
+            for tree, group in self._trees_for(decoding):
+                if tree is None:
+                    self._decode(group)
+                else:
+                    self._spec_decode(group, tree)
         for seq in admitted + decoding:
             reason = self._finish_reason(seq)
             if reason is not None:
@@ -272,8 +277,27 @@ class Engine:
         for s in seqs:
             s.cached += 1
         self._sample_and_append(seqs, out.logits[:, 0])
+        if self.spec is not None:  # the draft catches up on plainly decoded tokens at its next step
+            for b, s in enumerate(seqs):
+                SpecDecoder.queue_pair(s.spec, out.hidden[b, 0], s.generated[-1])
 
-    def _spec_decode(self, seqs: list[Sequence]) -> None:
+    def _trees_for(self, seqs: list[Sequence]) -> list[tuple[TreeShape | None, list[Sequence]]]:
+        """Groups the decoding sequences by the tree each gets this step (None: plain decode).
+
+        The live batch size B is every decoding sequence: the controller sizes trees so that the
+        step's total verified tokens stay near C_peak. Requests may override the server's mode.
+        """
+        if self.policy is None:
+            self.last_tree = None
+            return [(None, seqs)]
+        B = len(seqs)
+        groups: dict[TreeShape | None, list[Sequence]] = {}
+        for s in seqs:
+            groups.setdefault(self.policy.tree_for(B, s.handle.request.spec_mode), []).append(s)
+        self.last_tree = self.policy.tree_for(B)
+        return list(groups.items())
+
+    def _spec_decode(self, seqs: list[Sequence], tree: TreeShape) -> None:
         dev = self.runner.device
         steps = self.spec.step(
             slots=torch.tensor([s.slot for s in seqs], device=dev),
@@ -282,7 +306,7 @@ class Engine:
             states=[s.spec for s in seqs],
             params=self._sampling_batch(seqs),
             generators=[s.generator for s in seqs],
-            shape=self.tree,
+            shape=tree,
         )
         for s, st in zip(seqs, steps):
             s.cached += st.accepted + 1  # the root and the accepted draft tokens are now in the cache

@@ -29,6 +29,7 @@ class GenerationRequest:
     prompts: tuple[tuple[int, ...], ...]  # token ids per prompt
     num_samples: int = 1
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    spec_mode: str | None = None  # "adaptive" | "static" | "off"; None = the server's mode
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class InvalidRequest(ValueError):
 def validate_request(req: GenerationRequest, limits: EngineLimits) -> None:
     """Raises InvalidRequest naming the first bad field; returns None for a request the engine can run."""
     s = req.sampling
+    if req.spec_mode not in (None, "adaptive", "static", "off"):
+        raise InvalidRequest("spec_mode", f"must be adaptive, static or off, got {req.spec_mode!r}")
     if req.num_samples < 1:
         raise InvalidRequest("num_samples", f"must be >= 1, got {req.num_samples}")
     if not req.prompts:

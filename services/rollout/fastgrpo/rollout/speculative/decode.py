@@ -52,6 +52,12 @@ class SpecDecoder:
         state.pending_tokens = list(prompt[1:]) + [first_token]
         state.pending_features = hidden
 
+    @staticmethod
+    def queue_pair(state: SpecState, feature: torch.Tensor, next_token: int) -> None:
+        """Adds one settled pair (f_i (H,), x_{i+1}) for the draft's next catch-up."""
+        state.pending_tokens.append(next_token)
+        state.pending_features = torch.cat([state.pending_features, feature[None]], dim=0)
+
     def step(
         self,
         slots: torch.Tensor,

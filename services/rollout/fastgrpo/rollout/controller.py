@@ -1,0 +1,70 @@
+"""Concurrency-aware speculation: the tree shape for the live batch size (FastGRPO, section 4.1).
+
+The target verifies about C_peak tokens per forward before a step stops being memory-bound; with B
+sequences running each can afford N_verify = C_peak / B tree nodes. Width grows linearly with the
+budget and depth logarithmically (acceptance decays with depth):
+
+    N_verify = min(floor(C_peak / B), N_max)          speculation off when N_verify < 2
+    K        = min(N_verify - 1, K_max)
+    L        = clamp(floor(log2(N_verify / alpha)), L_min, L_max)
+
+The tree is further capped by what K and L can hold (K + (L-1) K^2 candidates plus the root).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from fastgrpo.common.cli import help_field
+from fastgrpo.rollout.speculative.drafter import TreeShape
+
+SpecMode = Literal["adaptive", "static", "off"]
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    c_peak: float = help_field(160.0, "tokens per target forward at the compute knee (calibrate per device and model)")
+    n_max: int = help_field(160, "largest N_verify")
+    k_max: int = help_field(8, "largest tree width K")
+    l_min: int = help_field(3, "smallest tree depth L")
+    l_max: int = help_field(5, "largest tree depth L")
+    alpha: float = help_field(0.75, "depth scaling: L = floor(log2(N_verify / alpha))")
+
+
+def adaptive_tree(batch_size: int, cfg: ControllerConfig) -> TreeShape | None:
+    """The tree for B running sequences, or None when speculation does not pay (N_verify < 2)."""
+    assert batch_size >= 1
+    n = min(math.floor(cfg.c_peak / batch_size), cfg.n_max)
+    if n < 2:
+        return None
+    k = min(n - 1, cfg.k_max)
+    depth = min(max(math.floor(math.log2(n / cfg.alpha)), cfg.l_min), cfg.l_max)
+    pool = k + (depth - 1) * k * k
+    return TreeShape(width=k, depth=depth, n_verify=min(n, pool + 1))
+
+
+@dataclass(frozen=True)
+class SpecPolicy:
+    """Which tree each decode step uses: adaptive (from B), static (fixed), or off."""
+
+    mode: SpecMode = "adaptive"
+    controller: ControllerConfig = ControllerConfig()
+    static_tree: TreeShape = TreeShape(width=4, depth=5, n_verify=16)
+
+    def tree_for(self, batch_size: int, mode: SpecMode | None = None) -> TreeShape | None:
+        mode = mode or self.mode
+        if mode == "off":
+            return None
+        if mode == "static":
+            return self.static_tree
+        return adaptive_tree(batch_size, self.controller)
+
+    def max_nodes(self) -> int:
+        """Most tree nodes any step can verify: the cache headroom a sequence needs."""
+        adaptive = adaptive_tree(1, self.controller)
+        return max(self.static_tree.n_verify, adaptive.n_verify if adaptive else 0)
+
+    def draft_headroom(self) -> int:
+        """Most draft-cache positions a tree needs past the settled tokens (K per expanded level)."""
+        return max(self.static_tree.width * self.static_tree.depth, self.controller.k_max * self.controller.l_max)
