@@ -90,3 +90,21 @@ def test_trainer_learns_real_target_features(target):
         last = trainer.step(data)
     assert float(last.loss) < 0.5 * float(first.loss)
     assert all(p.grad is None for p in target.parameters())  # the shared target modules never train
+
+
+def test_train_draft_cli_writes_a_loadable_head(tiny_dir, tmp_path):
+    from fastgrpo.rollout.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"token_ids": [1, 2, 3]}\n{"token_ids": [4, 5]}\n\n{"token_ids": [9, 9, 9, 9]}\n')
+    out = tmp_path / "draft"
+    rc = main(["train-draft", "--model", str(tiny_dir), "--prompts", str(prompts), "--out", str(out),
+               "--epochs", "1", "--samples-per-prompt", "2", "--max-new-tokens", "8", "--batch-size", "4"])
+    assert rc == 0
+    target = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    head = DraftHead.load(out, target)
+    assert sum(p.numel() for p in head.parameters()) > 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        main(["train-draft", "--model", str(tiny_dir), "--prompts", str(bad), "--out", str(out)])

@@ -3,14 +3,69 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import signal
 import sys
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 
-from fastgrpo.common.cli import add_dataclass_args, from_args
+from fastgrpo.common.cli import add_dataclass_args, from_args, help_field
 from fastgrpo.rollout.server import ServeConfig, build_app
+
+
+@dataclass(frozen=True)
+class OfflineArgs:
+    samples_per_prompt: int = help_field(2, "rollouts per prompt")
+    temperature: float = help_field(1.0, "sampling temperature of the rollouts")
+    max_new_tokens: int = help_field(128, "tokens per rollout at most")
+    epochs: int = help_field(3, "passes over the captured sequences")
+    batch_size: int = help_field(32, "sequences per optimiser step")
+    lr: float = help_field(1e-3, "AdamW learning rate of the head")
+    seed: int = help_field(0, "seed of rollouts, initialisation and batch order")
+
+
+def read_prompts(path: str, tokenizer) -> list[list[int]]:
+    prompts = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        if path.endswith(".jsonl"):
+            rec = json.loads(line)
+            if "token_ids" in rec:
+                prompts.append([int(t) for t in rec["token_ids"]])
+            elif "prompt" in rec:
+                prompts.append(tokenizer(rec["prompt"])["input_ids"])
+            else:
+                raise ValueError(f"{path}:{i + 1}: a record needs 'prompt' or 'token_ids'")
+        else:
+            prompts.append(tokenizer(line)["input_ids"])
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def train_draft(model_dir: str, prompts_path: str, out: str, a: OfflineArgs) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastgrpo.rollout.draft_learning.offline import OfflineConfig, train_offline
+    from fastgrpo.rollout.draft_learning.trainer import DraftTrainConfig
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = read_prompts(prompts_path, tok)
+    cfg = OfflineConfig(a.samples_per_prompt, a.temperature, a.max_new_tokens, a.epochs, a.batch_size, a.seed,
+                        DraftTrainConfig(lr=a.lr))
+    eos = model.config.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    head, report = train_offline(model, eos_ids, prompts, cfg)
+    head.save(out, meta={"report": report, "model": model_dir})
+    print(json.dumps(report), flush=True)
+    print(out, flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,8 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="load a model and serve RolloutService over gRPC")
     add_dataclass_args(serve, ServeConfig)
     serve.add_argument("--log-level", default="INFO", help="logging level")
+    train = sub.add_parser("train-draft", help="bootstrap a draft head offline on the model's own rollouts of prompts")
+    train.add_argument("--model", required=True, help="HF model directory of the target (policy)")
+    train.add_argument("--prompts", required=True,
+                       help="prompts: a JSONL file whose records have 'prompt' (text) or 'token_ids', or a text file, one prompt per line")
+    train.add_argument("--out", required=True, help="directory to write draft.safetensors and draft_config.json to")
+    add_dataclass_args(train, OfflineArgs)
+    train.add_argument("--log-level", default="INFO", help="logging level")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "train-draft":
+        return train_draft(args.model, args.prompts, args.out, from_args(OfflineArgs, args))
     cfg = from_args(ServeConfig, args)
     if not cfg.auth_token and os.environ.get("FASTGRPO_AUTH_TOKEN"):
         cfg = dataclasses.replace(cfg, auth_token=os.environ["FASTGRPO_AUTH_TOKEN"])
