@@ -211,6 +211,42 @@ class ModelInfo(_message.Message):
     eos_token_id: int
     def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., num_parameters: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., eos_token_id: _Optional[int] = ...) -> None: ...
 
+class TrainDraftRequest(_message.Message):
+    __slots__ = ("run_now", "set_policy", "every_n_batches")
+    RUN_NOW_FIELD_NUMBER: _ClassVar[int]
+    SET_POLICY_FIELD_NUMBER: _ClassVar[int]
+    EVERY_N_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    run_now: bool
+    set_policy: bool
+    every_n_batches: int
+    def __init__(self, run_now: _Optional[bool] = ..., set_policy: _Optional[bool] = ..., every_n_batches: _Optional[int] = ...) -> None: ...
+
+class TrainDraftReply(_message.Message):
+    __slots__ = ("draft_version", "every_n_batches", "rounds", "steps", "last_loss", "last_top1", "samples_seen", "seconds", "buffer_sequences", "buffer_bytes", "dropped_sequences")
+    DRAFT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EVERY_N_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    LAST_TOP1_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_SEEN_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    draft_version: int
+    every_n_batches: int
+    rounds: int
+    steps: int
+    last_loss: float
+    last_top1: float
+    samples_seen: int
+    seconds: float
+    buffer_sequences: int
+    buffer_bytes: int
+    dropped_sequences: int
+    def __init__(self, draft_version: _Optional[int] = ..., every_n_batches: _Optional[int] = ..., rounds: _Optional[int] = ..., steps: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_top1: _Optional[float] = ..., samples_seen: _Optional[int] = ..., seconds: _Optional[float] = ..., buffer_sequences: _Optional[int] = ..., buffer_bytes: _Optional[int] = ..., dropped_sequences: _Optional[int] = ...) -> None: ...
+
 class StatusReply(_message.Message):
     __slots__ = ("policy_version", "policy_checksum", "running_sequences", "queued_sequences", "model", "max_running_sequences", "draft_version")
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]

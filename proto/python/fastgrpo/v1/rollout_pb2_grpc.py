@@ -50,6 +50,11 @@ class RolloutServiceStub:
                 request_serializer=fastgrpo_dot_v1_dot_rollout__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=fastgrpo_dot_v1_dot_rollout__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.TrainDraft = channel.unary_unary(
+                '/fastgrpo.v1.RolloutService/TrainDraft',
+                request_serializer=fastgrpo_dot_v1_dot_rollout__pb2.TrainDraftRequest.SerializeToString,
+                response_deserializer=fastgrpo_dot_v1_dot_rollout__pb2.TrainDraftReply.FromString,
+                _registered_method=True)
 
 
 class RolloutServiceServicer:
@@ -87,6 +92,19 @@ class RolloutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TrainDraft(self, request, context):
+        """Online draft learning: optionally changes when rounds run, optionally runs one now (waiting
+        until it is swapped in), and reports the learner's state. A round trains the draft on the
+        (target feature, token) pairs captured from every sequence finished since the previous round,
+        then swaps it in between two decode steps and bumps the draft version.
+        Errors: FAILED_PRECONDITION (no draft model, or draft learning not enabled), INVALID_ARGUMENT
+        (every_n_batches < 0), DEADLINE_EXCEEDED (run_now did not finish within the call's deadline;
+        the round still completes in the background).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RolloutServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -104,6 +122,11 @@ def add_RolloutServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=fastgrpo_dot_v1_dot_rollout__pb2.GetStatusRequest.FromString,
                     response_serializer=fastgrpo_dot_v1_dot_rollout__pb2.StatusReply.SerializeToString,
+            ),
+            'TrainDraft': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainDraft,
+                    request_deserializer=fastgrpo_dot_v1_dot_rollout__pb2.TrainDraftRequest.FromString,
+                    response_serializer=fastgrpo_dot_v1_dot_rollout__pb2.TrainDraftReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -188,6 +211,33 @@ class RolloutService:
             '/fastgrpo.v1.RolloutService/GetStatus',
             fastgrpo_dot_v1_dot_rollout__pb2.GetStatusRequest.SerializeToString,
             fastgrpo_dot_v1_dot_rollout__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainDraft(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fastgrpo.v1.RolloutService/TrainDraft',
+            fastgrpo_dot_v1_dot_rollout__pb2.TrainDraftRequest.SerializeToString,
+            fastgrpo_dot_v1_dot_rollout__pb2.TrainDraftReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,6 +19,7 @@ from fastgrpo.rollout.engine.engine import Engine, EngineConfig
 from fastgrpo.rollout.engine.model_runner import ModelRunner
 from fastgrpo.rollout.engine.types import InvalidRequest
 from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy
+from fastgrpo.rollout.draft_learning.online import OnlineConfig, OnlineDraftLearner
 from fastgrpo.rollout.speculative.draft import DraftHead
 from fastgrpo.rollout.speculative.drafter import Drafter, TreeShape
 from fastgrpo.rollout.weights import WeightStore
@@ -56,6 +57,12 @@ class ServeConfig:
     l_min: int = help_field(3, "adaptive: smallest L")
     l_max: int = help_field(5, "adaptive: largest L")
     alpha: float = help_field(0.75, "adaptive: L = floor(log2(N_verify / alpha))")
+    draft_learning: bool = help_field(True, "with --draft: keep training the draft online on the pairs verification captures")
+    draft_every_n_batches: int = help_field(1, "online draft learning: a round after every N finished Generate requests (0 = only on TrainDraft)")
+    draft_buffer_bytes: int = help_field(256 * 1024 * 1024, "online draft learning: capture buffer bound in bytes")
+    draft_lr: float = help_field(3e-4, "online draft learning: AdamW learning rate")
+    draft_batch_size: int = help_field(16, "online draft learning: sequences per optimiser step")
+    draft_max_steps: int = help_field(64, "online draft learning: optimiser steps per round at most")
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
@@ -128,6 +135,8 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         result = store.commit(pending)
         if store is self.policy:
             self.engine.policy_version = result.version
+        elif self.engine.draft_learner is not None:  # a draft pushed from outside replaces the shadow too
+            self.engine.draft_learner.sync_from_live()
         return result
 
     def _store(self, target: int) -> WeightStore:
@@ -139,6 +148,29 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                                 "FAILED_PRECONDITION")
             return self.draft
         raise WireError(f"header.target: unknown target {target}")
+
+    def TrainDraft(self, request: pb.TrainDraftRequest, context: grpc.ServicerContext):
+        learner = self.engine.draft_learner
+        if learner is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "draft learning is not enabled (start the server with --draft and --draft-learning)")
+        if request.set_policy:
+            if request.every_n_batches < 0:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"every_n_batches: must be >= 0, got {request.every_n_batches}")
+            learner.set_policy(request.every_n_batches)
+        if request.run_now:
+            fut = self.engine.train_draft_now()
+            try:
+                fut.result(timeout=context.time_remaining())
+            except TimeoutError:
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the draft round did not finish before the deadline")
+        st = learner.stats()
+        return pb.TrainDraftReply(
+            draft_version=st.draft_version, every_n_batches=st.every_n_batches, rounds=st.rounds, steps=st.steps,
+            last_loss=st.last_loss, last_top1=st.last_top1, samples_seen=st.samples_seen, seconds=st.seconds,
+            buffer_sequences=st.buffer_sequences, buffer_bytes=st.buffer_bytes, dropped_sequences=st.dropped_sequences,
+        )
 
     def GetStatus(self, request, context):
         snap = self.engine.snapshot()
@@ -223,6 +255,10 @@ def build_app(cfg: ServeConfig) -> RolloutApp:
         device=str(runner.device),
         eos_token_id=eos_ids[0] if eos_ids else -1,
     )
+    if draft_store is not None and cfg.draft_learning:
+        engine.attach_draft_learner(OnlineDraftLearner(drafter.head, draft_store, OnlineConfig(
+            every_n_batches=cfg.draft_every_n_batches, buffer_bytes=cfg.draft_buffer_bytes,
+            batch_size=cfg.draft_batch_size, max_steps_per_round=cfg.draft_max_steps, lr=cfg.draft_lr)))
     servicer = RolloutServicer(engine, WeightStore(runner.model), tokenizer, info, draft_store)
     interceptors = [BearerAuth(cfg.auth_token)] if cfg.auth_token else []
     server = grpc.server(

@@ -110,13 +110,25 @@ class WeightStore:
         with self._lock:
             self._check_base(pending.header.base_version)
             new_values = updated_values(self.params, pending.header.kind, pending.tensors, pending.header.lora.scale)
-            for name, value in new_values.items():  # nothing can fail past this point
-                self.params[name].copy_(value)
-            for name in new_values:
-                self._digests[name] = tensor_digest(self.params[name])
-            self.checksum = combine_digests(self._digests)
-            self.version = pending.header.new_version
+            self._set(new_values, pending.header.new_version)
             return UpdateResult(self.version, self.checksum, time.monotonic() - pending.started, pending.received)
+
+    @torch.no_grad()
+    def replace(self, values: dict[str, torch.Tensor], version: int) -> None:
+        """Serves `values` (same names and shapes) as `version`: the online draft learner's swap."""
+        with self._lock:
+            unknown = set(values) - set(self.params)
+            if unknown:
+                raise ValueError(f"unknown tensors {sorted(unknown)[:3]}")
+            self._set(values, version)
+
+    def _set(self, new_values: dict[str, torch.Tensor], version: int) -> None:
+        for name, value in new_values.items():  # shapes were checked: nothing fails past this point
+            self.params[name].copy_(value)
+        for name in new_values:
+            self._digests[name] = tensor_digest(self.params[name])
+        self.checksum = combine_digests(self._digests)
+        self.version = version
 
 
 class PendingUpdate:

@@ -124,6 +124,7 @@ class Engine:
         self.runner = runner
         self.spec = SpecDecoder(runner, drafter) if drafter is not None else None
         self.policy = policy
+        self.draft_learner = None  # OnlineDraftLearner, attached by the server
         self.last_tree: TreeShape | None = None  # tree of the latest decode step (None: plain)
         self.config = config
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -190,7 +191,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._stop or self._ops or self._queue or self._running):
+                while not (self._stop or self._ops or self._queue or self._running or self._learner_has_work()):
                     self._cv.wait()
                 if self._stop:
                     ops, self._ops = self._ops, []
@@ -212,6 +213,29 @@ class Engine:
                     seq.handle._fail(exc)
                     self._release(seq)
                 self._running = []
+            # draft learning takes the engine only between steps, one optimiser step at a time:
+            # when there is nothing to decode, or interleaved when a round was asked for explicitly
+            learner = self.draft_learner
+            if learner is not None and learner.has_work() and (not self._running or learner.forced()):
+                learner.step()
+
+    def _learner_has_work(self) -> bool:
+        return self.draft_learner is not None and self.draft_learner.has_work()
+
+    def attach_draft_learner(self, learner) -> None:
+        """Captures every finished sequence's pairs for `learner` and runs its rounds between steps."""
+        if self.spec is None:
+            raise ValueError("draft learning needs speculative decoding (a drafter)")
+        self.spec.capture = True
+        self.draft_learner = learner
+
+    def train_draft_now(self) -> Future:
+        """Starts a draft-learning round now; the Future resolves with its stats once swapped in."""
+        if self.draft_learner is None:
+            raise RuntimeError("no draft learner attached")
+        fut = self.draft_learner.schedule(force=True)
+        self._wake()
+        return fut
 
     def _drop_cancelled(self) -> None:
         if any(s.handle.cancelled for s in self._queue):
@@ -359,6 +383,8 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self._release(seq)
+        if self.draft_learner is not None and reason != FinishReason.ABORT and seq.spec.pending_features is not None:
+            self.draft_learner.capture(SpecDecoder.captured(seq.spec))
         seq.handle._deliver(
             CompletionResult(
                 request_id=seq.handle.request.request_id,
@@ -371,3 +397,5 @@ class Engine:
                 spec=SpecCounts(seq.spec.drafted, seq.spec.accepted, seq.spec.verify_steps),
             )
         )
+        if self.draft_learner is not None and seq.handle._remaining == 0:
+            self.draft_learner.on_batch_done()

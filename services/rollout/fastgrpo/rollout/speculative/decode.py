@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastgrpo.rollout.draft_learning.trainer import FeatureSequence
 from fastgrpo.rollout.engine import sampler
 from fastgrpo.rollout.engine.model_runner import ForwardBatch, ModelRunner
 from fastgrpo.rollout.speculative.drafter import Drafter, TreeShape
@@ -30,6 +31,8 @@ class SpecState:
     accepted: int = 0
     verify_steps: int = 0
     accepted_per_depth: list[int] = field(default_factory=list)  # [d-1]: draft tokens accepted at depth d
+    captured_tokens: list[int] = field(default_factory=list)  # pairs already consumed, kept for draft learning
+    captured_features: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,14 @@ class SpecDecoder:
     def __init__(self, runner: ModelRunner, drafter: Drafter):
         self.runner = runner
         self.drafter = drafter
+        self.capture = False  # keep consumed pairs for online draft learning
+
+    @staticmethod
+    def captured(state: SpecState) -> FeatureSequence:
+        """Every pair of the sequence (consumed and still pending), for the draft-learning buffer."""
+        feats = state.captured_features + [state.pending_features]
+        return FeatureSequence(torch.tensor(state.captured_tokens + state.pending_tokens),
+                               torch.cat(feats, dim=0).detach().cpu(), 0)
 
     @staticmethod
     def after_prefill(state: SpecState, prompt: tuple[int, ...], first_token: int, hidden: torch.Tensor) -> None:
@@ -118,6 +129,9 @@ class SpecDecoder:
             n = len(s.pending_tokens)
             tokens[b, :n] = torch.tensor(s.pending_tokens, device=dev)
             feats[b, :n] = s.pending_features
+            if self.capture:
+                s.captured_tokens.extend(s.pending_tokens)
+                s.captured_features.append(s.pending_features)
         return self.drafter.catch_up(slots, settled - counts, tokens, feats, counts)
 
     @staticmethod

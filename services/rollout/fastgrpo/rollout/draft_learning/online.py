@@ -1,0 +1,156 @@
+"""Online draft learning: keep the draft aligned with the policy it drafts for.
+
+The target computes its features while verifying anyway; every finished sequence's pairs land in
+a bounded CaptureBuffer. A *round* trains a shadow copy of the draft head on the sequences captured
+since the previous round (one optimiser step at a time, run by the engine thread when it has no
+decode work, or interleaved one step per decode step when a round was asked for explicitly), then
+copies the shadow into the served head between two decode steps and bumps the draft version.
+Rounds start after every N finished Generate requests (the policy), or on TrainDraft.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+from fastgrpo.common.cli import help_field
+from fastgrpo.rollout.draft_learning.buffer import CaptureBuffer
+from fastgrpo.rollout.draft_learning.trainer import DraftTrainConfig, DraftTrainer, FeatureSequence
+from fastgrpo.rollout.speculative.draft import DraftHead
+from fastgrpo.rollout.weights import WeightStore
+
+
+@dataclass(frozen=True)
+class OnlineConfig:
+    every_n_batches: int = help_field(1, "train the draft after every N finished Generate requests (0 = off)")
+    buffer_bytes: int = help_field(256 * 1024 * 1024, "capture buffer bound in bytes (oldest sequences dropped first)")
+    batch_size: int = help_field(16, "sequences per draft optimiser step")
+    max_steps_per_round: int = help_field(64, "optimiser steps per round at most")
+    lr: float = help_field(3e-4, "AdamW learning rate of the draft head")
+    seed: int = help_field(0, "seed of batch order")
+
+
+@dataclass(frozen=True)
+class DraftLearningStats:
+    draft_version: int
+    every_n_batches: int
+    rounds: int
+    steps: int
+    last_loss: float
+    last_top1: float
+    samples_seen: int  # pairs trained on, over all rounds
+    seconds: float  # time spent in draft training
+    buffer_sequences: int
+    buffer_bytes: int
+    dropped_sequences: int
+
+
+class OnlineDraftLearner:
+    def __init__(self, live: DraftHead, store: WeightStore, config: OnlineConfig = OnlineConfig()):
+        self.live = live
+        self.store = store
+        self.config = config
+        self.every_n_batches = config.every_n_batches
+        self.buffer = CaptureBuffer(config.buffer_bytes)
+        param = next(live.parameters())
+        self.shadow = DraftHead(live.config, live.embed_tokens, live.lm_head, live.rotary).to(param.device, param.dtype)
+        self.sync_from_live()
+        self.trainer = DraftTrainer(self.shadow, DraftTrainConfig(lr=config.lr))
+        self._rng = random.Random(config.seed)
+        self._lock = threading.Lock()
+        self._queue: list[list[FeatureSequence]] = []  # batches of the current round
+        self._waiters: list[Future] = []
+        self._forced = False
+        self._next_serial = 0
+        self._batches = 0
+        self.rounds = 0
+        self.last_loss = float("nan")
+        self.last_top1 = float("nan")
+        self.samples_seen = 0
+        self.seconds = 0.0
+
+    # ---------------------------------------------------------------- called from any thread
+    def on_batch_done(self) -> None:
+        with self._lock:
+            self._batches += 1
+            due = self.every_n_batches > 0 and self._batches % self.every_n_batches == 0
+        if due:
+            self.schedule()
+
+    def schedule(self, force: bool = False) -> Future:
+        """Starts a round on what was captured since the last one; the Future resolves at its swap."""
+        fut: Future = Future()
+        with self._lock:
+            self._waiters.append(fut)
+            self._forced |= force
+            if not self._queue:
+                data = self.buffer.since(self._next_serial)
+                self._next_serial = self.buffer.serial
+                self._rng.shuffle(data)
+                bs = self.config.batch_size
+                self._queue = [data[i : i + bs] for i in range(0, len(data), bs)][: self.config.max_steps_per_round]
+            if not self._queue:  # nothing new to learn from
+                self._resolve()
+        return fut
+
+    def set_policy(self, every_n_batches: int) -> None:
+        if every_n_batches < 0:
+            raise ValueError(f"every_n_batches must be >= 0, got {every_n_batches}")
+        with self._lock:
+            self.every_n_batches = every_n_batches
+
+    def stats(self) -> DraftLearningStats:
+        b = self.buffer.stats()
+        return DraftLearningStats(self.store.version, self.every_n_batches, self.rounds, self.trainer.steps,
+                                  self.last_loss, self.last_top1, self.samples_seen, self.seconds,
+                                  b.sequences, b.bytes, b.dropped_sequences)
+
+    # ---------------------------------------------------------------- engine thread only
+    def has_work(self) -> bool:
+        return bool(self._queue)
+
+    def forced(self) -> bool:
+        return self._forced and bool(self._queue)
+
+    def capture(self, seq: FeatureSequence) -> None:
+        if len(seq.tokens) >= 2:  # one pair has no next feature to learn from
+            self.buffer.add(seq)
+
+    def step(self) -> None:
+        """One optimiser step of the current round; the last one swaps the result in."""
+        with self._lock:
+            if not self._queue:
+                return
+            batch = self._queue.pop(0)
+            last = not self._queue
+        t0 = time.perf_counter()
+        out = self.trainer.step(batch)
+        self.last_loss = float(out.loss.detach())
+        self.last_top1 = float(out.top1)
+        self.samples_seen += sum(len(s.tokens) for s in batch)
+        if last:
+            self._swap()
+        self.seconds += time.perf_counter() - t0
+        if last:
+            with self._lock:
+                self._resolve()
+
+    @torch.no_grad()
+    def _swap(self) -> None:
+        self.store.replace(self.shadow.state_dict(), self.store.version + 1)
+        self.rounds += 1
+
+    def _resolve(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        self._forced = False
+        for w in waiters:
+            w.set_result(self.stats())
+
+    @torch.no_grad()
+    def sync_from_live(self) -> None:
+        """Shadow := served head (after the draft was replaced from outside with UpdateWeights)."""
+        self.shadow.load_state_dict(self.live.state_dict())

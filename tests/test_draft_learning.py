@@ -1,0 +1,110 @@
+"""Online draft learning over real gRPC: capture, TrainDraft rounds, recovery after a policy shift."""
+from __future__ import annotations
+
+import math
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastgrpo.client import RolloutClient, Sampling, WeightMirror
+from fastgrpo.learner.tasks import format_prompt, synthetic_math
+from fastgrpo.rollout.draft_learning.buffer import CaptureBuffer
+from fastgrpo.rollout.draft_learning.trainer import FeatureSequence
+from fastgrpo.rollout.speculative.draft import DraftHead
+from fastgrpo.v1 import rollout_pb2 as pb
+from fastgrpo.v1 import rollout_pb2_grpc as pb_grpc
+
+
+def test_capture_buffer_is_bounded_oldest_first():
+    seq = lambda n: FeatureSequence(torch.zeros(n, dtype=torch.long), torch.zeros(n, 4))  # noqa: E731
+    one = seq(10).nbytes()
+    buf = CaptureBuffer(max_bytes=3 * one)
+    for _ in range(5):
+        buf.add(seq(10))
+    st = buf.stats()
+    assert (st.sequences, st.bytes, st.dropped_sequences, st.added_sequences) == (3, 3 * one, 2, 5)
+    assert len(buf.since(3)) == 2 and len(buf.since(0)) == 3
+
+
+def _acceptance(client, prompts) -> float:
+    batch = client.generate_batch(prompts, 1, Sampling(temperature=0.0, max_new_tokens=48))
+    done = batch.flat()
+    steps = sum(c.spec.verify_steps for c in done)
+    return sum(len(c.token_ids) - 1 for c in done) / max(steps, 1)
+
+
+def _train(stub, rounds):
+    reply = None
+    for _ in range(rounds):
+        reply = stub.TrainDraft(pb.TrainDraftRequest(run_now=True), timeout=300)
+    return reply
+
+
+@pytest.fixture
+def learning_service(fixture_dir, start_service, tmp_path):
+    """The fixture policy served with a *random* draft head, learning only on TrainDraft."""
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(str(fixture_dir))
+    torch.manual_seed(0)
+    DraftHead.for_target(target).save(tmp_path / "draft")
+    app = start_service(fixture_dir, draft=str(tmp_path / "draft"), max_running=32, draft_every_n_batches=0,
+                        draft_lr=1e-3, draft_max_steps=32, spec_width=4, spec_depth=4, spec_n_verify=12)
+    channel = grpc.insecure_channel(f"127.0.0.1:{app.port}")
+    yield app, RolloutClient(f"127.0.0.1:{app.port}"), pb_grpc.RolloutServiceStub(channel)
+    channel.close()
+
+
+def test_draft_learns_from_scratch_and_recovers_after_a_policy_shift(learning_service, fixture_dir):
+    app, client, stub = learning_service
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(fixture_dir))
+    problems = synthetic_math(seed=0)
+    train_prompts = [tok(format_prompt(p.question))["input_ids"] for p in problems.train[:64]]
+    eval_prompts = [tok(format_prompt(p.question))["input_ids"] for p in problems.test[:16]]
+
+    before = stub.TrainDraft(pb.TrainDraftRequest(), timeout=30)
+    assert before.rounds == 0 and math.isnan(before.last_loss)
+    random_acc = _acceptance(client, eval_prompts)
+    for _ in range(3):  # capture: rollouts of train prompts, then a round on them
+        client.generate_batch(train_prompts, 2, Sampling(temperature=1.0, max_new_tokens=48, seed=1))
+        reply = _train(stub, 1)
+    assert reply.rounds == 3 and reply.draft_version == 3 and reply.samples_seen > 0
+    assert client.status().draft_version == 3
+    learned_acc = _acceptance(client, eval_prompts)
+    assert learned_acc > random_acc + 0.5, (random_acc, learned_acc)
+
+    # shift the policy: rescale every feature dimension of the final norm by exp(z), z ~ N(0, 1);
+    # the target's next-token distribution moves (its greedy outputs change) and its features no
+    # longer look like the ones the draft learned
+    status = client.status()
+    weights = load_file(str(fixture_dir / "model.safetensors"))
+    w = weights["model.norm.weight"]
+    z = torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+    mirror = WeightMirror.of(weights, status.model.dtype)
+    client.push_weights({"model.norm.weight": w * (torch.exp(z) - 1)}, "dense_delta", mirror=mirror)
+    shifted_acc = _acceptance(client, eval_prompts)
+    assert shifted_acc < learned_acc - 0.3, (learned_acc, shifted_acc)
+
+    for _ in range(3):
+        client.generate_batch(train_prompts, 2, Sampling(temperature=1.0, max_new_tokens=48, seed=2))
+        _train(stub, 1)
+    recovered_acc = _acceptance(client, eval_prompts)
+    assert recovered_acc > shifted_acc + 0.3, (shifted_acc, recovered_acc)
+
+
+def test_train_draft_errors(learning_service, tiny_dir, start_service):
+    _, _, stub = learning_service
+    with pytest.raises(grpc.RpcError) as err:
+        stub.TrainDraft(pb.TrainDraftRequest(set_policy=True, every_n_batches=-1), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "every_n_batches" in err.value.details()
+    reply = stub.TrainDraft(pb.TrainDraftRequest(set_policy=True, every_n_batches=3), timeout=10)
+    assert reply.every_n_batches == 3
+    plain = start_service(tiny_dir)
+    plain_stub = pb_grpc.RolloutServiceStub(grpc.insecure_channel(f"127.0.0.1:{plain.port}"))
+    with pytest.raises(grpc.RpcError) as err:
+        plain_stub.TrainDraft(pb.TrainDraftRequest(run_now=True), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
