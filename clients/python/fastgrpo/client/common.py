@@ -10,7 +10,7 @@ import grpc
 import torch
 
 from fastgrpo.client.types import ChecksumMismatch, Completion, GroupedBatch, RolloutError, Status, UpdateResult
-from fastgrpo.client.weights import DTYPES, Kind, WeightMirror, as_state
+from fastgrpo.client.weights import DTYPES, Kind, Target, WeightMirror, as_state
 from fastgrpo.v1 import rollout_pb2 as pb
 
 Prompt = str | Sequence[int]
@@ -116,6 +116,7 @@ def plan_push(
     kind: Kind,
     served: Status,
     *,
+    target: Target,
     base_version: int | None,
     new_version: int | None,
     lora_scale: float,
@@ -124,13 +125,14 @@ def plan_push(
 ) -> PushPlan:
     """Versions, tensors and expected checksum of a push (see RolloutClient.push_weights).
 
-    `served` is the status of the first replica: its version is the default base (unless a mirror
-    says otherwise) and its dtype the one tensors are cast to.
+    `served` is the status of the first replica: its version of `target` is the default base (unless
+    a mirror says otherwise) and its dtype the one tensors are cast to.
     """
     if mirror is not None:
         base = mirror.version if base_version is None else base_version
     else:
-        base = served.policy_version if base_version is None else base_version
+        served_version = served.draft_version if target == "draft" else served.policy_version
+        base = served_version if base_version is None else base_version
     new = base + 1 if new_version is None else new_version
     dtype = served_dtype(served.model.dtype)
     tensors = {n: t.detach().to("cpu", dtype) for n, t in as_state(weights).items()}

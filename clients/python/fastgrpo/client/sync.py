@@ -172,7 +172,7 @@ class RolloutClient:
         update is taken to cover every tensor (pass verify=False for a partial one), and deltas
         cannot be verified (verify=False required).
         """
-        plan = common.plan_push(weights, kind, self.status(timeout=timeout), base_version=base_version,
+        plan = common.plan_push(weights, kind, self.status(timeout=timeout), target=target, base_version=base_version,
                                 new_version=new_version, lora_scale=lora_scale, mirror=mirror, verify=verify)
         results = []
         for r in self.replicas:
