@@ -39,3 +39,24 @@ def test_modes():
     assert policy.tree_for(8, "off") is None
     assert SpecPolicy("static", DEFAULTS, TreeShape(4, 5, 16)).tree_for(500) == TreeShape(4, 5, 16)
     assert policy.max_nodes() == 160
+
+
+def test_knee_by_hand():
+    from fastgrpo.rollout.calibration import knee
+
+    # flat at 10 ms up to the knee, then 0.5 ms per token: 10 = 0.5 * T -> T = 20
+    pts = [(1, 0.010), (4, 0.010), (8, 0.011), (16, 0.010), (64, 0.032), (128, 0.064)]
+    assert abs(knee(pts) - 20.0) < 1e-6
+    # never leaves the flat regime: the knee is at least the largest count swept
+    assert knee([(1, 0.01), (2, 0.01), (4, 0.01)]) == 4.0
+
+
+def test_profile_cli_writes_a_keyed_calibration(tiny_dir, tmp_path):
+    from fastgrpo.rollout.calibration import Calibration
+    from fastgrpo.rollout.cli import main
+
+    out = tmp_path / "cal.json"
+    assert main(["profile", "--model", str(tiny_dir), "--out", str(out), "--max-tokens", "16", "--budget-s", "20"]) == 0
+    cal = Calibration.load(out, str(tiny_dir), "cpu", "float32")
+    assert cal is not None and cal.c_peak >= 1 and [t for t, _ in cal.points] == [1, 2, 4, 8, 16]
+    assert Calibration.load(out, str(tiny_dir), "cuda:0", "bfloat16") is None

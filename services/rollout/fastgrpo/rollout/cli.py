@@ -68,6 +68,24 @@ def train_draft(model_dir: str, prompts_path: str, out: str, a: OfflineArgs) -> 
     return 0
 
 
+def run_profile(args) -> int:
+    from fastgrpo.rollout.calibration import DEFAULT_SWEEP, Calibration, knee, profile
+    from fastgrpo.rollout.engine.model_runner import ModelRunner
+    from fastgrpo.rollout.server import resolve_device_dtype
+    from fastgrpo.wire.tensors import dtype_name
+
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    sweep = [t for t in DEFAULT_SWEEP if t <= args.max_tokens]
+    runner = ModelRunner.load(args.model, dtype, device, num_slots=1, headroom=max(sweep))
+    points = profile(runner, sweep, budget_s=args.budget_s)
+    cal = Calibration(knee(points), str(args.model), str(runner.device), dtype_name(dtype), points)
+    cal.save(args.out)
+    for t, sec in points:
+        print(f"{t:5d} tokens  {sec * 1e3:9.2f} ms")
+    print(f"C_peak = {cal.c_peak:.1f} tokens per forward ({cal.device}, {cal.dtype}) -> {args.out}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastgrpo-rollout", description="fastgrpo rollout service (gRPC)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,8 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--out", required=True, help="directory to write draft.safetensors and draft_config.json to")
     add_dataclass_args(train, OfflineArgs)
     train.add_argument("--log-level", default="INFO", help="logging level")
+    prof = sub.add_parser("profile", help="measure C_peak: target forward latency against tokens per forward")
+    prof.add_argument("--model", required=True, help="HF model directory of the target")
+    prof.add_argument("--out", required=True, help="calibration JSON file (entries keyed by model, device, dtype)")
+    prof.add_argument("--device", default="auto", help="torch device (default: auto)")
+    prof.add_argument("--dtype", default="auto", help="weights dtype (default: auto)")
+    prof.add_argument("--max-tokens", type=int, default=512, help="largest tokens per forward swept (default: 512)")
+    prof.add_argument("--budget-s", type=float, default=120.0, help="stop the sweep after this many seconds (default: 120)")
+    prof.add_argument("--log-level", default="INFO", help="logging level")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "profile":
+        return run_profile(args)
     if args.command == "train-draft":
         return train_draft(args.model, args.prompts, args.out, from_args(OfflineArgs, args))
     cfg = from_args(ServeConfig, args)
