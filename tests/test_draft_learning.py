@@ -35,10 +35,10 @@ def _acceptance(client, prompts) -> float:
     return sum(len(c.token_ids) - 1 for c in done) / max(steps, 1)
 
 
-def _train(stub, rounds):
+def _train(client, rounds):
     reply = None
     for _ in range(rounds):
-        reply = stub.TrainDraft(pb.TrainDraftRequest(run_now=True), timeout=300)
+        reply = client.train_draft(run_now=True, timeout=300)
     return reply
 
 
@@ -71,7 +71,7 @@ def test_draft_learns_from_scratch_and_recovers_after_a_policy_shift(learning_se
     random_acc = _acceptance(client, eval_prompts)
     for _ in range(3):  # capture: rollouts of train prompts, then a round on them
         client.generate_batch(train_prompts, 2, Sampling(temperature=1.0, max_new_tokens=48, seed=1))
-        reply = _train(stub, 1)
+        reply = _train(client, 1)
     assert reply.rounds == 3 and reply.draft_version == 3 and reply.samples_seen > 0
     assert client.status().draft_version == 3
     learned_acc = _acceptance(client, eval_prompts)
@@ -91,7 +91,7 @@ def test_draft_learns_from_scratch_and_recovers_after_a_policy_shift(learning_se
 
     for _ in range(3):
         client.generate_batch(train_prompts, 2, Sampling(temperature=1.0, max_new_tokens=48, seed=2))
-        _train(stub, 1)
+        _train(client, 1)
     recovered_acc = _acceptance(client, eval_prompts)
     assert recovered_acc > shifted_acc + 0.3, (shifted_acc, recovered_acc)
 
@@ -103,6 +103,10 @@ def test_train_draft_errors(learning_service, tiny_dir, start_service):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "every_n_batches" in err.value.details()
     reply = stub.TrainDraft(pb.TrainDraftRequest(set_policy=True, every_n_batches=3), timeout=10)
     assert reply.every_n_batches == 3
+    client = RolloutClient(learning_service[1].replicas[0].address)
+    assert client.train_draft(every_n_batches=0).every_n_batches == 0
+    with pytest.raises(ValueError, match="every_n_batches"):
+        client.train_draft(every_n_batches=-2)
     plain = start_service(tiny_dir)
     plain_stub = pb_grpc.RolloutServiceStub(grpc.insecure_channel(f"127.0.0.1:{plain.port}"))
     with pytest.raises(grpc.RpcError) as err:

@@ -5,6 +5,7 @@ from fastgrpo.client.sync import RolloutClient
 from fastgrpo.client.types import (
     ChecksumMismatch,
     Completion,
+    DraftTraining,
     GroupedBatch,
     ModelInfo,
     RolloutError,
@@ -22,6 +23,7 @@ __all__ = [
     "NO_RETRY",
     "ChecksumMismatch",
     "Completion",
+    "DraftTraining",
     "GroupedBatch",
     "ModelInfo",
     "RolloutError",

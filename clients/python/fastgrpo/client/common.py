@@ -152,3 +152,10 @@ def served_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"the service reports dtype {name!r}, which the client cannot encode")
     return DTYPES[name]
+
+
+def train_draft_request(run_now: bool, every_n_batches: int | None) -> pb.TrainDraftRequest:
+    if every_n_batches is not None and every_n_batches < 0:
+        raise ValueError(f"every_n_batches must be >= 0 (0 = off), got {every_n_batches}")
+    return pb.TrainDraftRequest(run_now=run_now, set_policy=every_n_batches is not None,
+                                every_n_batches=every_n_batches or 0)

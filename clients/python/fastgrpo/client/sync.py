@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fastgrpo.client import common
 from fastgrpo.client.common import Prompt, RetryPolicy
-from fastgrpo.client.types import Completion, GroupedBatch, RolloutError, Sampling, Status, UpdateResult
+from fastgrpo.client.types import Completion, DraftTraining, GroupedBatch, RolloutError, Sampling, Status, UpdateResult
 from fastgrpo.client.weights import Kind, Target, WeightMirror, update_stream
 from fastgrpo.v1 import rollout_pb2 as pb
 from fastgrpo.v1 import rollout_pb2_grpc as pb_grpc
@@ -88,6 +88,18 @@ class RolloutClient:
             self.retry,
         )
         return Status.from_pb(reply)
+
+    def train_draft(self, *, run_now: bool = False, every_n_batches: int | None = None, replica: int = 0,
+                    timeout: float | None = None) -> DraftTraining:
+        """Online draft learning: run a round now (returns once it is served) and/or set the schedule
+        (a round after every N finished Generate requests; 0 = off); reports the learner's state."""
+        r = self.replicas[replica]
+        req = common.train_draft_request(run_now, every_n_batches)
+        try:
+            reply = r.stub.TrainDraft(req, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise common.to_error(exc, "TrainDraft") from None
+        return DraftTraining.from_pb(reply)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Blocks until every replica's health check answers SERVING; RolloutError(DEADLINE_EXCEEDED) otherwise."""

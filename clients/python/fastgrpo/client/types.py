@@ -133,6 +133,28 @@ class Status:
 
 
 @dataclass(frozen=True)
+class DraftTraining:
+    """State of the service's online draft learning (TrainDraftReply)."""
+
+    draft_version: int
+    every_n_batches: int
+    rounds: int
+    steps: int
+    last_loss: float
+    last_top1: float
+    samples_seen: int
+    seconds: float
+    buffer_sequences: int
+    buffer_bytes: int
+    dropped_sequences: int
+
+    @staticmethod
+    def from_pb(r: pb.TrainDraftReply) -> "DraftTraining":
+        return DraftTraining(r.draft_version, r.every_n_batches, r.rounds, r.steps, r.last_loss, r.last_top1,
+                             r.samples_seen, r.seconds, r.buffer_sequences, r.buffer_bytes, r.dropped_sequences)
+
+
+@dataclass(frozen=True)
 class UpdateResult:
     address: str
     version: int
