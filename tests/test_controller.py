@@ -60,3 +60,24 @@ def test_profile_cli_writes_a_keyed_calibration(tiny_dir, tmp_path):
     cal = Calibration.load(out, str(tiny_dir), "cpu", "float32")
     assert cal is not None and cal.c_peak >= 1 and [t for t, _ in cal.points] == [1, 2, 4, 8, 16]
     assert Calibration.load(out, str(tiny_dir), "cuda:0", "bfloat16") is None
+
+
+def test_status_reports_profiled_c_peak_and_the_live_tree(tiny_dir, tmp_path, start_service):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fastgrpo.client import RolloutClient, Sampling
+    from fastgrpo.rollout.calibration import Calibration
+    from fastgrpo.rollout.speculative.draft import DraftHead
+
+    Calibration(24.0, str(tiny_dir), "cpu", "float32", [(1, 0.01), (2, 0.01), (64, 0.03)]).save(tmp_path / "cal.json")
+    torch.manual_seed(0)
+    DraftHead.for_target(AutoModelForCausalLM.from_pretrained(str(tiny_dir))).save(tmp_path / "draft")
+    app = start_service(tiny_dir, draft=str(tmp_path / "draft"), spec_mode="adaptive", calibration=str(tmp_path / "cal.json"),
+                        max_running=4)
+    client = RolloutClient(f"127.0.0.1:{app.port}")
+    client.generate_batch([[1, 2, 3]], 1, Sampling(temperature=0.0, max_new_tokens=6, ignore_eos=True))
+    spec = client.status().speculation
+    # C_peak 24 from the profile; B = 1: N = 24, K = 8, L = clamp(floor(log2(32)) = 5, 3, 5) = 5
+    assert (spec.mode, spec.c_peak, spec.c_peak_source) == ("adaptive", 24.0, "profile")
+    assert (spec.batch_size, spec.n_verify, spec.width, spec.depth) == (1, 24, 8, 5)

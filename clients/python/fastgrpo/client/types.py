@@ -108,6 +108,19 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class Speculation:
+    """Speculative decoding now: mode, C_peak and its source, live B and the latest tree (0 = plain)."""
+
+    mode: str
+    c_peak: float
+    c_peak_source: str
+    batch_size: int
+    n_verify: int
+    width: int
+    depth: int
+
+
+@dataclass(frozen=True)
 class Status:
     policy_version: int
     policy_checksum: str
@@ -116,6 +129,7 @@ class Status:
     max_running_sequences: int
     draft_version: int
     model: ModelInfo
+    speculation: Speculation
 
     @staticmethod
     def from_pb(s: pb.StatusReply) -> "Status":
@@ -129,6 +143,9 @@ class Status:
             draft_version=s.draft_version,
             model=ModelInfo(m.name, m.architecture, m.num_parameters, m.vocab_size, m.max_context, m.dtype,
                             m.device, m.eos_token_id),
+            speculation=Speculation(s.speculation.mode, s.speculation.c_peak, s.speculation.c_peak_source,
+                                    s.speculation.batch_size, s.speculation.n_verify, s.speculation.width,
+                                    s.speculation.depth),
         )
 
 

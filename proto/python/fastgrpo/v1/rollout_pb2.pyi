@@ -248,7 +248,7 @@ class TrainDraftReply(_message.Message):
     def __init__(self, draft_version: _Optional[int] = ..., every_n_batches: _Optional[int] = ..., rounds: _Optional[int] = ..., steps: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_top1: _Optional[float] = ..., samples_seen: _Optional[int] = ..., seconds: _Optional[float] = ..., buffer_sequences: _Optional[int] = ..., buffer_bytes: _Optional[int] = ..., dropped_sequences: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("policy_version", "policy_checksum", "running_sequences", "queued_sequences", "model", "max_running_sequences", "draft_version")
+    __slots__ = ("policy_version", "policy_checksum", "running_sequences", "queued_sequences", "model", "max_running_sequences", "draft_version", "speculation")
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     POLICY_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +256,7 @@ class StatusReply(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     DRAFT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SPECULATION_FIELD_NUMBER: _ClassVar[int]
     policy_version: int
     policy_checksum: str
     running_sequences: int
@@ -263,4 +264,23 @@ class StatusReply(_message.Message):
     model: ModelInfo
     max_running_sequences: int
     draft_version: int
-    def __init__(self, policy_version: _Optional[int] = ..., policy_checksum: _Optional[str] = ..., running_sequences: _Optional[int] = ..., queued_sequences: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., max_running_sequences: _Optional[int] = ..., draft_version: _Optional[int] = ...) -> None: ...
+    speculation: SpeculationStatus
+    def __init__(self, policy_version: _Optional[int] = ..., policy_checksum: _Optional[str] = ..., running_sequences: _Optional[int] = ..., queued_sequences: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., max_running_sequences: _Optional[int] = ..., draft_version: _Optional[int] = ..., speculation: _Optional[_Union[SpeculationStatus, _Mapping]] = ...) -> None: ...
+
+class SpeculationStatus(_message.Message):
+    __slots__ = ("mode", "c_peak", "c_peak_source", "batch_size", "n_verify", "width", "depth")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    C_PEAK_FIELD_NUMBER: _ClassVar[int]
+    C_PEAK_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    N_VERIFY_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    c_peak: float
+    c_peak_source: str
+    batch_size: int
+    n_verify: int
+    width: int
+    depth: int
+    def __init__(self, mode: _Optional[str] = ..., c_peak: _Optional[float] = ..., c_peak_source: _Optional[str] = ..., batch_size: _Optional[int] = ..., n_verify: _Optional[int] = ..., width: _Optional[int] = ..., depth: _Optional[int] = ...) -> None: ...

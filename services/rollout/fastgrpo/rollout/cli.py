@@ -69,6 +69,8 @@ def train_draft(model_dir: str, prompts_path: str, out: str, a: OfflineArgs) -> 
 
 
 def run_profile(args) -> int:
+    import torch
+
     from fastgrpo.rollout.calibration import DEFAULT_SWEEP, Calibration, knee, profile
     from fastgrpo.rollout.engine.model_runner import ModelRunner
     from fastgrpo.rollout.server import resolve_device_dtype
@@ -78,7 +80,7 @@ def run_profile(args) -> int:
     sweep = [t for t in DEFAULT_SWEEP if t <= args.max_tokens]
     runner = ModelRunner.load(args.model, dtype, device, num_slots=1, headroom=max(sweep))
     points = profile(runner, sweep, budget_s=args.budget_s)
-    cal = Calibration(knee(points), str(args.model), str(runner.device), dtype_name(dtype), points)
+    cal = Calibration(knee(points), str(args.model), str(torch.device(device)), dtype_name(dtype), points)
     cal.save(args.out)
     for t, sec in points:
         print(f"{t:5d} tokens  {sec * 1e3:9.2f} ms")

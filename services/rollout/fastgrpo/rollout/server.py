@@ -18,6 +18,7 @@ from fastgrpo.rollout import convert
 from fastgrpo.rollout.engine.engine import Engine, EngineConfig
 from fastgrpo.rollout.engine.model_runner import ModelRunner
 from fastgrpo.rollout.engine.types import InvalidRequest
+from fastgrpo.rollout.calibration import Calibration
 from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy
 from fastgrpo.rollout.draft_learning.online import OnlineConfig, OnlineDraftLearner
 from fastgrpo.rollout.speculative.draft import DraftHead
@@ -52,6 +53,7 @@ class ServeConfig:
     spec_depth: int = help_field(5, "static L: tree depth (draft steps per verify step)")
     spec_n_verify: int = help_field(16, "static N_verify: tree nodes (root included) verified per sequence and step")
     c_peak: float = help_field(160.0, "adaptive: tokens per target forward at the compute knee (160 is the paper's GPU figure; measure yours)")
+    calibration: str = help_field("", "adaptive: calibration file from `fastgrpo-rollout profile`; its entry for this model, device and dtype sets C_peak")
     n_max: int = help_field(160, "adaptive: largest N_verify")
     k_max: int = help_field(8, "adaptive: largest K")
     l_min: int = help_field(3, "adaptive: smallest L")
@@ -82,6 +84,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         self.engine = engine
         self.policy = policy
         self.draft = draft
+        self.c_peak_source = "configured"
         self.tokenizer = tokenizer
         self.model_info = model_info
 
@@ -182,6 +185,18 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             model=self.model_info,
             max_running_sequences=self.engine.config.max_running,
             draft_version=self.draft.version if self.draft is not None else 0,
+            speculation=self._speculation(),
+        )
+
+    def _speculation(self) -> pb.SpeculationStatus:
+        policy = self.engine.policy
+        if policy is None:
+            return pb.SpeculationStatus()
+        tree = self.engine.last_tree
+        return pb.SpeculationStatus(
+            mode=policy.mode, c_peak=policy.controller.c_peak, c_peak_source=self.c_peak_source,
+            batch_size=self.engine.last_batch_size, n_verify=tree.n_verify if tree else 0,
+            width=tree.width if tree else 0, depth=tree.depth if tree else 0,
         )
 
 
@@ -228,9 +243,17 @@ def build_app(cfg: ServeConfig) -> RolloutApp:
     if cfg.draft:
         if cfg.spec_mode not in ("static", "adaptive", "off"):
             raise ValueError(f"--spec-mode must be static, adaptive or off; got {cfg.spec_mode!r}")
+        c_peak, c_peak_source = cfg.c_peak, "configured"
+        if cfg.calibration:
+            cal = Calibration.load(cfg.calibration, str(cfg.model), str(torch.device(device)), dtype_name(dtype))
+            if cal is None:
+                log.warning("%s has no calibration for %s on %s/%s; using --c-peak %s", cfg.calibration, cfg.model,
+                            device, dtype_name(dtype), cfg.c_peak)
+            else:
+                c_peak, c_peak_source = cal.c_peak, "profile"
         policy = SpecPolicy(
             cfg.spec_mode,
-            ControllerConfig(cfg.c_peak, cfg.n_max, cfg.k_max, cfg.l_min, cfg.l_max, cfg.alpha),
+            ControllerConfig(c_peak, cfg.n_max, cfg.k_max, cfg.l_min, cfg.l_max, cfg.alpha),
             TreeShape(cfg.spec_width, cfg.spec_depth, cfg.spec_n_verify),
         )
     headroom = policy.max_nodes() if policy else 0
@@ -260,6 +283,8 @@ def build_app(cfg: ServeConfig) -> RolloutApp:
             every_n_batches=cfg.draft_every_n_batches, buffer_bytes=cfg.draft_buffer_bytes,
             batch_size=cfg.draft_batch_size, max_steps_per_round=cfg.draft_max_steps, lr=cfg.draft_lr)))
     servicer = RolloutServicer(engine, WeightStore(runner.model), tokenizer, info, draft_store)
+    if policy is not None:
+        servicer.c_peak_source = c_peak_source
     interceptors = [BearerAuth(cfg.auth_token)] if cfg.auth_token else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.workers),

@@ -126,6 +126,7 @@ class Engine:
         self.policy = policy
         self.draft_learner = None  # OnlineDraftLearner, attached by the server
         self.last_tree: TreeShape | None = None  # tree of the latest decode step (None: plain)
+        self.last_batch_size = 0
         self.config = config
         self.eos_token_ids = frozenset(eos_token_ids)
         self.limits = EngineLimits(vocab_size=runner.vocab_size, max_context=runner.max_len)
@@ -312,9 +313,10 @@ class Engine:
         step's total verified tokens stay near C_peak. Requests may override the server's mode.
         """
         if self.policy is None:
-            self.last_tree = None
+            self.last_tree, self.last_batch_size = None, len(seqs)
             return [(None, seqs)]
         B = len(seqs)
+        self.last_batch_size = B
         groups: dict[TreeShape | None, list[Sequence]] = {}
         for s in seqs:
             groups.setdefault(self.policy.tree_for(B, s.handle.request.spec_mode), []).append(s)
