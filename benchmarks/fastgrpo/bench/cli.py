@@ -9,16 +9,21 @@ from fastgrpo.common.cli import add_dataclass_args, from_args
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fastgrpo.bench.concurrency import ConcurrencyBenchConfig, run as run_concurrency
     from fastgrpo.bench.spec import SpecBenchConfig, run as run_spec
 
     parser = argparse.ArgumentParser(prog="fastgrpo-bench", description="fastgrpo benchmarks")
     sub = parser.add_subparsers(dest="suite", required=True)
     spec = sub.add_parser("spec", help="speculative vs plain decoding on the same engine, per batch size")
     add_dataclass_args(spec, SpecBenchConfig)
+    conc = sub.add_parser("concurrency", help="speculation modes adaptive / static / off across batch sizes and a GRPO batch")
+    add_dataclass_args(conc, ConcurrencyBenchConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.suite == "spec":
         run_spec(from_args(SpecBenchConfig, args))
+    elif args.suite == "concurrency":
+        run_concurrency(from_args(ConcurrencyBenchConfig, args))
     return 0
 
 

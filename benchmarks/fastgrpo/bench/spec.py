@@ -30,21 +30,27 @@ class SpecBenchConfig:
     seed: int = help_field(0, "sampling seed")
 
 
-def _run(engine, prompts, cfg: SpecBenchConfig) -> dict:
+def timed_generation(engine, prompts, num_samples: int, temperature: float, max_new_tokens: int, seed: int,
+                     spec_mode: str | None = None) -> dict:
+    """Runs one request through the engine; tokens, wall seconds and speculation counts."""
     from fastgrpo.rollout.engine.types import GenerationRequest, SamplingConfig
 
-    req = GenerationRequest("bench", tuple(tuple(p) for p in prompts), 1,
-                            SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
+    req = GenerationRequest("bench", tuple(tuple(p) for p in prompts), num_samples,
+                            SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed), spec_mode)
     t0 = time.perf_counter()
     results = list(engine.submit(req))
     seconds = time.perf_counter() - t0
     tokens = sum(len(r.token_ids) for r in results)
     steps = sum(r.spec.verify_steps for r in results)
-    # the first token of each sequence comes from prefill, every later one from a verify step
-    emitted_by_verify = sum(len(r.token_ids) - 1 for r in results)
+    # each verify step emits its accepted draft tokens plus one token drawn from the target
+    emitted_by_verify = sum(r.spec.accepted + r.spec.verify_steps for r in results)
     return {"tokens": tokens, "seconds": seconds, "verify_steps": steps,
             "acceptance_length": emitted_by_verify / steps if steps else 0.0,
             "drafted": sum(r.spec.drafted for r in results), "accepted": sum(r.spec.accepted for r in results)}
+
+
+def _run(engine, prompts, cfg: SpecBenchConfig) -> dict:
+    return timed_generation(engine, prompts, 1, cfg.temperature, cfg.max_new_tokens, cfg.seed)
 
 
 def run(cfg: SpecBenchConfig) -> dict:
