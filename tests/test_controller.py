@@ -81,3 +81,22 @@ def test_status_reports_profiled_c_peak_and_the_live_tree(tiny_dir, tmp_path, st
     # C_peak 24 from the profile; B = 1: N = 24, K = 8, L = clamp(floor(log2(32)) = 5, 3, 5) = 5
     assert (spec.mode, spec.c_peak, spec.c_peak_source) == ("adaptive", 24.0, "profile")
     assert (spec.batch_size, spec.n_verify, spec.width, spec.depth) == (1, 24, 8, 5)
+
+
+def test_missing_calibration_is_profiled_at_start_and_saved(tiny_dir, tmp_path, start_service):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fastgrpo.client import RolloutClient
+    from fastgrpo.rollout.calibration import Calibration
+    from fastgrpo.rollout.speculative.draft import DraftHead
+
+    torch.manual_seed(0)
+    DraftHead.for_target(AutoModelForCausalLM.from_pretrained(str(tiny_dir))).save(tmp_path / "draft")
+    cal_file = tmp_path / "cal.json"
+    app = start_service(tiny_dir, draft=str(tmp_path / "draft"), spec_mode="adaptive", calibration=str(cal_file),
+                        profile_budget_s=5.0, max_running=2)
+    saved = Calibration.load(cal_file, str(tiny_dir), "cpu", "float32")
+    assert saved is not None and len(saved.points) >= 3
+    spec = RolloutClient(f"127.0.0.1:{app.port}").status().speculation
+    assert spec.c_peak_source == "profile" and spec.c_peak == saved.c_peak

@@ -18,7 +18,7 @@ from fastgrpo.rollout import convert
 from fastgrpo.rollout.engine.engine import Engine, EngineConfig
 from fastgrpo.rollout.engine.model_runner import ModelRunner
 from fastgrpo.rollout.engine.types import InvalidRequest
-from fastgrpo.rollout.calibration import Calibration
+from fastgrpo.rollout.calibration import DEFAULT_SWEEP, Calibration, knee, profile
 from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy
 from fastgrpo.rollout.draft_learning.online import OnlineConfig, OnlineDraftLearner
 from fastgrpo.rollout.speculative.draft import DraftHead
@@ -53,7 +53,8 @@ class ServeConfig:
     spec_depth: int = help_field(5, "static L: tree depth (draft steps per verify step)")
     spec_n_verify: int = help_field(16, "static N_verify: tree nodes (root included) verified per sequence and step")
     c_peak: float = help_field(160.0, "adaptive: tokens per target forward at the compute knee (160 is the paper's GPU figure; measure yours)")
-    calibration: str = help_field("", "adaptive: calibration file from `fastgrpo-rollout profile`; its entry for this model, device and dtype sets C_peak")
+    calibration: str = help_field("", "adaptive: calibration file from `fastgrpo-rollout profile`; its entry for this model, device and dtype sets C_peak (missing: profiled at start and saved)")
+    profile_budget_s: float = help_field(60.0, "adaptive: time bound of the start-up profile when the calibration file lacks this model")
     n_max: int = help_field(160, "adaptive: largest N_verify")
     k_max: int = help_field(8, "adaptive: largest K")
     l_min: int = help_field(3, "adaptive: smallest L")
@@ -234,30 +235,39 @@ class RolloutApp:
         self.engine.shutdown()
 
 
+def calibrated_c_peak(cfg: ServeConfig, runner: ModelRunner, device: str, dtype: torch.dtype) -> tuple[float, str]:
+    """C_peak from the calibration file's entry for this model, device and dtype; when the entry is
+    missing, a profile bounded by --profile-budget-s is run now and saved; without a file, --c-peak."""
+    if not cfg.calibration:
+        return cfg.c_peak, "configured"
+    key = (str(cfg.model), str(torch.device(device)), dtype_name(dtype))
+    cal = Calibration.load(cfg.calibration, *key)
+    if cal is None:
+        log.info("no calibration for %s in %s: profiling (at most %.0fs)", key, cfg.calibration, cfg.profile_budget_s)
+        points = profile(runner, DEFAULT_SWEEP, budget_s=cfg.profile_budget_s)
+        cal = Calibration(knee(points), *key, points)
+        cal.save(cfg.calibration)
+    return cal.c_peak, "profile"
+
+
 def build_app(cfg: ServeConfig) -> RolloutApp:
     """Loads the model and starts serving on cfg.host:cfg.port."""
     if not cfg.model:
         raise ValueError("--model is required")
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
-    policy = None
+    if cfg.draft and cfg.spec_mode not in ("static", "adaptive", "off"):
+        raise ValueError(f"--spec-mode must be static, adaptive or off; got {cfg.spec_mode!r}")
+    # the largest tree any mode can verify bounds the cache headroom, whatever C_peak turns out to be
+    headroom = max(cfg.spec_n_verify, cfg.n_max) if cfg.draft else 0
+    runner = ModelRunner.load(cfg.model, dtype, device, cfg.max_running, cfg.max_context or None, headroom)
+    policy, c_peak_source = None, "configured"
     if cfg.draft:
-        if cfg.spec_mode not in ("static", "adaptive", "off"):
-            raise ValueError(f"--spec-mode must be static, adaptive or off; got {cfg.spec_mode!r}")
-        c_peak, c_peak_source = cfg.c_peak, "configured"
-        if cfg.calibration:
-            cal = Calibration.load(cfg.calibration, str(cfg.model), str(torch.device(device)), dtype_name(dtype))
-            if cal is None:
-                log.warning("%s has no calibration for %s on %s/%s; using --c-peak %s", cfg.calibration, cfg.model,
-                            device, dtype_name(dtype), cfg.c_peak)
-            else:
-                c_peak, c_peak_source = cal.c_peak, "profile"
+        c_peak, c_peak_source = calibrated_c_peak(cfg, runner, device, dtype)
         policy = SpecPolicy(
             cfg.spec_mode,
             ControllerConfig(c_peak, cfg.n_max, cfg.k_max, cfg.l_min, cfg.l_max, cfg.alpha),
             TreeShape(cfg.spec_width, cfg.spec_depth, cfg.spec_n_verify),
         )
-    headroom = policy.max_nodes() if policy else 0
-    runner = ModelRunner.load(cfg.model, dtype, device, cfg.max_running, cfg.max_context or None, headroom)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model) if (Path(cfg.model) / "tokenizer_config.json").exists() else None
     eos = runner.config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
