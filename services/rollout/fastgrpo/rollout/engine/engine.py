@@ -385,7 +385,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self._release(seq)
-        if self.draft_learner is not None and reason != FinishReason.ABORT and seq.spec.pending_features is not None:
+        if self.draft_learner is not None and reason != FinishReason.ABORT and seq.spec.pending_chunks:
             self.draft_learner.capture(SpecDecoder.captured(seq.spec))
         seq.handle._deliver(
             CompletionResult(

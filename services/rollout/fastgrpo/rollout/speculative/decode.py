@@ -26,7 +26,16 @@ class SpecState:
     """Per-sequence speculative state, owned by the engine's Sequence."""
 
     pending_tokens: list[int] = field(default_factory=list)  # x_{i+1} of pairs not yet in the draft cache
-    pending_features: torch.Tensor | None = None  # (P, H) f_i of those pairs
+    # f_i of those pairs, as chunks concatenated only at the next catch-up: plain decode steps add
+    # one row per step, and concatenating there would copy O(n^2) rows over a long plain stretch
+    pending_chunks: list[torch.Tensor] = field(default_factory=list)  # each (k, H)
+
+    @property
+    def pending_features(self) -> torch.Tensor:
+        """(P, H) features of the pending pairs."""
+        if len(self.pending_chunks) > 1:
+            self.pending_chunks = [torch.cat(self.pending_chunks, dim=0)]
+        return self.pending_chunks[0]
     drafted: int = 0
     accepted: int = 0
     verify_steps: int = 0
@@ -53,7 +62,7 @@ class SpecDecoder:
     @staticmethod
     def captured(state: SpecState) -> FeatureSequence:
         """Every pair of the sequence (consumed and still pending), for the draft-learning buffer."""
-        feats = state.captured_features + [state.pending_features]
+        feats = state.captured_features + state.pending_chunks
         return FeatureSequence(torch.tensor(state.captured_tokens + state.pending_tokens),
                                torch.cat(feats, dim=0).detach().cpu(), 0)
 
@@ -61,13 +70,13 @@ class SpecDecoder:
     def after_prefill(state: SpecState, prompt: tuple[int, ...], first_token: int, hidden: torch.Tensor) -> None:
         """Queues the prompt's pairs (f_i, x_{i+1}) for the draft. hidden (n, H) target features."""
         state.pending_tokens = list(prompt[1:]) + [first_token]
-        state.pending_features = hidden
+        state.pending_chunks = [hidden]
 
     @staticmethod
     def queue_pair(state: SpecState, feature: torch.Tensor, next_token: int) -> None:
         """Adds one settled pair (f_i (H,), x_{i+1}) for the draft's next catch-up."""
         state.pending_tokens.append(next_token)
-        state.pending_features = torch.cat([state.pending_features, feature[None]], dim=0)
+        state.pending_chunks.append(feature[None])
 
     def step(
         self,
@@ -107,7 +116,7 @@ class SpecDecoder:
         for b, st in enumerate(states):
             n = n_acc[b] + 1
             st.pending_tokens = toks[b][:n]
-            st.pending_features = path_feat[b, :n]
+            st.pending_chunks = [path_feat[b, :n]]
             st.drafted += N - 1
             st.accepted += n - 1
             st.verify_steps += 1
