@@ -150,3 +150,31 @@ def test_tied_alias_cannot_be_updated_twice(tiny_tied_dir, start_service):
     with pytest.raises(grpc.RpcError) as err:
         stub.UpdateWeights(messages, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tied" in err.value.details()
+
+
+def _threads_waiting_on_results() -> int:
+    import sys
+    import traceback
+
+    return sum(any(f.name == "__iter__" and f.filename.endswith("engine/engine.py") for f in traceback.extract_stack(fr))
+               for fr in sys._current_frames().values())
+
+
+def test_cancelled_generate_releases_its_server_thread(service):
+    """A client that goes away (deadline, cancel) must not leave a servicer thread waiting forever:
+    such threads would also keep the process from exiting."""
+    import time
+
+    app, stub, _ = service
+    req = pb.GenerateRequest(prompts=[pb.Prompt(token_ids=pb.TokenIds(ids=[1, 2, 3]))], num_samples=4,
+                             sampling=pb.SamplingParams(temperature=1.0, max_new_tokens=60, ignore_eos=True))
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(req, timeout=0.05))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    call = stub.Generate(req, timeout=30)
+    call.cancel()
+    deadline = time.monotonic() + 10
+    while _threads_waiting_on_results() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _threads_waiting_on_results() == 0
+    assert app.engine.snapshot()["running"] == 0 and app.engine.snapshot()["queued"] == 0

@@ -239,11 +239,16 @@ class Engine:
         return fut
 
     def _drop_cancelled(self) -> None:
+        """Cancelled requests' sequences leave with an ABORT completion each, so that whoever
+        iterates the handle (a Generate servicer thread) reaches the end instead of waiting forever."""
         if any(s.handle.cancelled for s in self._queue):
+            dropped = [s for s in self._queue if s.handle.cancelled]
             self._queue = deque(s for s in self._queue if not s.handle.cancelled)
+            for seq in dropped:
+                self._finish(seq, FinishReason.ABORT)
         for seq in [s for s in self._running if s.handle.cancelled]:
             self._running.remove(seq)
-            self._release(seq)
+            self._finish(seq, FinishReason.ABORT)
 
     def _admit(self) -> list[Sequence]:
         admitted, budget = [], self.config.max_prefill_tokens
@@ -399,5 +404,5 @@ class Engine:
                 spec=SpecCounts(seq.spec.drafted, seq.spec.accepted, seq.spec.verify_steps),
             )
         )
-        if self.draft_learner is not None and seq.handle._remaining == 0:
+        if self.draft_learner is not None and seq.handle._remaining == 0 and not seq.handle.cancelled:
             self.draft_learner.on_batch_done()
