@@ -322,10 +322,14 @@ class Engine:
             return [(None, seqs)]
         B = len(seqs)
         self.last_batch_size = B
+        trees: dict[str | None, TreeShape | None] = {}  # per request mode, computed once per step
         groups: dict[TreeShape | None, list[Sequence]] = {}
         for s in seqs:
-            groups.setdefault(self.policy.tree_for(B, s.handle.request.spec_mode), []).append(s)
-        self.last_tree = self.policy.tree_for(B)
+            mode = s.handle.request.spec_mode
+            if mode not in trees:
+                trees[mode] = self.policy.tree_for(B, mode)
+            groups.setdefault(trees[mode], []).append(s)
+        self.last_tree = trees[None] if None in trees else self.policy.tree_for(B)
         return list(groups.items())
 
     def _spec_decode(self, seqs: list[Sequence], tree: TreeShape) -> None:
