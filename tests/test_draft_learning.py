@@ -31,6 +31,10 @@ def test_capture_buffer_is_bounded_oldest_first():
 def _acceptance(client, prompts) -> float:
     batch = client.generate_batch(prompts, 1, Sampling(temperature=0.0, max_new_tokens=48))
     done = batch.flat()
+    for c in done:  # per-depth counts add up, and depth d+1 is only reached through depth d
+        per_depth = c.spec.accepted_per_depth
+        assert sum(per_depth) == c.spec.accepted_tokens
+        assert all(a >= b for a, b in zip(per_depth, per_depth[1:]))
     steps = sum(c.spec.verify_steps for c in done)
     return sum(len(c.token_ids) - 1 for c in done) / max(steps, 1)
 

@@ -66,6 +66,12 @@ class SpecStats:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     verify_steps: int = 0
+    accepted_per_depth: tuple[int, ...] = ()  # [d]: draft tokens accepted at tree depth d + 1
+
+    @property
+    def acceptance_length(self) -> float:
+        """Tokens emitted per verify step (accepted draft tokens plus the target's own token)."""
+        return (self.accepted_tokens + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,8 @@ class Completion:
             logprobs=list(c.logprobs),
             finish_reason=_FINISH.get(c.finish_reason, "unspecified"),
             policy_version=c.policy_version,
-            spec=SpecStats(c.spec.drafted_tokens, c.spec.accepted_tokens, c.spec.verify_steps),
+            spec=SpecStats(c.spec.drafted_tokens, c.spec.accepted_tokens, c.spec.verify_steps,
+                           tuple(c.spec.accepted_per_depth)),
             text=c.text,
         )
 

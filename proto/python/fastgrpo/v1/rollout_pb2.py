@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x61stgrpo/v1/rollout.proto\x12\x0b\x66\x61stgrpo.v1\"\xa7\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x10\n\x08has_seed\x18\x07 \x01(\x08\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\"M\n\x06Prompt\x12*\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x15.fastgrpo.v1.TokenIdsH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x42\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x8f\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x07prompts\x18\x02 \x03(\x0b\x32\x13.fastgrpo.v1.Prompt\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x05\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.fastgrpo.v1.SamplingParams\"R\n\tSpecStats\x12\x16\n\x0e\x64rafted_tokens\x18\x01 \x01(\x03\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\x03\x12\x14\n\x0cverify_steps\x18\x03 \x01(\x03\"\xef\x01\n\nCompletion\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cprompt_index\x18\x02 \x01(\x05\x12\x14\n\x0csample_index\x18\x03 \x01(\x05\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12\x30\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x19.fastgrpo.v1.FinishReason\x12\x16\n\x0epolicy_version\x18\x07 \x01(\x03\x12$\n\x04spec\x18\x08 \x01(\x0b\x32\x16.fastgrpo.v1.SpecStats\x12\x0c\n\x04text\x18\t \x01(\t\"q\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.fastgrpo.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0b\x62yte_length\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\x19\n\x08LoraSpec\x12\r\n\x05scale\x18\x01 \x01(\x02\"\xd9\x01\n\x0cWeightHeader\x12(\n\x06target\x18\x01 \x01(\x0e\x32\x18.fastgrpo.v1.ModelTarget\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.fastgrpo.v1.UpdateKind\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x03\x12\x13\n\x0bnew_version\x18\x04 \x01(\x03\x12(\n\x07tensors\x18\x05 \x03(\x0b\x32\x17.fastgrpo.v1.TensorSpec\x12#\n\x04lora\x18\x06 \x01(\x0b\x32\x15.fastgrpo.v1.LoraSpec\"U\n\x0bWeightChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fastgrpo.v1.WeightHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\x8a\x01\n\x12UpdateWeightsReply\x12(\n\x06target\x18\x01 \x01(\x0e\x32\x18.fastgrpo.v1.ModelTarget\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x03\"\x12\n\x10GetStatusRequest\"\xa5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x16\n\x0enum_parameters\x18\x03 \x01(\x03\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x13\n\x0bmax_context\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x14\n\x0c\x65os_token_id\x18\x08 \x01(\x05\"Q\n\x11TrainDraftRequest\x12\x0f\n\x07run_now\x18\x01 \x01(\x08\x12\x12\n\nset_policy\x18\x02 \x01(\x08\x12\x17\n\x0f\x65very_n_batches\x18\x03 \x01(\x05\"\xf8\x01\n\x0fTrainDraftReply\x12\x15\n\rdraft_version\x18\x01 \x01(\x03\x12\x17\n\x0f\x65very_n_batches\x18\x02 \x01(\x05\x12\x0e\n\x06rounds\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x03\x12\x11\n\tlast_loss\x18\x05 \x01(\x01\x12\x11\n\tlast_top1\x18\x06 \x01(\x01\x12\x14\n\x0csamples_seen\x18\x07 \x01(\x03\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x12\x18\n\x10\x62uffer_sequences\x18\t \x01(\x03\x12\x14\n\x0c\x62uffer_bytes\x18\n \x01(\x03\x12\x19\n\x11\x64ropped_sequences\x18\x0b \x01(\x03\"\x85\x02\n\x0bStatusReply\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x17\n\x0fpolicy_checksum\x18\x02 \x01(\t\x12\x19\n\x11running_sequences\x18\x03 \x01(\x05\x12\x18\n\x10queued_sequences\x18\x04 \x01(\x05\x12%\n\x05model\x18\x05 \x01(\x0b\x32\x16.fastgrpo.v1.ModelInfo\x12\x1d\n\x15max_running_sequences\x18\x06 \x01(\x05\x12\x15\n\rdraft_version\x18\x07 \x01(\x03\x12\x33\n\x0bspeculation\x18\x08 \x01(\x0b\x32\x1e.fastgrpo.v1.SpeculationStatus\"\x8c\x01\n\x11SpeculationStatus\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0e\n\x06\x63_peak\x18\x02 \x01(\x01\x12\x15\n\rc_peak_source\x18\x03 \x01(\t\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x10\n\x08n_verify\x18\x05 \x01(\x05\x12\r\n\x05width\x18\x06 \x01(\x05\x12\r\n\x05\x64\x65pth\x18\x07 \x01(\x05*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\\\n\x0bModelTarget\x12\x1c\n\x18MODEL_TARGET_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_TARGET_POLICY\x10\x01\x12\x16\n\x12MODEL_TARGET_DRAFT\x10\x02*x\n\nUpdateKind\x12\x1b\n\x17UPDATE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10UPDATE_KIND_FULL\x10\x01\x12\x1b\n\x17UPDATE_KIND_DENSE_DELTA\x10\x02\x12\x1a\n\x16UPDATE_KIND_LORA_DELTA\x10\x03*k\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x32\xb5\x02\n\x0eRolloutService\x12\x43\n\x08Generate\x12\x1c.fastgrpo.v1.GenerateRequest\x1a\x17.fastgrpo.v1.Completion0\x01\x12L\n\rUpdateWeights\x12\x18.fastgrpo.v1.WeightChunk\x1a\x1f.fastgrpo.v1.UpdateWeightsReply(\x01\x12\x44\n\tGetStatus\x12\x1d.fastgrpo.v1.GetStatusRequest\x1a\x18.fastgrpo.v1.StatusReply\x12J\n\nTrainDraft\x12\x1e.fastgrpo.v1.TrainDraftRequest\x1a\x1c.fastgrpo.v1.TrainDraftReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x61stgrpo/v1/rollout.proto\x12\x0b\x66\x61stgrpo.v1\"\xa7\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x10\n\x08has_seed\x18\x07 \x01(\x08\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\"M\n\x06Prompt\x12*\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x15.fastgrpo.v1.TokenIdsH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x42\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x8f\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x07prompts\x18\x02 \x03(\x0b\x32\x13.fastgrpo.v1.Prompt\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x05\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.fastgrpo.v1.SamplingParams\"n\n\tSpecStats\x12\x16\n\x0e\x64rafted_tokens\x18\x01 \x01(\x03\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\x03\x12\x14\n\x0cverify_steps\x18\x03 \x01(\x03\x12\x1a\n\x12\x61\x63\x63\x65pted_per_depth\x18\x04 \x03(\x03\"\xef\x01\n\nCompletion\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cprompt_index\x18\x02 \x01(\x05\x12\x14\n\x0csample_index\x18\x03 \x01(\x05\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12\x30\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x19.fastgrpo.v1.FinishReason\x12\x16\n\x0epolicy_version\x18\x07 \x01(\x03\x12$\n\x04spec\x18\x08 \x01(\x0b\x32\x16.fastgrpo.v1.SpecStats\x12\x0c\n\x04text\x18\t \x01(\t\"q\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.fastgrpo.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0b\x62yte_length\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\x19\n\x08LoraSpec\x12\r\n\x05scale\x18\x01 \x01(\x02\"\xd9\x01\n\x0cWeightHeader\x12(\n\x06target\x18\x01 \x01(\x0e\x32\x18.fastgrpo.v1.ModelTarget\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.fastgrpo.v1.UpdateKind\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x03\x12\x13\n\x0bnew_version\x18\x04 \x01(\x03\x12(\n\x07tensors\x18\x05 \x03(\x0b\x32\x17.fastgrpo.v1.TensorSpec\x12#\n\x04lora\x18\x06 \x01(\x0b\x32\x15.fastgrpo.v1.LoraSpec\"U\n\x0bWeightChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fastgrpo.v1.WeightHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\x8a\x01\n\x12UpdateWeightsReply\x12(\n\x06target\x18\x01 \x01(\x0e\x32\x18.fastgrpo.v1.ModelTarget\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x03\"\x12\n\x10GetStatusRequest\"\xa5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x16\n\x0enum_parameters\x18\x03 \x01(\x03\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x13\n\x0bmax_context\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x14\n\x0c\x65os_token_id\x18\x08 \x01(\x05\"Q\n\x11TrainDraftRequest\x12\x0f\n\x07run_now\x18\x01 \x01(\x08\x12\x12\n\nset_policy\x18\x02 \x01(\x08\x12\x17\n\x0f\x65very_n_batches\x18\x03 \x01(\x05\"\xf8\x01\n\x0fTrainDraftReply\x12\x15\n\rdraft_version\x18\x01 \x01(\x03\x12\x17\n\x0f\x65very_n_batches\x18\x02 \x01(\x05\x12\x0e\n\x06rounds\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x03\x12\x11\n\tlast_loss\x18\x05 \x01(\x01\x12\x11\n\tlast_top1\x18\x06 \x01(\x01\x12\x14\n\x0csamples_seen\x18\x07 \x01(\x03\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x12\x18\n\x10\x62uffer_sequences\x18\t \x01(\x03\x12\x14\n\x0c\x62uffer_bytes\x18\n \x01(\x03\x12\x19\n\x11\x64ropped_sequences\x18\x0b \x01(\x03\"\x85\x02\n\x0bStatusReply\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x17\n\x0fpolicy_checksum\x18\x02 \x01(\t\x12\x19\n\x11running_sequences\x18\x03 \x01(\x05\x12\x18\n\x10queued_sequences\x18\x04 \x01(\x05\x12%\n\x05model\x18\x05 \x01(\x0b\x32\x16.fastgrpo.v1.ModelInfo\x12\x1d\n\x15max_running_sequences\x18\x06 \x01(\x05\x12\x15\n\rdraft_version\x18\x07 \x01(\x03\x12\x33\n\x0bspeculation\x18\x08 \x01(\x0b\x32\x1e.fastgrpo.v1.SpeculationStatus\"\x8c\x01\n\x11SpeculationStatus\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0e\n\x06\x63_peak\x18\x02 \x01(\x01\x12\x15\n\rc_peak_source\x18\x03 \x01(\t\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x10\n\x08n_verify\x18\x05 \x01(\x05\x12\r\n\x05width\x18\x06 \x01(\x05\x12\r\n\x05\x64\x65pth\x18\x07 \x01(\x05*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\\\n\x0bModelTarget\x12\x1c\n\x18MODEL_TARGET_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_TARGET_POLICY\x10\x01\x12\x16\n\x12MODEL_TARGET_DRAFT\x10\x02*x\n\nUpdateKind\x12\x1b\n\x17UPDATE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10UPDATE_KIND_FULL\x10\x01\x12\x1b\n\x17UPDATE_KIND_DENSE_DELTA\x10\x02\x12\x1a\n\x16UPDATE_KIND_LORA_DELTA\x10\x03*k\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x32\xb5\x02\n\x0eRolloutService\x12\x43\n\x08Generate\x12\x1c.fastgrpo.v1.GenerateRequest\x1a\x17.fastgrpo.v1.Completion0\x01\x12L\n\rUpdateWeights\x12\x18.fastgrpo.v1.WeightChunk\x1a\x1f.fastgrpo.v1.UpdateWeightsReply(\x01\x12\x44\n\tGetStatus\x12\x1d.fastgrpo.v1.GetStatusRequest\x1a\x18.fastgrpo.v1.StatusReply\x12J\n\nTrainDraft\x12\x1e.fastgrpo.v1.TrainDraftRequest\x1a\x1c.fastgrpo.v1.TrainDraftReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fastgrpo.v1.rollout_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2307
-  _globals['_FINISHREASON']._serialized_end=2427
-  _globals['_MODELTARGET']._serialized_start=2429
-  _globals['_MODELTARGET']._serialized_end=2521
-  _globals['_UPDATEKIND']._serialized_start=2523
-  _globals['_UPDATEKIND']._serialized_end=2643
-  _globals['_DTYPE']._serialized_start=2645
-  _globals['_DTYPE']._serialized_end=2752
+  _globals['_FINISHREASON']._serialized_start=2335
+  _globals['_FINISHREASON']._serialized_end=2455
+  _globals['_MODELTARGET']._serialized_start=2457
+  _globals['_MODELTARGET']._serialized_end=2549
+  _globals['_UPDATEKIND']._serialized_start=2551
+  _globals['_UPDATEKIND']._serialized_end=2671
+  _globals['_DTYPE']._serialized_start=2673
+  _globals['_DTYPE']._serialized_end=2780
   _globals['_SAMPLINGPARAMS']._serialized_start=43
   _globals['_SAMPLINGPARAMS']._serialized_end=210
   _globals['_PROMPT']._serialized_start=212
@@ -48,31 +48,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=317
   _globals['_GENERATEREQUEST']._serialized_end=460
   _globals['_SPECSTATS']._serialized_start=462
-  _globals['_SPECSTATS']._serialized_end=544
-  _globals['_COMPLETION']._serialized_start=547
-  _globals['_COMPLETION']._serialized_end=786
-  _globals['_TENSORSPEC']._serialized_start=788
-  _globals['_TENSORSPEC']._serialized_end=901
-  _globals['_LORASPEC']._serialized_start=903
-  _globals['_LORASPEC']._serialized_end=928
-  _globals['_WEIGHTHEADER']._serialized_start=931
-  _globals['_WEIGHTHEADER']._serialized_end=1148
-  _globals['_WEIGHTCHUNK']._serialized_start=1150
-  _globals['_WEIGHTCHUNK']._serialized_end=1235
-  _globals['_UPDATEWEIGHTSREPLY']._serialized_start=1238
-  _globals['_UPDATEWEIGHTSREPLY']._serialized_end=1376
-  _globals['_GETSTATUSREQUEST']._serialized_start=1378
-  _globals['_GETSTATUSREQUEST']._serialized_end=1396
-  _globals['_MODELINFO']._serialized_start=1399
-  _globals['_MODELINFO']._serialized_end=1564
-  _globals['_TRAINDRAFTREQUEST']._serialized_start=1566
-  _globals['_TRAINDRAFTREQUEST']._serialized_end=1647
-  _globals['_TRAINDRAFTREPLY']._serialized_start=1650
-  _globals['_TRAINDRAFTREPLY']._serialized_end=1898
-  _globals['_STATUSREPLY']._serialized_start=1901
-  _globals['_STATUSREPLY']._serialized_end=2162
-  _globals['_SPECULATIONSTATUS']._serialized_start=2165
-  _globals['_SPECULATIONSTATUS']._serialized_end=2305
-  _globals['_ROLLOUTSERVICE']._serialized_start=2755
-  _globals['_ROLLOUTSERVICE']._serialized_end=3064
+  _globals['_SPECSTATS']._serialized_end=572
+  _globals['_COMPLETION']._serialized_start=575
+  _globals['_COMPLETION']._serialized_end=814
+  _globals['_TENSORSPEC']._serialized_start=816
+  _globals['_TENSORSPEC']._serialized_end=929
+  _globals['_LORASPEC']._serialized_start=931
+  _globals['_LORASPEC']._serialized_end=956
+  _globals['_WEIGHTHEADER']._serialized_start=959
+  _globals['_WEIGHTHEADER']._serialized_end=1176
+  _globals['_WEIGHTCHUNK']._serialized_start=1178
+  _globals['_WEIGHTCHUNK']._serialized_end=1263
+  _globals['_UPDATEWEIGHTSREPLY']._serialized_start=1266
+  _globals['_UPDATEWEIGHTSREPLY']._serialized_end=1404
+  _globals['_GETSTATUSREQUEST']._serialized_start=1406
+  _globals['_GETSTATUSREQUEST']._serialized_end=1424
+  _globals['_MODELINFO']._serialized_start=1427
+  _globals['_MODELINFO']._serialized_end=1592
+  _globals['_TRAINDRAFTREQUEST']._serialized_start=1594
+  _globals['_TRAINDRAFTREQUEST']._serialized_end=1675
+  _globals['_TRAINDRAFTREPLY']._serialized_start=1678
+  _globals['_TRAINDRAFTREPLY']._serialized_end=1926
+  _globals['_STATUSREPLY']._serialized_start=1929
+  _globals['_STATUSREPLY']._serialized_end=2190
+  _globals['_SPECULATIONSTATUS']._serialized_start=2193
+  _globals['_SPECULATIONSTATUS']._serialized_end=2333
+  _globals['_ROLLOUTSERVICE']._serialized_start=2783
+  _globals['_ROLLOUTSERVICE']._serialized_end=3092
 # @@protoc_insertion_point(module_scope)

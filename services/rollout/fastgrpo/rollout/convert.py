@@ -61,7 +61,8 @@ def completion_to_pb(c: CompletionResult, text: str) -> pb.Completion:
         finish_reason=_FINISH[c.finish_reason],
         policy_version=c.policy_version,
         spec=pb.SpecStats(
-            drafted_tokens=c.spec.drafted, accepted_tokens=c.spec.accepted, verify_steps=c.spec.verify_steps
+            drafted_tokens=c.spec.drafted, accepted_tokens=c.spec.accepted, verify_steps=c.spec.verify_steps,
+            accepted_per_depth=list(c.spec.accepted_per_depth),
         ),
         text=text,
     )

@@ -405,7 +405,8 @@ class Engine:
                 logprobs=list(seq.logprobs),
                 finish_reason=reason,
                 policy_version=seq.min_version,
-                spec=SpecCounts(seq.spec.drafted, seq.spec.accepted, seq.spec.verify_steps),
+                spec=SpecCounts(seq.spec.drafted, seq.spec.accepted, seq.spec.verify_steps,
+                                tuple(seq.spec.accepted_per_depth)),
             )
         )
         if self.draft_learner is not None and seq.handle._remaining == 0 and not seq.handle.cancelled:

@@ -39,6 +39,7 @@ class SpecCounts:
     drafted: int = 0
     accepted: int = 0
     verify_steps: int = 0
+    accepted_per_depth: tuple[int, ...] = ()  # [d]: draft tokens accepted at depth d + 1
 
 
 @dataclass(frozen=True)
