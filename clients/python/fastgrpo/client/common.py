@@ -12,6 +12,7 @@ import torch
 from fastgrpo.client.types import ChecksumMismatch, Completion, GroupedBatch, RolloutError, Status, UpdateResult
 from fastgrpo.client.weights import DTYPES, Kind, Target, WeightMirror, as_state
 from fastgrpo.v1 import rollout_pb2 as pb
+from fastgrpo.wire.tensors import combine_digests, state_checksum, unique_state
 
 Prompt = str | Sequence[int]
 CHANNEL_OPTIONS = [
@@ -98,6 +99,7 @@ class PushPlan:
     expected_checksum: str | None  # None: the reply is not verified
     mirror: WeightMirror | None
     new_values: dict[str, torch.Tensor] | None  # the mirror's values after the update (with a mirror)
+    new_digests: dict[str, str] | None = None  # the mirror's per-tensor digests after the update
 
     def result(self, reply: pb.UpdateWeightsReply, address: str, bytes_sent: int) -> UpdateResult:
         """The reply of one replica as an UpdateResult; ChecksumMismatch if it serves other weights."""
@@ -108,7 +110,7 @@ class PushPlan:
     def commit(self) -> None:
         """Advances the mirror; call once every replica has accepted the update."""
         if self.mirror is not None:
-            self.mirror.commit(self.new_values, self.new_version)
+            self.mirror.commit(self.new_values, self.new_version, self.new_digests)
 
 
 def plan_push(
@@ -137,15 +139,16 @@ def plan_push(
     dtype = served_dtype(served.model.dtype)
     tensors = {n: t.detach().to("cpu", dtype) for n, t in as_state(weights).items()}
     expected = None
-    new_values = None
+    new_values = new_digests = None
     if mirror is not None:
         new_values = mirror.preview(kind, tensors, lora_scale)
-        expected = mirror.expected_checksum(new_values)
+        new_digests = mirror.digests_after(new_values)
+        expected = combine_digests(new_digests)
     elif verify and kind == "full":
-        expected = WeightMirror(tensors).checksum
+        expected = state_checksum(unique_state(tensors))
     elif verify:
         raise ValueError(f"a {kind} update can only be verified against a mirror: pass mirror= or verify=False")
-    return PushPlan(tensors, base, new, expected, mirror, new_values)
+    return PushPlan(tensors, base, new, expected, mirror, new_values, new_digests)
 
 
 def served_dtype(name: str) -> torch.dtype:

@@ -14,8 +14,9 @@ from fastgrpo.v1 import rollout_pb2 as pb
 from fastgrpo.wire.tensors import (
     MAX_CHUNK_BYTES,
     chunk_bytes,
+    combine_digests,
     encode_tensor,
-    state_checksum,
+    tensor_digest,
     unique_state,
     updated_values,
 )
@@ -68,12 +69,17 @@ def update_stream(
 
 
 class WeightMirror:
-    """What a rollout service serves, kept on the trainer's side (CPU) to compute deltas and checksums."""
+    """What a rollout service serves, kept on the trainer's side (CPU) to compute deltas and checksums.
+
+    `state` is changed only through `commit`: the checksum comes from per-tensor digests taken then.
+    """
 
     def __init__(self, state: Mapping[str, torch.Tensor], version: int = 0):
         self.state = {name: t.detach().to("cpu").clone() for name, t in unique_state(state).items()}
         self.version = version
-        self.checksum = state_checksum(self.state)
+        # per-tensor digests, as the server keeps them: a push re-hashes only the tensors it changes
+        self._digests = {name: tensor_digest(t) for name, t in self.state.items()}
+        self.checksum = combine_digests(self._digests)
 
     @staticmethod
     def of(weights: torch.nn.Module | Mapping[str, torch.Tensor], dtype: str | torch.dtype | None = None,
@@ -101,11 +107,18 @@ class WeightMirror:
         """New values the update would give, without changing the mirror (raises like the server would)."""
         return updated_values(self.state, KINDS[kind], tensors, lora_scale)
 
-    def commit(self, new_values: Mapping[str, torch.Tensor], version: int) -> None:
-        for name, value in new_values.items():
-            self.state[name] = value.clone()
-        self.version = version
-        self.checksum = state_checksum(self.state)
+    def digests_after(self, new_values: Mapping[str, torch.Tensor]) -> dict[str, str]:
+        """Per-tensor digests of the served weights once `new_values` are applied."""
+        return {**self._digests, **{name: tensor_digest(v) for name, v in new_values.items()}}
 
     def expected_checksum(self, new_values: Mapping[str, torch.Tensor]) -> str:
-        return state_checksum({**self.state, **new_values})
+        return combine_digests(self.digests_after(new_values))
+
+    def commit(self, new_values: Mapping[str, torch.Tensor], version: int,
+               digests: Mapping[str, str] | None = None) -> None:
+        """Adopts `new_values` as served at `version`; `digests` (from digests_after) saves re-hashing."""
+        for name, value in new_values.items():
+            self.state[name] = value.clone()
+        self._digests = dict(digests) if digests is not None else self.digests_after(new_values)
+        self.version = version
+        self.checksum = combine_digests(self._digests)
