@@ -49,10 +49,6 @@ def timed_generation(engine, prompts, num_samples: int, temperature: float, max_
             "drafted": sum(r.spec.drafted for r in results), "accepted": sum(r.spec.accepted for r in results)}
 
 
-def _run(engine, prompts, cfg: SpecBenchConfig) -> dict:
-    return timed_generation(engine, prompts, 1, cfg.temperature, cfg.max_new_tokens, cfg.seed)
-
-
 def run(cfg: SpecBenchConfig) -> dict:
     import os
 
@@ -91,9 +87,9 @@ def run(cfg: SpecBenchConfig) -> dict:
         spec = Engine(runner, eos, EngineConfig(max_running=B), Drafter(head, B, runner.cache.max_len + policy.draft_headroom()), policy)
         try:
             for engine in (plain, spec):
-                _run(engine, warm, cfg)  # warm-up: allocator, kernels
-            p = _run(plain, prompts, cfg)
-            s = _run(spec, prompts, cfg)
+                timed_generation(engine, warm, 1, cfg.temperature, cfg.max_new_tokens, cfg.seed)  # warm-up: allocator, kernels
+            p = timed_generation(plain, prompts, 1, cfg.temperature, cfg.max_new_tokens, cfg.seed)
+            s = timed_generation(spec, prompts, 1, cfg.temperature, cfg.max_new_tokens, cfg.seed)
         finally:
             plain.shutdown()
             spec.shutdown()
