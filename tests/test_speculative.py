@@ -16,8 +16,10 @@ from fastgrpo.rollout.engine.types import GenerationRequest, SamplingConfig
 from fastgrpo.rollout.speculative import decode as spec_decode
 from fastgrpo.rollout.speculative.draft import DraftHead
 from fastgrpo.rollout.speculative.drafter import Drafter, TreeShape
-from fastgrpo.rollout.speculative.tree import ancestor_mask, expand_level, select_tree
-from fastgrpo.rollout.speculative.verify import accept_path, sample_inverse_cdf
+from fastgrpo.rollout.speculative import drafter as spec_drafter
+from fastgrpo.rollout.speculative.tree import (ancestor_mask, children_table, draw_without_replacement, expand_level,
+                                               pick_children, select_tree)
+from fastgrpo.rollout.speculative.verify import accept_path, sample_inverse_cdf, verify_rrs
 
 
 # ------------------------------------------------------------------ tree math by hand
@@ -31,12 +33,91 @@ def test_ancestor_mask_by_hand():
 def test_expand_level_keeps_best_cumulative():
     level_scores = torch.log(torch.tensor([[0.6, 0.3]]))
     child = torch.log(torch.tensor([[[0.5, 0.4, 0.1], [0.9, 0.05, 0.05]]]))
-    ex = expand_level(level_scores, child, 2)
+    ex = expand_level(level_scores, *pick_children(child, 2), n_expand=2)
     # every node proposes its top 2: (p0,t0) .30, (p0,t1) .24, (p1,t0) .27, (p1,t1|t2) .015
     assert ex.tokens[0, :3].tolist() == [0, 1, 0] and ex.parent_slot.tolist() == [[0, 0, 1, 1]]
     assert torch.allclose(ex.scores.exp()[0, :3], torch.tensor([0.30, 0.24, 0.27]))
     # the next level keeps .30 and .27
     assert ex.keep.tolist() == [[0, 2]]
+
+
+def test_sampled_layout_fits_the_budget():
+    # N=20, K=4, L=6: 15 nodes below level 1 over 5 levels -> 3 per level < K -> E=1, L'=1+15//4=4
+    assert TreeShape(4, 6, 20).sampled_layout() == (4, 1, 4)
+    # N=31, K=3, L=4: 27 nodes over 3 levels -> 9 per level -> E=3, L'=4: 3 + 3*9 = 30 nodes
+    assert TreeShape(3, 4, 31).sampled_layout() == (3, 3, 4)
+    # N=3, K=4: only 2 children fit, no second level
+    assert TreeShape(4, 5, 3).sampled_layout() == (2, 1, 1)
+    for shape in (TreeShape(4, 6, 20), TreeShape(3, 4, 31), TreeShape(2, 5, 8), TreeShape(8, 5, 72)):
+        k, e, depth = shape.sampled_layout()
+        assert k + (depth - 1) * e * k <= shape.n_verify - 1
+
+
+def test_draw_without_replacement_order_and_exhaustion():
+    logq = torch.log(torch.tensor([0.5, 0.3, 0.2, 0.0]))
+    # u=0.55 of 1.0 -> token 1 (cdf .5, .8); then of {0: .5, 2: .2} u=0.9*.7=.63 -> token 2; then token 0
+    assert draw_without_replacement(logq, 3, torch.tensor([0.55, 0.9, 0.1])).tolist() == [1, 2, 0]
+    # a fourth draw finds no mass left: it repeats the third, and pick_children gives it q = 0
+    toks, lq = pick_children(logq.view(1, 1, 4), 4, torch.tensor([[[0.55, 0.9, 0.1, 0.3]]]), torch.tensor([True]))
+    assert toks.tolist() == [[[1, 2, 0, 0]]] and lq[0, 0, 3] == float("-inf")
+    # greedy rows take the top-k whatever the uniforms
+    toks, _ = pick_children(logq.view(1, 1, 4), 2, torch.tensor([[[0.55, 0.9]]]), torch.tensor([False]))
+    assert toks.tolist() == [[[0, 1]]]
+
+
+def test_children_table_in_index_order():
+    parents = torch.tensor([[0, 0, 0, 1, 1, 2]])
+    table = children_table(parents, torch.tensor([[True, True, True, True, False, True]]))
+    assert table.tolist() == [[[1, 2], [3, -1], [5, -1], [-1, -1], [-1, -1], [-1, -1]]]
+
+
+def _one_level_rrs(p, q, k, rows, seed):
+    """The first emitted token of `rows` independent RRS rounds: k children of the root drawn from q
+    without replacement, verified against p. Returns counts per token."""
+    g = torch.Generator().manual_seed(seed)
+    V = p.shape[0]
+    logq = q.log().expand(rows, 1, V)
+    toks, lq = pick_children(logq, k, torch.rand(rows, 1, k, generator=g, dtype=torch.float64),
+                             torch.ones(rows, dtype=torch.bool))
+    tree = select_tree(torch.zeros(rows, dtype=torch.long), toks[:, 0], torch.full((rows, k), -1),
+                       torch.zeros(rows, k), torch.ones(rows, k, dtype=torch.long), k + 1)
+    candidate = torch.cat([torch.ones(rows, 1, dtype=torch.bool), lq[:, 0] > float("-inf")], 1)
+    N = k + 1
+    logp = p.log().expand(rows, N, V)
+    node_q = q.log().expand(rows, N, V)
+    res = verify_rrs(tree, logp, node_q, candidate, torch.rand(rows, 2, k + 1, generator=g, dtype=torch.float64))
+    return torch.bincount(res.tokens[:, 0], minlength=V), res.accepted
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_rrs_emits_exactly_the_target_distribution(k):
+    """One node, pure tensors: 40000 rounds; chi-square against p at significance 1e-3 (fixed seeds)."""
+    from scipy.stats import chisquare
+
+    p = torch.tensor([0.05, 0.4, 0.3, 0.2, 0.05], dtype=torch.float64)
+    q = torch.tensor([0.3, 0.1, 0.3, 0.1, 0.2], dtype=torch.float64)
+    counts, accepted = _one_level_rrs(p, q, k, 40000, seed=k)
+    assert chisquare(counts.double().numpy(), (p * 40000).numpy()).pvalue > 1e-3
+    # more children accept more often: P(accept) = 1 - prod of the residual masses (k=1: sum min(p, q) = .65)
+    if k == 1:
+        assert abs(accepted.double().mean().item() - float(torch.minimum(p, q).sum())) < 0.01
+
+
+def test_rrs_on_deterministic_children_is_biased():
+    """The common bug DESIGN warns about: the p/q test on top-K children. The same check must fail."""
+    from scipy.stats import chisquare
+
+    p = torch.tensor([0.05, 0.4, 0.3, 0.2, 0.05], dtype=torch.float64)
+    q = torch.tensor([0.3, 0.1, 0.3, 0.1, 0.2], dtype=torch.float64)
+    rows, V = 40000, 5
+    g = torch.Generator().manual_seed(9)
+    toks, _ = pick_children(q.log().expand(rows, 1, V), 2)  # top-2 of q, not drawn
+    tree = select_tree(torch.zeros(rows, dtype=torch.long), toks[:, 0], torch.full((rows, 2), -1),
+                       torch.zeros(rows, 2), torch.ones(rows, 2, dtype=torch.long), 3)
+    res = verify_rrs(tree, p.log().expand(rows, 3, V), q.log().expand(rows, 3, V), torch.ones(rows, 3, dtype=torch.bool),
+                     torch.rand(rows, 2, 3, generator=g, dtype=torch.float64))
+    counts = torch.bincount(res.tokens[:, 0], minlength=V)
+    assert chisquare(counts.double().numpy(), (p * rows).numpy()).pvalue < 1e-3
 
 
 def test_select_tree_keeps_best_nodes_closed_under_ancestors():
@@ -87,9 +168,9 @@ def test_inverse_cdf_sampling_hits_only_positive_mass():
 
 
 # ------------------------------------------------------------------ end to end
-def _engines(model, shape, slots=8, head=None):
+def _engines(model, shape, slots=8, head=None, verify="rrs"):
     plain = Engine(ModelRunner(model, slots), (0,), EngineConfig(max_running=slots))
-    policy = SpecPolicy("static", static_tree=shape)
+    policy = SpecPolicy("static", static_tree=shape, verify=verify)
     runner = ModelRunner(model, slots, headroom=policy.max_nodes())
     head = head or DraftHead.for_target(model)
     drafter = Drafter(head, slots, runner.cache.max_len + policy.draft_headroom())
@@ -186,13 +267,14 @@ def _sd_first3_counts(spec, temperature, top_p):
     return counts, sum(r.spec.accepted for r in res)
 
 
-@pytest.fixture(scope="module")
-def small_vocab_engines():
+@pytest.fixture(scope="module", params=["rrs", "match"])
+def small_vocab_engines(request):
     torch.manual_seed(3)
     model = AutoModelForCausalLM.from_config(tiny_config("qwen2", vocab_size=V_SMALL)).eval()
     with torch.no_grad():  # sharpen the random logits a little so trees get accepted often
         model.lm_head.weight.mul_(4.0)
-    plain, spec = _engines(model, TreeShape(width=2, depth=3, n_verify=6), slots=128)
+    # rrs: K=2 children drawn at each of 2 expanded levels (2 + 2*2 = 6 nodes under the root)
+    plain, spec = _engines(model, TreeShape(width=2, depth=3, n_verify=7), slots=128, verify=request.param)
     plain.shutdown()
     yield model, spec
     spec.shutdown()
@@ -200,6 +282,7 @@ def small_vocab_engines():
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.95)])
 def test_sd_sampling_matches_plain_distribution(small_vocab_engines, temperature, top_p):
+    """Both verification rules: rrs (children drawn from the draft) and match (top-K children)."""
     model, spec = small_vocab_engines
     counts, accepted = _sd_first3_counts(spec, temperature, top_p)
     assert accepted > N_SAMPLES // 4  # the draft tree really was used
@@ -208,14 +291,20 @@ def test_sd_sampling_matches_plain_distribution(small_vocab_engines, temperature
 
 
 def test_chi2_detects_a_broken_acceptance_rule(small_vocab_engines, monkeypatch):
-    """Guard for the test above: accepting a child when it is the target's *argmax* (not a sample)
-    is biased, and the same goodness-of-fit test must reject it."""
+    """Guard for the test above: a biased rule must fail the same goodness-of-fit test. For match,
+    accepting a child when it is the target's *argmax* (not a sample); for rrs, the p/q test over
+    top-K children instead of drawn ones."""
     model, spec = small_vocab_engines
+    if spec.spec.rule == "match":
+        def biased(tree, logp, uniforms):
+            return accept_path(tree, logp.argmax(-1))  # greedy matching under a sampling request
 
-    def biased(tree, logp, uniforms):
-        return accept_path(tree, logp.argmax(-1))  # greedy matching under a sampling request
+        monkeypatch.setattr(spec_decode, "verify_sampled", biased)
+    else:
+        def top_k_children(logq, k, uniforms=None, sampled=None):
+            return pick_children(logq, k)  # the p/q test applied to top-K children: DESIGN's common bug
 
-    monkeypatch.setattr(spec_decode, "verify_sampled", biased)
+        monkeypatch.setattr(spec_drafter, "pick_children", top_k_children)
     counts, _ = _sd_first3_counts(spec, 1.0, 1.0)
     p = _chi2_pvalue(counts, _exact_first3(model, 1.0, 1.0), N_SAMPLES)
     assert p < ALPHA

@@ -46,11 +46,13 @@ def adaptive_tree(batch_size: int, cfg: ControllerConfig) -> TreeShape | None:
 
 @dataclass(frozen=True)
 class SpecPolicy:
-    """Which tree each decode step uses: adaptive (from B), static (fixed), or off."""
+    """Which tree each decode step uses: adaptive (from B), static (fixed), or off; and how sampled
+    sequences verify it (rrs: children drawn from the draft; match: top-K children, sample-matching)."""
 
     mode: SpecMode = "adaptive"
     controller: ControllerConfig = ControllerConfig()
     static_tree: TreeShape = TreeShape(width=4, depth=5, n_verify=16)
+    verify: str = "rrs"
 
     def tree_for(self, batch_size: int, mode: SpecMode | None = None) -> TreeShape | None:
         mode = mode or self.mode

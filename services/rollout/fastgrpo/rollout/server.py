@@ -21,6 +21,7 @@ from fastgrpo.rollout.engine.types import InvalidRequest
 from fastgrpo.rollout.calibration import DEFAULT_SWEEP, Calibration, knee, profile
 from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy
 from fastgrpo.rollout.draft_learning.online import OnlineConfig, OnlineDraftLearner
+from fastgrpo.rollout.speculative.decode import VERIFY_RULES
 from fastgrpo.rollout.speculative.draft import DraftHead
 from fastgrpo.rollout.speculative.drafter import Drafter, TreeShape
 from fastgrpo.rollout.weights import WeightStore
@@ -52,6 +53,7 @@ class ServeConfig:
     spec_width: int = help_field(4, "static K: children per tree node and nodes expanded per level")
     spec_depth: int = help_field(5, "static L: tree depth (draft steps per verify step)")
     spec_n_verify: int = help_field(16, "static N_verify: tree nodes (root included) verified per sequence and step")
+    spec_verify: str = help_field("rrs", "how sampled sequences verify: rrs (children drawn from the draft, recursive rejection sampling) or match (top-K children, sample-matching); greedy always matches exactly")
     c_peak: float = help_field(160.0, "adaptive: tokens per target forward at the compute knee (160 is the paper's GPU figure; measure yours)")
     calibration: str = help_field("", "adaptive: calibration file from `fastgrpo-rollout profile`; its entry for this model, device and dtype sets C_peak (missing: profiled at start and saved)")
     profile_budget_s: float = help_field(60.0, "adaptive: time bound of the start-up profile when the calibration file lacks this model")
@@ -257,6 +259,8 @@ def build_app(cfg: ServeConfig) -> RolloutApp:
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
     if cfg.draft and cfg.spec_mode not in ("static", "adaptive", "off"):
         raise ValueError(f"--spec-mode must be static, adaptive or off; got {cfg.spec_mode!r}")
+    if cfg.draft and cfg.spec_verify not in VERIFY_RULES:
+        raise ValueError(f"--spec-verify must be one of {', '.join(VERIFY_RULES)}; got {cfg.spec_verify!r}")
     # the largest tree any mode can verify bounds the cache headroom, whatever C_peak turns out to be
     headroom = max(cfg.spec_n_verify, cfg.n_max) if cfg.draft else 0
     runner = ModelRunner.load(cfg.model, dtype, device, cfg.max_running, cfg.max_context or None, headroom)
@@ -267,6 +271,7 @@ def build_app(cfg: ServeConfig) -> RolloutApp:
             cfg.spec_mode,
             ControllerConfig(c_peak, cfg.n_max, cfg.k_max, cfg.l_min, cfg.l_max, cfg.alpha),
             TreeShape(cfg.spec_width, cfg.spec_depth, cfg.spec_n_verify),
+            cfg.spec_verify,
         )
     tokenizer = AutoTokenizer.from_pretrained(cfg.model) if (Path(cfg.model) / "tokenizer_config.json").exists() else None
     eos = runner.config.eos_token_id

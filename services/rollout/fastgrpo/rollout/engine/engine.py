@@ -122,7 +122,7 @@ class Engine:
         if policy is not None and runner.cache.max_len < runner.max_len + policy.max_nodes():
             raise ValueError(f"the KV cache needs {policy.max_nodes()} positions of headroom for the largest tree")
         self.runner = runner
-        self.spec = SpecDecoder(runner, drafter) if drafter is not None else None
+        self.spec = SpecDecoder(runner, drafter, policy.verify) if drafter is not None else None
         self.policy = policy
         self.draft_learner = None  # OnlineDraftLearner, attached by the server
         self.last_tree: TreeShape | None = None  # tree of the latest decode step (None: plain)

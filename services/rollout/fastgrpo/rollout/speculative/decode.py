@@ -1,15 +1,17 @@
 """One speculative decode step for a batch of running sequences: draft a tree, verify, settle.
 
   1. catch-up: the draft reads the (target feature, next token) pairs settled since its last step;
-  2. grow: K x L tree per sequence, the best N_verify - 1 nodes kept under the root;
+  2. grow: K x L tree per sequence, the best N_verify - 1 nodes kept under the root (or, for
+     recursive rejection sampling, children drawn from the draft and all kept);
   3. verify: one target forward over every node of every tree (tree mask, depth positions), then
-     greedy or sample-matching acceptance;
+     greedy, sample-matching or recursive-rejection-sampling acceptance;
   4. settle: the accepted path's keys/values move onto consecutive cache positions (rejected nodes
      are simply overwritten later), emitted tokens and their exact logprobs go to the sequences,
      and the accepted path's target features become the draft's next catch-up pairs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -17,8 +19,10 @@ import torch
 from fastgrpo.rollout.draft_learning.trainer import FeatureSequence
 from fastgrpo.rollout.engine import sampler
 from fastgrpo.rollout.engine.model_runner import ForwardBatch, ModelRunner
-from fastgrpo.rollout.speculative.drafter import Drafter, TreeShape
-from fastgrpo.rollout.speculative.verify import VerifyResult, verify_greedy, verify_sampled
+from fastgrpo.rollout.speculative.drafter import ChildDraw, Drafter, GrownTree, TreeShape
+from fastgrpo.rollout.speculative.verify import VerifyResult, verify_greedy, verify_rrs, verify_sampled
+
+VERIFY_RULES = ("rrs", "match")
 
 
 @dataclass
@@ -54,9 +58,15 @@ class StepTokens:
 
 
 class SpecDecoder:
-    def __init__(self, runner: ModelRunner, drafter: Drafter):
+    def __init__(self, runner: ModelRunner, drafter: Drafter, rule: str = "rrs"):
+        """rule: how sampled sequences verify: "rrs" (children drawn from the draft, recursive
+        rejection sampling) or "match" (top-K children, sample-matching). Greedy batches always
+        use top-K trees and exact matching."""
+        if rule not in VERIFY_RULES:
+            raise ValueError(f"verify rule must be one of {', '.join(VERIFY_RULES)}; got {rule!r}")
         self.runner = runner
         self.drafter = drafter
+        self.rule = rule
         self.capture = False  # keep consumed pairs for online draft learning
 
     @staticmethod
@@ -96,12 +106,15 @@ class SpecDecoder:
         B = slots.shape[0]
         dev = slots.device
         root_feature = self._catch_up(slots, settled, states)  # (B, H)
-        tree = self.drafter.grow(slots, settled, roots, root_feature, shape)
+        greedy = bool(params.greedy.all())
+        draw = None if greedy or self.rule != "rrs" else self._child_draw(shape, params, generators)
+        grown = self.drafter.grow(slots, settled, roots, root_feature, shape, draw)
+        tree = grown.tree
         N = tree.size
         out = self.runner.forward(ForwardBatch(tree.tokens, settled[:, None] + tree.depths, slots, settled, tree.ancestors))
         logits = out.logits  # (B, N, V)
         V = logits.shape[-1]
-        result = self._verify(tree, logits, params, generators)
+        result = verify_greedy(tree, logits) if greedy else self._verify(grown, logits, params, generators, shape)
         D1 = result.path.shape[1]
         # settle the accepted path onto consecutive cache positions settled + k
         k = torch.arange(D1, device=dev)[None, :]
@@ -144,13 +157,27 @@ class SpecDecoder:
         return self.drafter.catch_up(slots, settled - counts, tokens, feats, counts)
 
     @staticmethod
-    def _verify(tree, logits: torch.Tensor, params: sampler.SamplingBatch,
-                generators: list[torch.Generator | None]) -> VerifyResult:
-        if bool(params.greedy.all()):
-            return verify_greedy(tree, logits)
+    def _uniforms(generators: list[torch.Generator | None], shape: tuple[int, ...], device) -> torch.Tensor:
+        """(B, *shape) float64 U[0, 1), row b from generators[b] (0.5 for greedy rows, whose
+        outcome no uniform changes)."""
+        n = math.prod(shape)
+        return torch.stack([torch.rand(n, generator=g, dtype=torch.float64) if g is not None
+                            else torch.full((n,), 0.5, dtype=torch.float64) for g in generators]
+                           ).view(len(generators), *shape).to(device)
+
+    def _child_draw(self, shape: TreeShape, params: sampler.SamplingBatch,
+                    generators: list[torch.Generator | None]) -> ChildDraw:
+        k, e, levels = shape.sampled_layout()
+        return ChildDraw(params, self._uniforms(generators, (levels, e, k), params.temperature.device))
+
+    def _verify(self, grown: GrownTree, logits: torch.Tensor, params: sampler.SamplingBatch,
+                generators: list[torch.Generator | None], shape: TreeShape) -> VerifyResult:
+        tree = grown.tree
         B, N, V = logits.shape
         logp = sampler.sampling_logprobs(logits.reshape(B * N, V), params.repeat_rows(N)).view(B, N, V)
         # greedy rows have a one-hot distribution: any uniform picks the argmax
-        u = torch.stack([torch.rand(N, generator=g, dtype=torch.float64) if g is not None
-                         else torch.full((N,), 0.5, dtype=torch.float64) for g in generators]).to(logits.device)
-        return verify_sampled(tree, logp, u)
+        if grown.draft_logq is None:
+            return verify_sampled(tree, logp, self._uniforms(generators, (N,), logits.device))
+        k, _, levels = shape.sampled_layout()  # at most k children per node, `levels` deep
+        return verify_rrs(tree, logp, grown.draft_logq, grown.candidate,
+                          self._uniforms(generators, (levels + 1, k + 1), logits.device))

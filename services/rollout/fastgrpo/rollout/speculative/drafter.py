@@ -2,8 +2,9 @@
 
 Draft cache layout per slot: position i holds the pair (f_i, x_{i+1}) for every settled position i
 of the sequence (so it is as long as the target's cache), then, during tree growth, one entry per
-tree node: level d (1-based) occupies positions n + (d-1)K .. n + dK - 1, where n is the settled
-length. Tree entries are overwritten by the next catch-up.
+node the tree expands: the E nodes expanded at level d (1-based) occupy positions n + (d-1)E ..
+n + dE - 1, where n is the settled length (E = K for deterministic trees). Tree entries are
+overwritten by the next catch-up.
 """
 from __future__ import annotations
 
@@ -11,18 +12,20 @@ from dataclasses import dataclass
 
 import torch
 
+from fastgrpo.rollout.engine import sampler
 from fastgrpo.rollout.engine.kv_cache import KVCache
 from fastgrpo.rollout.engine.model_runner import ForwardBatch, attention_mask, decoder_layer
 from fastgrpo.rollout.speculative.draft import DraftHead
-from fastgrpo.rollout.speculative.tree import DraftTree, expand_level, select_tree
+from fastgrpo.rollout.speculative.tree import DraftTree, expand_level, pick_children, select_tree
 
 
 @dataclass(frozen=True)
 class TreeShape:
     """Width K (children per node, nodes expanded per level), depth L, N_verify (nodes incl. root).
 
-    The candidate pool holds K nodes at depth 1 and K*K at every deeper level; the best
-    N_verify - 1 of them by cumulative draft log-prob are verified.
+    Deterministic (top-K) trees: the candidate pool holds K nodes at depth 1 and K*K at every
+    deeper level; the best N_verify - 1 of them by cumulative draft log-prob are verified.
+    Sampled trees (see `sampled_layout`) keep every child they draw.
     """
 
     width: int
@@ -36,6 +39,41 @@ class TreeShape:
     @property
     def pool_size(self) -> int:
         return self.width + (self.depth - 1) * self.width * self.width
+
+    def sampled_layout(self) -> tuple[int, int, int]:
+        """(k, E, L') of a sampled tree within N_verify: k children per expanded node, E nodes
+        expanded per level below the root, L' levels, so that k + (L'-1) E k <= N_verify - 1.
+
+        Recursive rejection sampling needs every drawn child of a node (dropping a child because
+        of its own draft score would bias acceptance), so the budget is met by choosing how many
+        nodes to expand rather than which children to keep.
+        """
+        budget = self.n_verify - 1
+        k = min(self.width, budget)
+        if self.depth == 1 or budget < 2 * k:
+            return k, 1, 1
+        per_level = (budget - k) // (self.depth - 1)  # nodes each deeper level may add
+        expand = min(max(per_level // k, 1), k)
+        return k, expand, min(self.depth, 1 + (budget - k) // (expand * k))
+
+
+@dataclass(frozen=True)
+class ChildDraw:
+    """How a sampled tree draws its children, per sequence: from the draft's distribution under the
+    sequence's own sampling parameters (so q is shaped like the target's p), without replacement.
+    Greedy rows take the draft's top-k instead."""
+
+    params: sampler.SamplingBatch  # (B,) rows
+    uniforms: torch.Tensor  # (B, L', E, k) float64 U[0, 1) from each sequence's generator
+
+
+@dataclass(frozen=True)
+class GrownTree:
+    tree: DraftTree
+    # (B, N, V) the draft distribution each node's children were drawn from (rows of nodes without
+    # children are unused); None for deterministic trees
+    draft_logq: torch.Tensor | None = None
+    candidate: torch.Tensor | None = None  # (B, N) bool: a real draw (False: a draw past q's support)
 
 
 class Drafter:
@@ -71,55 +109,90 @@ class Drafter:
         out = self._layer(batch, self.head.fuse(tokens, features))  # (B, P, H)
         return out[torch.arange(B, device=out.device), counts - 1]  # (B, H)
 
+    def _child_logq(self, feat: torch.Tensor, draw: ChildDraw | None) -> torch.Tensor:
+        """Predicted features (B, E, H) -> the draft distribution of each node's children (B, E, V)."""
+        logits = self.head.logits(feat)  # (B, E, V)
+        plain = torch.log_softmax(logits, -1)  # (B, E, V)
+        if draw is None:
+            return plain
+        B, E, V = logits.shape
+        shaped = sampler.sampling_logprobs(logits.reshape(B * E, V), draw.params.repeat_rows(E)).view(B, E, V)
+        return torch.where(draw.params.greedy[:, None, None], plain, shaped)
+
     @torch.inference_mode()
     def grow(self, slots: torch.Tensor, settled: torch.Tensor, root: torch.Tensor, root_feature: torch.Tensor,
-             shape: TreeShape) -> DraftTree:
+             shape: TreeShape, draw: ChildDraw | None = None) -> GrownTree:
         """Builds one tree per sequence under `root` (B,) whose predicted feature is root_feature (B, H).
 
         settled (B,) = tokens in the caches; the root sits at position settled, depth-d nodes at
-        settled + d.
+        settled + d. Without `draw`: EAGLE-2's deterministic tree (top-K children, the best
+        N_verify - 1 of the pool kept). With it: children drawn without replacement, all kept
+        (shape.sampled_layout), and the distributions they were drawn from returned for verification.
         """
-        K, L = shape.width, shape.depth
-        B = root.shape[0]
+        if draw is None:
+            k, E, L = shape.width, shape.width, shape.depth
+        else:
+            k, E, L = shape.sampled_layout()
+        B, H = root_feature.shape
         dev = root.device
-        logp = torch.log_softmax(self.head.logits(root_feature), -1)  # (B, V)
-        scores, tokens = logp.topk(K, dim=-1)  # (B, K) level 1
-        parent_feat = root_feature[:, None, :].expand(B, K, root_feature.shape[-1])  # (B, K, H)
-        level_index = torch.arange(K, device=dev).expand(B, K)  # (B, K) pool index of each level node
+        sampled = None if draw is None else ~draw.params.greedy  # (B,)
+
+        def children(logq: torch.Tensor, level: int):  # (B, e, V) -> tokens, log q (B, e, k)
+            u = None if draw is None else draw.uniforms[:, level, : logq.shape[1]]
+            return pick_children(logq, k, u, sampled)
+
+        root_logq = self._child_logq(root_feature[:, None], draw)  # (B, 1, V)
+        tokens, scores = children(root_logq, 0)
+        tokens, scores = tokens[:, 0], scores[:, 0]  # (B, k) level 1
+        parent_feat = root_feature[:, None, :].expand(B, k, H)  # (B, k, H) feature of each node's parent
+        level_index = torch.arange(k, device=dev).expand(B, k)  # (B, k) pool index of each level node
         cand_tokens, cand_scores = [tokens], [scores]
-        cand_parents = [torch.full((B, K), -1, dtype=torch.long, device=dev)]
-        cand_depths = [torch.ones(B, K, dtype=torch.long, device=dev)]
-        pool = K
-        region = torch.eye(K, dtype=torch.bool, device=dev).expand(B, K, K)  # (B, K, dK) ancestors of level d
+        cand_parents = [torch.full((B, k), -1, dtype=torch.long, device=dev)]
+        cand_depths = [torch.ones(B, k, dtype=torch.long, device=dev)]
+        drawn_from = [(torch.full((B, 1), -1, dtype=torch.long, device=dev), root_logq)]  # (pool index, log q)
+        pool = k
+        keep = scores.topk(min(E, k), dim=-1).indices  # (B, E) level-1 nodes expanded, best first
+        region = None  # (B, E, dE) ancestors of the expanded nodes of level d among those forwarded
         for d in range(1, L):
+            e = keep.shape[1]
+            x_tok, x_score, x_index = tokens.gather(1, keep), scores.gather(1, keep), level_index.gather(1, keep)
+            x_feat = parent_feat.gather(1, keep[:, :, None].expand(B, e, H))  # (B, e, H)
+            eye = torch.eye(e, dtype=torch.bool, device=dev).expand(B, e, e)
+            if region is None:
+                region = eye
+            else:
+                inherited = region.gather(1, x_parent[:, :, None].expand(B, e, region.shape[-1]))  # (B, e, (d-1)e)
+                region = torch.cat([inherited, eye], dim=2)
             batch = ForwardBatch(
-                tokens,
-                (settled + d - 1)[:, None].expand(B, K),  # rotary position of a depth-d node's pair
+                x_tok,
+                (settled + d - 1)[:, None].expand(B, e),  # rotary position of a depth-d node's pair
                 slots,
-                settled + (d - 1) * K,
+                settled + (d - 1) * e,
                 region,
                 settled,
             )
-            feat = self._layer(batch, self.head.fuse(tokens, parent_feat))  # (B, K, H)
-            child_logp = torch.log_softmax(self.head.logits(feat), -1)  # (B, K, V)
-            ex = expand_level(scores, child_logp, K)
+            feat = self._layer(batch, self.head.fuse(x_tok, x_feat))  # (B, e, H)
+            logq = self._child_logq(feat, draw)  # (B, e, V)
+            drawn_from.append((x_index, logq))
+            ex = expand_level(x_score, *children(logq, d), n_expand=e)
             cand_tokens.append(ex.tokens)
             cand_scores.append(ex.scores)
-            cand_parents.append(level_index.gather(1, ex.parent_slot))
+            cand_parents.append(x_index.gather(1, ex.parent_slot))
             cand_depths.append(torch.full_like(ex.tokens, d + 1))
-            # the next level: the K best children, expanded in the next iteration
-            parent_slot = ex.parent_slot.gather(1, ex.keep)  # (B, K)
-            tokens, scores = ex.tokens.gather(1, ex.keep), ex.scores.gather(1, ex.keep)  # (B, K)
-            level_index = pool + ex.keep  # (B, K)
-            pool += ex.tokens.shape[1]
-            parent_feat = feat.gather(1, parent_slot[:, :, None].expand(B, K, feat.shape[-1]))  # (B, K, H)
-            inherited = region.gather(1, parent_slot[:, :, None].expand(B, K, region.shape[-1]))  # (B, K, dK)
-            region = torch.cat([inherited, torch.eye(K, dtype=torch.bool, device=dev).expand(B, K, K)], dim=2)
-        return select_tree(
-            root,
-            torch.cat(cand_tokens, 1),
-            torch.cat(cand_parents, 1),
-            torch.cat(cand_scores, 1),
-            torch.cat(cand_depths, 1),
-            shape.n_verify,
-        )
+            tokens, scores, keep = ex.tokens, ex.scores, ex.keep
+            level_index = pool + torch.arange(tokens.shape[1], device=dev).expand_as(tokens)  # (B, e*k)
+            pool += tokens.shape[1]
+            parent_feat = feat.gather(1, ex.parent_slot[:, :, None].expand(B, tokens.shape[1], H))  # (B, e*k, H)
+            x_parent = ex.parent_slot.gather(1, keep)  # (B, e) level slot of each next node's parent
+        all_tokens, all_parents = torch.cat(cand_tokens, 1), torch.cat(cand_parents, 1)
+        all_scores, all_depths = torch.cat(cand_scores, 1), torch.cat(cand_depths, 1)
+        if draw is None:
+            return GrownTree(select_tree(root, all_tokens, all_parents, all_scores, all_depths, shape.n_verify))
+        # sampled: every candidate is a node (node = pool index + 1), in the order drawn
+        tree = select_tree(root, all_tokens, all_parents, all_scores, all_depths, pool + 1)
+        V = root_logq.shape[-1]
+        node_logq = torch.zeros(B, pool + 1, V, dtype=root_logq.dtype, device=dev)  # (B, N, V)
+        for index, logq in drawn_from:
+            node_logq.scatter_(1, (index + 1)[:, :, None].expand(-1, -1, V), logq)
+        candidate = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=dev), all_scores > float("-inf")], 1)
+        return GrownTree(tree, node_logq, candidate)

@@ -72,26 +72,79 @@ def select_tree(
     return DraftTree(tokens, parents, depths, ancestor_mask(parents, max_depth))
 
 
+def draw_without_replacement(logq: torch.Tensor, k: int, uniforms: torch.Tensor) -> torch.Tensor:
+    """k distinct tokens per row drawn one after another from exp(logq), each from what the earlier
+    draws left (renormalised), by inverse CDF: the order is the sampling order, which recursive
+    rejection sampling needs. logq (..., V), uniforms (..., k) -> (..., k) tokens; once a row's
+    support is exhausted the remaining draws repeat the last token with q = 0 (callers mask them).
+    """
+    probs = logq.double().exp()  # (..., V)
+    out = []
+    for i in range(k):
+        cdf = probs.cumsum(-1)  # (..., V)
+        target = uniforms[..., i : i + 1].double() * cdf[..., -1:]  # (..., 1)
+        tok = torch.searchsorted(cdf, target, right=True).clamp(max=logq.shape[-1] - 1)  # (..., 1)
+        if i:  # an exhausted row (all mass drawn) keeps its previous token
+            tok = torch.where(cdf[..., -1:] > 0, tok, out[-1])
+        out.append(tok)
+        probs = probs.scatter(-1, tok, 0.0)
+    return torch.cat(out, dim=-1)  # (..., k)
+
+
+def pick_children(logq: torch.Tensor, k: int, uniforms: torch.Tensor | None = None,
+                  sampled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """k children of each node from its draft distribution: the top-k (deterministic), or, on rows
+    where `sampled` is set, k draws without replacement in sampling order.
+
+    logq (B, E, V) draft log-probs, uniforms (B, E, k), sampled (B,) bool -> tokens (B, E, k) and
+    their draft log-probs (B, E, k); a draw past the support of q has log-prob -inf.
+    """
+    top_lq, top_tok = logq.topk(k, dim=-1)  # (B, E, k)
+    if sampled is None or not bool(sampled.any()):
+        return top_tok, top_lq
+    drawn = draw_without_replacement(logq, k, uniforms)  # (B, E, k)
+    # a repeated (exhausted) draw is no candidate: give it q = 0
+    repeat = torch.zeros_like(drawn, dtype=torch.bool)
+    repeat[..., 1:] = drawn[..., 1:] == drawn[..., :-1]
+    drawn_lq = logq.gather(-1, drawn).masked_fill(repeat, float("-inf"))  # (B, E, k)
+    use = sampled[:, None, None]
+    return torch.where(use, drawn, top_tok), torch.where(use, drawn_lq, top_lq)
+
+
 @dataclass(frozen=True)
 class Expansion:
-    """Every child proposed by one level, and which of them form the next level."""
+    """Every child proposed by one level, and which of them are expanded at the next."""
 
-    tokens: torch.Tensor  # (B, K*W) child tokens, W children per node
-    parent_slot: torch.Tensor  # (B, K*W) index of the parent within the level
-    scores: torch.Tensor  # (B, K*W) cumulative draft log-probs
-    keep: torch.Tensor  # (B, W) indices (into the K*W children) of the next level, best first
+    tokens: torch.Tensor  # (B, E*k) child tokens, k children per node
+    parent_slot: torch.Tensor  # (B, E*k) index of the parent within the level
+    scores: torch.Tensor  # (B, E*k) cumulative draft log-probs (-inf: not a candidate)
+    keep: torch.Tensor  # (B, n) indices (into the E*k children) expanded next, best first
 
 
-def expand_level(level_scores: torch.Tensor, child_logp: torch.Tensor, width: int) -> Expansion:
-    """EAGLE-2 expansion: every node of a level proposes its top-`width` children, all of which
-    become candidates for verification; the `width` best by cumulative log-prob are expanded next.
+def expand_level(level_scores: torch.Tensor, child_tokens: torch.Tensor, child_logq: torch.Tensor,
+                 n_expand: int) -> Expansion:
+    """EAGLE-2 expansion: every node of a level proposes its children, all of which become
+    candidates for verification; the `n_expand` best by cumulative log-prob are expanded next.
 
-    level_scores (B, K) cumulative log-probs, child_logp (B, K, V) draft log-probs of each node's
-    next token.
+    level_scores (B, E) cumulative log-probs, child_tokens / child_logq (B, E, k) each node's
+    children and their draft log-probs (from pick_children).
     """
-    B, K, V = child_logp.shape
-    top_lp, top_tok = child_logp.topk(width, dim=-1)  # (B, K, W)
-    cum = (level_scores[:, :, None] + top_lp).reshape(B, K * width)  # (B, K*W)
-    parent = torch.arange(K, device=cum.device).repeat_interleave(width).expand(B, K * width)  # (B, K*W)
-    keep = cum.topk(width, dim=-1).indices  # (B, W)
-    return Expansion(top_tok.reshape(B, K * width), parent, cum, keep)
+    B, E, k = child_tokens.shape
+    cum = (level_scores[:, :, None] + child_logq).reshape(B, E * k)  # (B, E*k)
+    parent = torch.arange(E, device=cum.device).repeat_interleave(k).expand(B, E * k)  # (B, E*k)
+    keep = cum.topk(n_expand, dim=-1).indices  # (B, n)
+    return Expansion(child_tokens.reshape(B, E * k), parent, cum, keep)
+
+
+def children_table(parents: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """Each node's children in index order (the order they were drawn in): (B, N, C) node
+    indices, -1 past the last. parents (B, N); candidate (B, N) bool, False drops a node."""
+    B, N = parents.shape
+    idx = torch.arange(N, device=parents.device)
+    is_child = (parents[:, None, :] == idx[None, :, None]) & (idx > 0) & candidate[:, None, :]  # (B, N, N)
+    C = max(int(is_child.sum(-1).max()), 1)
+    rank = is_child.long().cumsum(-1) - 1  # (B, N, N) position of child j among node i's children
+    table = torch.full((B, N, C), -1, dtype=torch.long, device=parents.device)
+    b, i, j = is_child.nonzero(as_tuple=True)
+    table[b, i, rank[b, i, j]] = j
+    return table

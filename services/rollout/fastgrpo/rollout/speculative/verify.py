@@ -11,6 +11,18 @@ draft token is accepted), otherwise t is emitted as the bonus token and the walk
     sampling. This is the exact rule for children chosen deterministically (top-K of the draft);
     P(accept at a node) = sum of p over its children.
 
+A third rule, for trees whose children were *drawn* from the draft's distribution q (without
+replacement, in order c_1, c_2, ...):
+
+  * recursive rejection sampling (RRS): at a node, child c_i is accepted with probability
+    min(1, p_i(c_i) / q_i(c_i)); on rejection the target becomes the residual
+    p_{i+1} = norm(max(p_i - q_i, 0)) and the proposal q_{i+1} = q_i without c_i, renormalised.
+    When every child is rejected, a token drawn from the last residual is the bonus. Each round is
+    one step of speculative sampling against the current residual, so the emitted token is an exact
+    sample from p; with q close to p it accepts about sum min(p, q) per child, where matching a
+    deterministic child accepts only its p. Applied to top-K children this test is biased; greedy
+    rows (p one-hot) reduce it to exact matching whatever q is.
+
 Drawing t at every node up front (one uniform per node, from the sequence's own generator) is
 equivalent to drawing it lazily along the walk: nodes off the walk never influence the output.
 """
@@ -20,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastgrpo.rollout.speculative.tree import DraftTree
+from fastgrpo.rollout.speculative.tree import DraftTree, children_table
 
 
 @dataclass(frozen=True)
@@ -81,3 +93,66 @@ def verify_sampled(tree: DraftTree, sampling_logp: torch.Tensor, uniforms: torch
     """Sample-matching. sampling_logp (B, N, V): the target's sampling distribution at each node
     (sampler.sampling_logprobs); uniforms (B, N) i.i.d. U[0, 1) from each sequence's generator."""
     return accept_path(tree, sample_inverse_cdf(sampling_logp, uniforms))
+
+
+def sample_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row from (unnormalised) probabilities, by inverse CDF. probs (B, V), uniforms (B,)."""
+    cdf = probs.cumsum(-1)  # (B, V)
+    target = uniforms.double()[:, None] * cdf[:, -1:]  # (B, 1)
+    return torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[-1] - 1)[:, 0]
+
+
+def verify_rrs(tree: DraftTree, sampling_logp: torch.Tensor, draft_logq: torch.Tensor, candidate: torch.Tensor,
+               uniforms: torch.Tensor) -> VerifyResult:
+    """Recursive rejection sampling down a tree of drawn children.
+
+    sampling_logp (B, N, V) the target's sampling distribution at each node; draft_logq (B, N, V)
+    the distribution each node's children were drawn from (without replacement, in index order);
+    candidate (B, N) False for draws past q's support; uniforms (B, >= D+1, >= C+1) i.i.d. U[0, 1),
+    C the most children of a node: at each depth one per child test and the last for the bonus.
+    """
+    B, N = tree.tokens.shape
+    dev = tree.tokens.device
+    kids = children_table(tree.parents, candidate)  # (B, N, C)
+    C = kids.shape[-1]
+    D = int(tree.depths.max())
+    assert uniforms.shape[0] == B and uniforms.shape[1] >= D + 1 and uniforms.shape[2] >= C + 1, uniforms.shape
+    rows = torch.arange(B, device=dev)
+    node = torch.zeros(B, dtype=torch.long, device=dev)  # (B,) where each walk stands
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    path, emitted = [node], []
+    for depth in range(D + 1):
+        p = sampling_logp[rows, node].double().exp()  # (B, V)
+        q = draft_logq[rows, node].double().exp()  # (B, V)
+        nxt = torch.full_like(node, -1)  # (B,) accepted child
+        for i in range(C):
+            child = kids[rows, node, i]  # (B,)
+            live = ~done & (nxt < 0) & (child >= 0)
+            x = tree.tokens[rows, child.clamp(min=0)][:, None]  # (B, 1)
+            px, qx = p.gather(1, x)[:, 0], q.gather(1, x)[:, 0]
+            accept = live & (uniforms[:, depth, i] * qx < px)  # u < p/q without dividing by q = 0
+            nxt = torch.where(accept, child, nxt)
+            reject = (live & ~accept)[:, None]
+            residual = (p - q).clamp(min=0)  # (B, V)
+            mass = residual.sum(-1, keepdim=True)
+            # mass 0 means p == q, where a rejection has probability 0: keep p
+            p = torch.where(reject & (mass > 0), residual / mass.clamp(min=1e-300), p)
+            rest = q.scatter(1, x, 0.0)
+            q = torch.where(reject, rest / rest.sum(-1, keepdim=True).clamp(min=1e-300), q)
+        bonus = sample_probs(p, uniforms[:, depth, -1])  # (B,) from the last residual
+        stop = ~done & (nxt < 0)
+        last = emitted[-1] if emitted else bonus
+        emitted.append(torch.where(stop, bonus, torch.where(done, last, tree.tokens[rows, nxt.clamp(min=0)])))
+        node = torch.where(done | stop, node, nxt)
+        path.append(node)
+        done = done | stop
+        if bool(done.all()):  # one host sync per depth; deeper rounds would only pad
+            break
+    tokens = torch.stack(emitted, dim=1)  # (B, m+1)
+    path_t = torch.stack(path[:-1], dim=1)  # (B, m+1): root, a_1 .. a_m, then padding
+    accepted = tree.depths.gather(1, node[:, None])[:, 0]  # (B,)
+    pad = D + 1 - tokens.shape[1]
+    if pad:
+        tokens = torch.cat([tokens, tokens[:, -1:].expand(B, pad)], dim=1)
+        path_t = torch.cat([path_t, path_t[:, -1:].expand(B, pad)], dim=1)
+    return VerifyResult(accepted, path_t, tokens)
