@@ -1,7 +1,11 @@
 """The concurrency-aware controller formula on hand-computed cases (paper defaults)."""
+import math
+
 import pytest
 
+from fastgrpo.rollout.calibration import knee
 from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy, adaptive_tree
+from fastgrpo.rollout.online_calibration import OnlineCalibrator, RefineConfig
 from fastgrpo.rollout.speculative.drafter import TreeShape
 
 DEFAULTS = ControllerConfig()  # C_peak 160, N_max 160, K_max 8, L 3..5, alpha 0.75
@@ -44,11 +48,15 @@ def test_modes():
 def test_knee_by_hand():
     from fastgrpo.rollout.calibration import knee
 
-    # flat at 10 ms up to the knee, then 0.5 ms per token: 10 = 0.5 * T -> T = 20
-    pts = [(1, 0.010), (4, 0.010), (8, 0.011), (16, 0.010), (64, 0.032), (128, 0.064)]
-    assert abs(knee(pts) - 20.0) < 1e-6
-    # never leaves the flat regime: the knee is at least the largest count swept
-    assert knee([(1, 0.01), (2, 0.01), (4, 0.01)]) == 4.0
+    # flat at 10 ms up to the knee, then 0.5 ms per token: 10 = 0.5 * T -> T = 20 (exact data)
+    pts = [(1, 0.010), (4, 0.010), (8, 0.010), (16, 0.010), (64, 0.032), (128, 0.064)]
+    assert abs(knee(pts) / 20.0 - 1) < 0.01  # grid resolution: 512 steps over log(128)
+    # +-10% noise on the same curve moves it little
+    noisy = [(1, 0.011), (4, 0.009), (8, 0.0105), (16, 0.0095), (64, 0.035), (128, 0.060)]
+    assert abs(knee(noisy) / 20.0 - 1) < 0.15
+    # never leaves the flat regime: the largest count swept; all on the slope: the smallest
+    assert knee([(1, 0.01), (2, 0.01), (4, 0.01)]) == pytest.approx(4.0)
+    assert knee([(8, 0.008), (16, 0.016), (32, 0.032)]) == pytest.approx(8.0)
 
 
 def test_profile_cli_writes_a_keyed_calibration(tiny_dir, tmp_path):
@@ -62,25 +70,45 @@ def test_profile_cli_writes_a_keyed_calibration(tiny_dir, tmp_path):
     assert Calibration.load(out, str(tiny_dir), "cuda:0", "bfloat16") is None
 
 
-def test_status_reports_profiled_c_peak_and_the_live_tree(tiny_dir, tmp_path, start_service):
+def _adaptive_client(tiny_dir, tmp_path, start_service, profiled_c_peak: float):
+    """A service in adaptive mode whose calibration file holds `profiled_c_peak` for the tiny model."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fastgrpo.client import RolloutClient, Sampling
+    from fastgrpo.client import RolloutClient
     from fastgrpo.rollout.calibration import Calibration
     from fastgrpo.rollout.speculative.draft import DraftHead
 
-    Calibration(24.0, str(tiny_dir), "cpu", "float32", [(1, 0.01), (2, 0.01), (64, 0.03)]).save(tmp_path / "cal.json")
+    cal = tmp_path / "cal.json"
+    Calibration(profiled_c_peak, str(tiny_dir), "cpu", "float32", [(1, 0.01), (2, 0.01), (64, 0.03)]).save(cal)
     torch.manual_seed(0)
     DraftHead.for_target(AutoModelForCausalLM.from_pretrained(str(tiny_dir))).save(tmp_path / "draft")
-    app = start_service(tiny_dir, draft=str(tmp_path / "draft"), spec_mode="adaptive", calibration=str(tmp_path / "cal.json"),
-                        max_running=4)
-    client = RolloutClient(f"127.0.0.1:{app.port}")
+    app = start_service(tiny_dir, draft=str(tmp_path / "draft"), spec_mode="adaptive", calibration=str(cal), max_running=4)
+    return RolloutClient(f"127.0.0.1:{app.port}")
+
+
+def test_status_reports_profiled_c_peak_and_the_live_tree(tiny_dir, tmp_path, start_service):
+    from fastgrpo.client import Sampling
+
+    client = _adaptive_client(tiny_dir, tmp_path, start_service, 24.0)
     client.generate_batch([[1, 2, 3]], 1, Sampling(temperature=0.0, max_new_tokens=6, ignore_eos=True))
     spec = client.status().speculation
     # C_peak 24 from the profile; B = 1: N = 24, K = 8, L = clamp(floor(log2(32)) = 5, 3, 5) = 5
     assert (spec.mode, spec.c_peak, spec.c_peak_source) == ("adaptive", 24.0, "profile")
     assert (spec.batch_size, spec.n_verify, spec.width, spec.depth) == (1, 24, 8, 5)
+    assert (spec.c_peak_start, spec.c_peak_start_source, spec.c_peak_updates) == (24.0, "profile", 0)
+
+
+def test_status_shows_the_online_estimate_beside_the_profile(tiny_dir, tmp_path, start_service):
+    """A real server refines C_peak from its own decode steps: after enough of them GetStatus
+    reports the online value with its source, and still the profile's value it started from."""
+    from fastgrpo.client import Sampling
+
+    client = _adaptive_client(tiny_dir, tmp_path, start_service, 96.0)
+    client.generate_batch([[1, 2, 3], [4, 5]], 1, Sampling(temperature=0.0, max_new_tokens=200, ignore_eos=True))
+    spec = client.status().speculation
+    assert (spec.c_peak_start, spec.c_peak_start_source) == (96.0, "profile")
+    assert spec.c_peak_source == "online" and spec.c_peak_updates >= 1 and spec.c_peak != 96.0
 
 
 def test_missing_calibration_is_profiled_at_start_and_saved(tiny_dir, tmp_path, start_service):
@@ -100,3 +128,51 @@ def test_missing_calibration_is_profiled_at_start_and_saved(tiny_dir, tmp_path, 
     assert saved is not None and len(saved.points) >= 3
     spec = RolloutClient(f"127.0.0.1:{app.port}").status().speculation
     assert spec.c_peak_source == "profile" and spec.c_peak == saved.c_peak
+
+
+# ------------------------------------------------------------------ online refinement of C_peak
+def _roofline_ms(tokens: int, knee_tokens: float = 24.0, noise: float = 0.05) -> float:
+    """A device whose forward costs 20 ms up to `knee_tokens` tokens, then grows linearly, with a
+    deterministic +-noise wobble (so medians, not luck, carry the estimate)."""
+    wobble = 1 + noise * math.sin(tokens * 12.9898 + 78.233)
+    return 0.020 * max(1.0, tokens / knee_tokens) * wobble
+
+
+def _run_online(start: float, steps: int, batch_size: int = 1) -> list[float]:
+    """Drives the calibrator the way the engine does: each step's trees are sized from
+    step_c_peak() (N = C / B per sequence), and the forward's tokens and latency are observed."""
+    cal = OnlineCalibrator(start, "configured", RefineConfig())
+    trace = []
+    for _ in range(steps):
+        n = max(1, math.floor(cal.step_c_peak() / batch_size))
+        tokens = batch_size * n
+        cal.observe(tokens, _roofline_ms(tokens))
+        trace.append(cal.c_peak)
+    assert cal.source == "online" and cal.initial == (start, "configured")
+    return trace
+
+
+@pytest.mark.parametrize("factor", [4.0, 0.25])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_online_c_peak_converges_from_a_wrong_start(factor, batch_size):
+    # the offline profile's answer on the same device: a full sweep through the same knee rule
+    profiled = knee([(t, _roofline_ms(t)) for t in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)])
+    assert abs(profiled / 24.0 - 1) < 0.1
+    trace = _run_online(profiled * factor, 200, batch_size)
+    within = [abs(c / profiled - 1) <= 0.25 for c in trace]
+    first = within.index(True)
+    assert all(within[first:]), f"left the 25% band after step {first}: {trace[first:]}"
+    assert first < 200
+
+
+def test_online_refinement_off_keeps_c_peak():
+    cal = OnlineCalibrator(96.0, "profile", RefineConfig(enabled=False))
+    for _ in range(100):
+        cal.observe(int(cal.step_c_peak()), 0.5)
+    assert (cal.c_peak, cal.source, cal.updates) == (96.0, "profile", 0)
+
+
+def test_depth_never_exceeds_what_n_verify_can_hold():
+    # B=60 under C_peak 160: N=2 leaves room for one draft token, so L=1 (not L_min=3)
+    assert adaptive_tree(60, DEFAULTS) == TreeShape(1, 1, 2)
+    assert adaptive_tree(50, DEFAULTS) == TreeShape(2, 2, 3)

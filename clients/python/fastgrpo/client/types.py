@@ -116,7 +116,8 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Speculation:
-    """Speculative decoding now: mode, C_peak and its source, live B and the latest tree (0 = plain)."""
+    """Speculative decoding now: mode, C_peak and its source, live B and the latest tree (0 = plain),
+    and the C_peak the server started with (the online estimate moves away from it)."""
 
     mode: str
     c_peak: float
@@ -125,6 +126,9 @@ class Speculation:
     n_verify: int
     width: int
     depth: int
+    c_peak_start: float
+    c_peak_start_source: str
+    c_peak_updates: int
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,8 @@ class Status:
                             m.device, m.eos_token_id),
             speculation=Speculation(s.speculation.mode, s.speculation.c_peak, s.speculation.c_peak_source,
                                     s.speculation.batch_size, s.speculation.n_verify, s.speculation.width,
-                                    s.speculation.depth),
+                                    s.speculation.depth, s.speculation.c_peak_start,
+                                    s.speculation.c_peak_start_source, s.speculation.c_peak_updates),
         )
 
 

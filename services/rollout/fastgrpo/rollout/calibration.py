@@ -3,11 +3,13 @@ grow linearly with them (the roofline knee, FastGRPO appendix B).
 
 A sweep times real target forwards over token counts T (one sequence verifying T tokens after a
 realistic context). Latency is flat while the forward is bound by reading the weights and grows
-like c * T once compute dominates; C_peak is where the flat level meets the linear asymptote.
+like c * T once compute dominates; C_peak is where the flat level meets the linear asymptote
+(`knee`). The online refinement (online_calibration.py) fits the same model to live steps.
 """
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,22 +55,26 @@ def calibration_key(model: str, device: str, dtype: str) -> str:
     return f"{model}|{device}|{dtype}"
 
 
-def knee(points: list[tuple[int, float]]) -> float:
-    """Tokens where the flat latency level meets the linear asymptote of the largest token counts.
+def knee(points: list[tuple[int, float]], grid: int = 512) -> float:
+    """Tokens T* of the roofline latency(T) = max(t0, t0 * T / T*) fitted to the points.
 
-    points: (tokens, seconds), at least 3 distinct token counts. Flat level = the lowest latency among
-    the smaller half of the counts (robust to a slow first call); asymptote = the line through the
-    two largest counts.
+    points: (tokens, seconds), at least 3 distinct token counts. The fit is least squares in log
+    space, where the model is flat at log t0 and then rises with slope 1: for each candidate log T*
+    on a grid over the swept range, the best log t0 is the mean residual. The result lies within
+    the swept counts: the smallest when every point is already on the slope, the largest when
+    latency never left the flat level. Using every point (not just the two largest) keeps the fit
+    stable on noisy timings and consistent between a full sweep and the few token counts the
+    online refinement sees.
     """
-    pts = sorted(points)
-    if len(pts) < 3:
-        raise ValueError("need at least 3 points")
-    t0 = min(sec for _, sec in pts[: max(1, len(pts) // 2)])
-    (ta, la), (tb, lb) = pts[-2], pts[-1]
-    slope = (lb - la) / (tb - ta)
-    if slope <= 0:  # never left the flat regime: the knee is past the sweep
-        return float(tb)
-    return max(float(pts[0][0]), ta + (t0 - la) / slope)
+    if len({t for t, _ in points}) < 3:
+        raise ValueError("need at least 3 distinct token counts")
+    x = torch.tensor([math.log(t) for t, _ in points], dtype=torch.float64)  # (P,)
+    y = torch.tensor([math.log(sec) for _, sec in points], dtype=torch.float64)  # (P,)
+    b = torch.linspace(float(x.min()), float(x.max()), grid, dtype=torch.float64)  # (G,) candidate log T*
+    rise = (x[None, :] - b[:, None]).clamp(min=0)  # (G, P) model above the flat level
+    a = (y[None, :] - rise).mean(1, keepdim=True)  # (G, 1) best log t0 per candidate
+    sse = ((y[None, :] - a - rise) ** 2).sum(1)  # (G,)
+    return float(b[int(sse.argmin())].exp())
 
 
 @torch.inference_mode()

@@ -8,7 +8,10 @@ budget and depth logarithmically (acceptance decays with depth):
     K        = min(N_verify - 1, K_max)
     L        = clamp(floor(log2(N_verify / alpha)), L_min, L_max)
 
-The tree is further capped by what K and L can hold (K + (L-1) K^2 candidates plus the root).
+L is further capped at N_verify - 1 (a tree of N_verify nodes is never deeper, so deeper draft
+levels could not be verified and would only cost draft forwards), and the tree by what K and L can
+hold (K + (L-1) K^2 candidates plus the root). C_peak itself may move while the server runs
+(online_calibration.py).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fastgrpo.common.cli import help_field
+from fastgrpo.rollout.online_calibration import OnlineCalibrator
 from fastgrpo.rollout.speculative.drafter import TreeShape
 
 SpecMode = Literal["adaptive", "static", "off"]
@@ -32,14 +36,15 @@ class ControllerConfig:
     alpha: float = help_field(0.75, "depth scaling: L = floor(log2(N_verify / alpha))")
 
 
-def adaptive_tree(batch_size: int, cfg: ControllerConfig) -> TreeShape | None:
-    """The tree for B running sequences, or None when speculation does not pay (N_verify < 2)."""
+def adaptive_tree(batch_size: int, cfg: ControllerConfig, c_peak: float | None = None) -> TreeShape | None:
+    """The tree for B running sequences, or None when speculation does not pay (N_verify < 2).
+    c_peak overrides cfg.c_peak (the live, refined value)."""
     assert batch_size >= 1
-    n = min(math.floor(cfg.c_peak / batch_size), cfg.n_max)
+    n = min(math.floor((cfg.c_peak if c_peak is None else c_peak) / batch_size), cfg.n_max)
     if n < 2:
         return None
     k = min(n - 1, cfg.k_max)
-    depth = min(max(math.floor(math.log2(n / cfg.alpha)), cfg.l_min), cfg.l_max)
+    depth = min(max(math.floor(math.log2(n / cfg.alpha)), cfg.l_min), cfg.l_max, n - 1)
     pool = k + (depth - 1) * k * k
     return TreeShape(width=k, depth=depth, n_verify=min(n, pool + 1))
 
@@ -53,18 +58,30 @@ class SpecPolicy:
     controller: ControllerConfig = ControllerConfig()
     static_tree: TreeShape = TreeShape(width=4, depth=5, n_verify=16)
     verify: str = "rrs"
+    calibrator: OnlineCalibrator | None = None  # holds the live C_peak when refined online
 
-    def tree_for(self, batch_size: int, mode: SpecMode | None = None) -> TreeShape | None:
+    @property
+    def c_peak(self) -> float:
+        return self.calibrator.c_peak if self.calibrator is not None else self.controller.c_peak
+
+    def step_c_peak(self) -> float:
+        """The C_peak this decode step sizes adaptive trees for (call once per step: the online
+        calibrator explores around its estimate on some steps)."""
+        return self.calibrator.step_c_peak() if self.calibrator is not None else self.controller.c_peak
+
+    def tree_for(self, batch_size: int, mode: SpecMode | None = None, c_peak: float | None = None) -> TreeShape | None:
         mode = mode or self.mode
         if mode == "off":
             return None
         if mode == "static":
             return self.static_tree
-        return adaptive_tree(batch_size, self.controller)
+        return adaptive_tree(batch_size, self.controller, self.c_peak if c_peak is None else c_peak)
 
     def max_nodes(self) -> int:
-        """Most tree nodes any step can verify: the cache headroom a sequence needs."""
-        adaptive = adaptive_tree(1, self.controller)
+        """Most tree nodes any step can verify: the cache headroom a sequence needs. With online
+        refinement C_peak may grow until N_verify reaches N_max."""
+        top = self.controller.n_max if self.calibrator is not None else None
+        adaptive = adaptive_tree(1, self.controller, top)
         return max(self.static_tree.n_verify, adaptive.n_verify if adaptive else 0)
 
     def draft_headroom(self) -> int:

@@ -20,6 +20,7 @@ from fastgrpo.rollout.engine.model_runner import ModelRunner
 from fastgrpo.rollout.engine.types import InvalidRequest
 from fastgrpo.rollout.calibration import DEFAULT_SWEEP, Calibration, knee, profile
 from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy
+from fastgrpo.rollout.online_calibration import OnlineCalibrator, RefineConfig
 from fastgrpo.rollout.draft_learning.online import OnlineConfig, OnlineDraftLearner
 from fastgrpo.rollout.speculative.decode import VERIFY_RULES
 from fastgrpo.rollout.speculative.draft import DraftHead
@@ -56,6 +57,8 @@ class ServeConfig:
     spec_verify: str = help_field("rrs", "how sampled sequences verify: rrs (children drawn from the draft, recursive rejection sampling) or match (top-K children, sample-matching); greedy always matches exactly")
     c_peak: float = help_field(160.0, "adaptive: tokens per target forward at the compute knee (160 is the paper's GPU figure; measure yours)")
     calibration: str = help_field("", "adaptive: calibration file from `fastgrpo-rollout profile`; its entry for this model, device and dtype sets C_peak (missing: profiled at start and saved)")
+    c_peak_refine: bool = help_field(True, "adaptive: refine C_peak online from the latencies of the decode steps served (GetStatus shows both)")
+    c_peak_explore_every: int = help_field(4, "adaptive, online refinement: every n-th step sizes its trees for 2x or 1/2x C_peak to see both sides of the knee (0 = never)")
     profile_budget_s: float = help_field(60.0, "adaptive: time bound of the start-up profile when the calibration file lacks this model")
     n_max: int = help_field(160, "adaptive: largest N_verify")
     k_max: int = help_field(8, "adaptive: largest K")
@@ -87,7 +90,6 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         self.engine = engine
         self.policy = policy
         self.draft = draft
-        self.c_peak_source = "configured"
         self.tokenizer = tokenizer
         self.model_info = model_info
 
@@ -196,10 +198,13 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         if policy is None:
             return pb.SpeculationStatus()
         tree = self.engine.last_tree
+        cal = policy.calibrator
+        c_peak, source = cal.snapshot()
         return pb.SpeculationStatus(
-            mode=policy.mode, c_peak=policy.controller.c_peak, c_peak_source=self.c_peak_source,
+            mode=policy.mode, c_peak=c_peak, c_peak_source=source,
             batch_size=self.engine.last_batch_size, n_verify=tree.n_verify if tree else 0,
             width=tree.width if tree else 0, depth=tree.depth if tree else 0,
+            c_peak_start=cal.initial[0], c_peak_start_source=cal.initial[1], c_peak_updates=cal.updates,
         )
 
 
@@ -264,14 +269,16 @@ def build_app(cfg: ServeConfig) -> RolloutApp:
     # the largest tree any mode can verify bounds the cache headroom, whatever C_peak turns out to be
     headroom = max(cfg.spec_n_verify, cfg.n_max) if cfg.draft else 0
     runner = ModelRunner.load(cfg.model, dtype, device, cfg.max_running, cfg.max_context or None, headroom)
-    policy, c_peak_source = None, "configured"
+    policy = None
     if cfg.draft:
         c_peak, c_peak_source = calibrated_c_peak(cfg, runner, device, dtype)
+        refine = RefineConfig(enabled=cfg.c_peak_refine, explore_every=cfg.c_peak_explore_every)
         policy = SpecPolicy(
             cfg.spec_mode,
             ControllerConfig(c_peak, cfg.n_max, cfg.k_max, cfg.l_min, cfg.l_max, cfg.alpha),
             TreeShape(cfg.spec_width, cfg.spec_depth, cfg.spec_n_verify),
             cfg.spec_verify,
+            OnlineCalibrator(c_peak, c_peak_source, refine),
         )
     tokenizer = AutoTokenizer.from_pretrained(cfg.model) if (Path(cfg.model) / "tokenizer_config.json").exists() else None
     eos = runner.config.eos_token_id
@@ -298,8 +305,6 @@ def build_app(cfg: ServeConfig) -> RolloutApp:
             every_n_batches=cfg.draft_every_n_batches, buffer_bytes=cfg.draft_buffer_bytes,
             batch_size=cfg.draft_batch_size, max_steps_per_round=cfg.draft_max_steps, lr=cfg.draft_lr)))
     servicer = RolloutServicer(engine, WeightStore(runner.model), tokenizer, info, draft_store)
-    if policy is not None:
-        servicer.c_peak_source = c_peak_source
     interceptors = [BearerAuth(cfg.auth_token)] if cfg.auth_token else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.workers),

@@ -123,6 +123,8 @@ class Engine:
             raise ValueError(f"the KV cache needs {policy.max_nodes()} positions of headroom for the largest tree")
         self.runner = runner
         self.spec = SpecDecoder(runner, drafter, policy.verify) if drafter is not None else None
+        if policy is not None and policy.calibrator is not None:
+            runner.on_decode_forward = policy.calibrator.observe
         self.policy = policy
         self.draft_learner = None  # OnlineDraftLearner, attached by the server
         self.last_tree: TreeShape | None = None  # tree of the latest decode step (None: plain)
@@ -322,14 +324,15 @@ class Engine:
             return [(None, seqs)]
         B = len(seqs)
         self.last_batch_size = B
+        c_peak = self.policy.step_c_peak()
         trees: dict[str | None, TreeShape | None] = {}  # per request mode, computed once per step
         groups: dict[TreeShape | None, list[Sequence]] = {}
         for s in seqs:
             mode = s.handle.request.spec_mode
             if mode not in trees:
-                trees[mode] = self.policy.tree_for(B, mode)
+                trees[mode] = self.policy.tree_for(B, mode, c_peak)
             groups.setdefault(trees[mode], []).append(s)
-        self.last_tree = trees[None] if None in trees else self.policy.tree_for(B)
+        self.last_tree = trees[None] if None in trees else self.policy.tree_for(B, None, c_peak)
         return list(groups.items())
 
     def _spec_decode(self, seqs: list[Sequence], tree: TreeShape) -> None:

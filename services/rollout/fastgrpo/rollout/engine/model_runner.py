@@ -11,6 +11,8 @@ self_attn (q/k/v/o projections, optional q/k norms) and a gated MLP, rotary posi
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +150,8 @@ class ModelRunner:
             self.num_layers, num_slots, self.num_kv_heads, self.max_len + headroom, self.head_dim, self.dtype, self.device
         )
         self.num_slots = num_slots
+        # called with (tokens, seconds) after every decode or verify forward (online C_peak refinement)
+        self.on_decode_forward: Callable[[int, float], None] | None = None
 
     @staticmethod
     def load(path: str | Path, dtype: torch.dtype, device: str, num_slots: int, max_len: int | None = None,
@@ -164,6 +168,17 @@ class ModelRunner:
         """
         B, Q = batch.tokens.shape
         assert int(batch.starts.max()) + Q <= self.cache.max_len, "write past the end of the KV cache"
+        observe = self.on_decode_forward if logits_at is None else None  # prefill is not a decode step
+        t0 = time.perf_counter() if observe is not None else 0.0
+        out = self._forward(batch, logits_at)
+        if observe is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            observe(B * Q, time.perf_counter() - t0)
+        return out
+
+    def _forward(self, batch: ForwardBatch, logits_at: torch.Tensor | None) -> ForwardOutput:
+        B, Q = batch.tokens.shape
         inner = self.model.model
         h = inner.embed_tokens(batch.tokens)  # (B, Q, H)
         cos, sin = inner.rotary_emb(h, batch.positions)  # (B, Q, D) each

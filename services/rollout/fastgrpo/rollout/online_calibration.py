@@ -1,0 +1,100 @@
+"""Online refinement of C_peak from the decode steps the server runs anyway.
+
+Every decode forward (plain or tree verification) is a point (tokens in the forward, seconds) on
+the same latency curve the offline profile sweeps. Points are kept per half-octave bucket of token
+counts (a window of recent latencies each, medians against noise), and every `update_every`
+observations C_peak is re-estimated with the profile's own knee rule over the bucket medians.
+
+Live steps alone would all sit near tokens = C_peak and could not tell where the knee is, so every
+`explore_every`-th step verifies trees sized for 2 x C_peak or C_peak / 2 (alternating): the
+flat level shows below, the linear asymptote above. A wrong start converges geometrically: from
+too high every point is on the slope and the knee lands at the smallest of them, from too low every
+point is flat and the estimate moves to the largest; each update moves at most `max_change` times.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+from fastgrpo.common.cli import help_field
+from fastgrpo.rollout.calibration import knee
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    enabled: bool = help_field(True, "refine C_peak online from measured decode-step latencies")
+    explore_every: int = help_field(4, "every n-th adaptive step sizes its trees for 2x or 1/2x C_peak (0 = never explore)")
+    update_every: int = help_field(16, "observed forwards between C_peak re-estimates")
+    window: int = help_field(32, "latencies kept per token-count bucket")
+    min_samples: int = help_field(3, "latencies a bucket needs before it counts")
+    max_change: float = help_field(2.0, "largest factor C_peak moves by in one update")
+    c_min: float = help_field(2.0, "lower bound of C_peak")
+    c_max: float = help_field(8192.0, "upper bound of C_peak")
+
+
+def bucket_of(tokens: int) -> int:
+    """Half-octave bucket of a token count: 1, 2, 3 (~2.8), 4, 6 (~5.7), 8, 11, 16, ..."""
+    return round(2 * math.log2(tokens))
+
+
+class OnlineCalibrator:
+    """Holds the live C_peak: `step_c_peak` sizes one step's trees, `observe` feeds back its latency.
+
+    Thread-safe: the engine thread steps and observes, servicer threads read `c_peak` and `source`.
+    """
+
+    def __init__(self, c_peak: float, source: str, cfg: RefineConfig = RefineConfig()):
+        self.cfg = cfg
+        self.c_peak = float(c_peak)
+        self.source = source
+        self.initial = (float(c_peak), source)
+        self.updates = 0
+        self._buckets: dict[int, deque[tuple[int, float]]] = {}
+        self._steps = 0
+        self._since_update = 0
+        self._lock = threading.Lock()
+
+    def step_c_peak(self) -> float:
+        """The C_peak one decode step sizes its trees for (called once per step)."""
+        if not self.cfg.enabled:
+            return self.c_peak
+        self._steps += 1
+        every = self.cfg.explore_every
+        if every and self._steps % every == 0:
+            return self.c_peak * (2.0 if (self._steps // every) % 2 else 0.5)
+        return self.c_peak
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """One decode forward over `tokens` tokens took `seconds`."""
+        if not self.cfg.enabled or tokens < 1:
+            return
+        window = self._buckets.setdefault(bucket_of(tokens), deque(maxlen=self.cfg.window))
+        window.append((tokens, seconds))
+        self._since_update += 1
+        if self._since_update >= self.cfg.update_every:
+            self._since_update = 0
+            self._update()
+
+    def points(self) -> list[tuple[int, float]]:
+        """(median tokens, median seconds) of every bucket with enough samples, by tokens."""
+        return sorted(
+            (round(statistics.median(t for t, _ in w)), statistics.median(s for _, s in w))
+            for w in self._buckets.values() if len(w) >= self.cfg.min_samples
+        )
+
+    def _update(self) -> None:
+        pts = self.points()
+        if len(pts) < 3:
+            return
+        cfg = self.cfg
+        c = min(max(knee(pts), self.c_peak / cfg.max_change, cfg.c_min), self.c_peak * cfg.max_change, cfg.c_max)
+        with self._lock:
+            self.c_peak, self.source = c, "online"
+            self.updates += 1
+
+    def snapshot(self) -> tuple[float, str]:
+        with self._lock:
+            return self.c_peak, self.source
