@@ -176,3 +176,14 @@ def test_depth_never_exceeds_what_n_verify_can_hold():
     # B=60 under C_peak 160: N=2 leaves room for one draft token, so L=1 (not L_min=3)
     assert adaptive_tree(60, DEFAULTS) == TreeShape(1, 1, 2)
     assert adaptive_tree(50, DEFAULTS) == TreeShape(2, 2, 3)
+
+
+def test_exploration_backs_off_once_c_peak_settles():
+    cal = OnlineCalibrator(24.0, "profile", RefineConfig())
+    explored = []
+    for _ in range(600):
+        c = cal.step_c_peak()
+        explored.append(c != cal.c_peak)
+        cal.observe(max(1, math.floor(c)), _roofline_ms(max(1, math.floor(c))))
+    assert sum(explored[:32]) == 8  # every 4th step until updates show the estimate settled
+    assert sum(explored[-200:]) <= 200 // 16  # settled: at most one step in 16 (the interval reaches 64)

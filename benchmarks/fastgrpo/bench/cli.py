@@ -9,6 +9,7 @@ from fastgrpo.common.cli import add_dataclass_args, from_args
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fastgrpo.bench.calibrate import CalibrateBenchConfig, run as run_calibrate
     from fastgrpo.bench.concurrency import ConcurrencyBenchConfig, run as run_concurrency
     from fastgrpo.bench.spec import SpecBenchConfig, run as run_spec
 
@@ -18,12 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_args(spec, SpecBenchConfig)
     conc = sub.add_parser("concurrency", help="speculation modes adaptive / static / off across batch sizes and a GRPO batch")
     add_dataclass_args(conc, ConcurrencyBenchConfig)
+    cal = sub.add_parser("calibrate", help="online C_peak refinement from 4x too high and 4x too low vs the profile")
+    add_dataclass_args(cal, CalibrateBenchConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.suite == "spec":
         run_spec(from_args(SpecBenchConfig, args))
     elif args.suite == "concurrency":
         run_concurrency(from_args(ConcurrencyBenchConfig, args))
+    elif args.suite == "calibrate":
+        run_calibrate(from_args(CalibrateBenchConfig, args))
     return 0
 
 

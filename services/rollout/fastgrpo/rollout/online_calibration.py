@@ -7,7 +7,8 @@ observations C_peak is re-estimated with the profile's own knee rule over the bu
 
 Live steps alone would all sit near tokens = C_peak and could not tell where the knee is, so every
 `explore_every`-th step verifies trees sized for 2 x C_peak or C_peak / 2 (alternating): the
-flat level shows below, the linear asymptote above. A wrong start converges geometrically: from
+flat level shows below, the linear asymptote above. Exploring costs throughput, so once updates
+stop moving C_peak (by under 10%) the interval doubles, up to `explore_max`; a move resets it. A wrong start converges geometrically: from
 too high every point is on the slope and the knee lands at the smallest of them, from too low every
 point is flat and the estimate moves to the largest; each update moves at most `max_change` times.
 """
@@ -27,6 +28,7 @@ from fastgrpo.rollout.calibration import knee
 class RefineConfig:
     enabled: bool = help_field(True, "refine C_peak online from measured decode-step latencies")
     explore_every: int = help_field(4, "every n-th adaptive step sizes its trees for 2x or 1/2x C_peak (0 = never explore)")
+    explore_max: int = help_field(64, "longest exploration interval once C_peak has settled")
     update_every: int = help_field(16, "observed forwards between C_peak re-estimates")
     window: int = help_field(32, "latencies kept per token-count bucket")
     min_samples: int = help_field(3, "latencies a bucket needs before it counts")
@@ -54,6 +56,9 @@ class OnlineCalibrator:
         self.updates = 0
         self._buckets: dict[int, deque[tuple[int, float]]] = {}
         self._steps = 0
+        self._explored_at = 0
+        self._explore_every = cfg.explore_every
+        self._explorations = 0
         self._since_update = 0
         self._lock = threading.Lock()
 
@@ -62,10 +67,11 @@ class OnlineCalibrator:
         if not self.cfg.enabled:
             return self.c_peak
         self._steps += 1
-        every = self.cfg.explore_every
-        if every and self._steps % every == 0:
-            return self.c_peak * (2.0 if (self._steps // every) % 2 else 0.5)
-        return self.c_peak
+        if not self._explore_every or self._steps - self._explored_at < self._explore_every:
+            return self.c_peak
+        self._explored_at = self._steps
+        self._explorations += 1
+        return self.c_peak * (2.0 if self._explorations % 2 else 0.5)
 
     def observe(self, tokens: int, seconds: float) -> None:
         """One decode forward over `tokens` tokens took `seconds`."""
@@ -91,6 +97,8 @@ class OnlineCalibrator:
             return
         cfg = self.cfg
         c = min(max(knee(pts), self.c_peak / cfg.max_change, cfg.c_min), self.c_peak * cfg.max_change, cfg.c_max)
+        settled = abs(c / self.c_peak - 1) < 0.1
+        self._explore_every = (min(2 * self._explore_every, cfg.explore_max) if settled else cfg.explore_every)
         with self._lock:
             self.c_peak, self.source = c, "online"
             self.updates += 1
