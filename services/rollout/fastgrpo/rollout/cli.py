@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     app = build_app(cfg)
     # one machine-readable line, so scripts that pass --port 0 learn the port
     print(f"fastgrpo-rollout: serving on {cfg.host}:{app.port}", flush=True)
+    if app.http is not None:
+        print(f"fastgrpo-rollout: http on {cfg.host}:{app.http.port}", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

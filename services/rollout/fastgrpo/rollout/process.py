@@ -9,12 +9,15 @@ from pathlib import Path
 
 
 class ServiceProcess:
-    """Starts the rollout service on 127.0.0.1 and waits for its 'serving on HOST:PORT' line."""
+    """Starts the rollout service on 127.0.0.1 and waits for its 'serving on HOST:PORT' line
+    (and, with http_port, its 'http on HOST:PORT' line: `http_address`)."""
 
     def __init__(self, model_dir: str | Path, *extra: str, port: int = 0, host: str = "127.0.0.1",
-                 log_level: str = "WARNING", threads: int | None = None):
+                 log_level: str = "WARNING", threads: int | None = None, http_port: int | None = None):
         cmd = [sys.executable, "-m", "fastgrpo.rollout.cli", "serve", "--model", str(model_dir),
                "--host", host, "--port", str(port), "--log-level", log_level, *extra]
+        if http_port is not None:
+            cmd += ["--http-port", str(http_port)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if threads is not None:
             env["OMP_NUM_THREADS"] = str(threads)
@@ -28,6 +31,7 @@ class ServiceProcess:
             raise RuntimeError(f"rollout service did not start: {line!r}\n{''.join(self.stderr_lines[-30:])}")
         self.address = line.strip().rsplit(" ", 1)[-1]
         self.port = int(self.address.rsplit(":", 1)[1])
+        self.http_address = self.proc.stdout.readline().strip().rsplit(" ", 1)[-1] if http_port is not None else None
 
     def _drain_stderr(self) -> None:
         for line in self.proc.stderr:

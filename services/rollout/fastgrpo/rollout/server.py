@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from concurrent import futures
 from dataclasses import dataclass
@@ -14,10 +15,12 @@ from grpc_reflection.v1alpha import reflection
 from transformers import AutoTokenizer
 
 from fastgrpo.common.cli import help_field
+from fastgrpo.common.http import HttpSide
 from fastgrpo.rollout import convert
 from fastgrpo.rollout.engine.engine import Engine, EngineConfig
 from fastgrpo.rollout.engine.model_runner import ModelRunner
 from fastgrpo.rollout.engine.types import InvalidRequest
+from fastgrpo.rollout.metrics import RolloutMetrics
 from fastgrpo.rollout.calibration import DEFAULT_SWEEP, Calibration, knee, profile
 from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy
 from fastgrpo.rollout.online_calibration import OnlineCalibrator, RefineConfig
@@ -40,6 +43,7 @@ class ServeConfig:
     model: str = help_field(None, "HF model directory (config.json, safetensors, tokenizer) of the policy")
     host: str = help_field("127.0.0.1", "address to bind; 0.0.0.0 exposes the service to the network")
     port: int = help_field(50051, "gRPC port (0 picks a free one)")
+    http_port: int = help_field(-1, "HTTP side on --host: /metrics (Prometheus), /healthz, /readyz; 0 picks a free port, -1 = off")
     device: str = help_field("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1")
     dtype: str = help_field("auto", "weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
     max_running: int = help_field(64, "most sequences decoding at once (KV-cache slots)")
@@ -86,8 +90,9 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
 
 class RolloutServicer(pb_grpc.RolloutServiceServicer):
     def __init__(self, engine: Engine, policy: WeightStore, tokenizer, model_info: pb.ModelInfo,
-                 draft: WeightStore | None = None):
+                 draft: WeightStore | None = None, metrics: RolloutMetrics | None = None):
         self.engine = engine
+        self.metrics = metrics or RolloutMetrics()
         self.policy = policy
         self.draft = draft
         self.tokenizer = tokenizer
@@ -102,6 +107,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except OverflowError as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        self.metrics.requests.inc()
         context.add_callback(handle.cancel)  # client gone or deadline hit: free its slots
         for result in handle:
             text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True) if self.tokenizer else ""
@@ -130,6 +136,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             log.warning("weight update refused: %s", exc)
             context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         log.info("weights updated to version %d in %.3fs (%d bytes)", result.version, result.seconds, result.bytes_received)
+        self.metrics.weights_updated("policy" if store is self.policy else "draft", result.seconds, result.bytes_received)
         return pb.UpdateWeightsReply(
             target=header.target,
             version=result.version,
@@ -181,6 +188,10 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         )
 
     def GetStatus(self, request, context):
+        return self.status()
+
+    def status(self) -> pb.StatusReply:
+        """What GetStatus answers; the metrics layer reads it at every scrape."""
         snap = self.engine.snapshot()
         return pb.StatusReply(
             policy_version=self.policy.version,
@@ -235,11 +246,14 @@ class RolloutApp:
     engine: Engine
     servicer: RolloutServicer
     health: health.HealthServicer
+    http: HttpSide | None = None
 
     def stop(self, grace: float = 2.0) -> None:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.engine.shutdown()
+        if self.http is not None:
+            self.http.stop()
 
 
 def calibrated_c_peak(cfg: ServeConfig, runner: ModelRunner, device: str, dtype: torch.dtype) -> tuple[float, str]:
@@ -258,7 +272,25 @@ def calibrated_c_peak(cfg: ServeConfig, runner: ModelRunner, device: str, dtype:
 
 
 def build_app(cfg: ServeConfig) -> RolloutApp:
-    """Loads the model and starts serving on cfg.host:cfg.port."""
+    """Loads the model and starts serving on cfg.host:cfg.port (and the HTTP side on cfg.http_port)."""
+    # the deepest tree any mode can draft bounds the depth labels
+    metrics = RolloutMetrics(max(cfg.spec_depth, cfg.l_max) if cfg.draft else 0)
+    if cfg.http_port < 0:
+        return _load_and_serve(cfg, metrics)
+    # up before the model loads, so that probes see a live process that is not ready yet
+    ready = threading.Event()
+    http = HttpSide(metrics.registry, ready.is_set, cfg.host, cfg.http_port)
+    try:
+        app = _load_and_serve(cfg, metrics)
+    except BaseException:
+        http.stop()
+        raise
+    app.http = http
+    ready.set()
+    return app
+
+
+def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics) -> RolloutApp:
     if not cfg.model:
         raise ValueError("--model is required")
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
@@ -289,7 +321,7 @@ def build_app(cfg: ServeConfig) -> RolloutApp:
         drafter = Drafter(head, cfg.max_running, runner.cache.max_len + policy.draft_headroom())
         draft_store = WeightStore(head)
     engine = Engine(runner, eos_ids, EngineConfig(max_running=cfg.max_running, max_prefill_tokens=cfg.max_prefill_tokens),
-                    drafter, policy)
+                    drafter, policy, metrics)
     info = pb.ModelInfo(
         name=str(cfg.model),
         architecture=(runner.config.architectures or [type(runner.model).__name__])[0],
@@ -304,7 +336,8 @@ def build_app(cfg: ServeConfig) -> RolloutApp:
         engine.attach_draft_learner(OnlineDraftLearner(drafter.head, draft_store, OnlineConfig(
             every_n_batches=cfg.draft_every_n_batches, buffer_bytes=cfg.draft_buffer_bytes,
             batch_size=cfg.draft_batch_size, max_steps_per_round=cfg.draft_max_steps, lr=cfg.draft_lr)))
-    servicer = RolloutServicer(engine, WeightStore(runner.model), tokenizer, info, draft_store)
+    servicer = RolloutServicer(engine, WeightStore(runner.model), tokenizer, info, draft_store, metrics)
+    metrics.watch(servicer.status, engine.draft_learner)
     interceptors = [BearerAuth(cfg.auth_token)] if cfg.auth_token else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.workers),

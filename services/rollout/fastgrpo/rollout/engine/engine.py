@@ -18,6 +18,7 @@ import itertools
 import queue
 import secrets
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from fastgrpo.rollout.engine.types import (
     FinishReason,
     GenerationRequest,
     SpecCounts,
+    StepReport,
     validate_request,
 )
 from fastgrpo.rollout.speculative.decode import SpecDecoder, SpecState
@@ -52,11 +54,25 @@ class EngineConfig:
     max_queued: int = 100_000  # sequences waiting for a slot before Generate gets RESOURCE_EXHAUSTED
 
 
+class EngineObserver:
+    """Told what each step and each finished sequence did (the metrics layer); this one ignores it.
+
+    Called on the engine thread: implementations must be cheap (counter updates, no I/O).
+    """
+
+    def step_done(self, report: StepReport) -> None:
+        pass
+
+    def sequence_done(self, result: CompletionResult, seconds: float) -> None:
+        """result of a finished sequence; seconds from its request's submit to now."""
+
+
 class RequestHandle:
     """Results of one submitted request, in finishing order. Iterate to receive them."""
 
     def __init__(self, request: GenerationRequest, engine: "Engine"):
         self.request = request
+        self.submitted = time.perf_counter()
         self._engine = engine
         self._results: queue.Queue = queue.Queue()
         self._remaining = len(request.prompts) * request.num_samples
@@ -114,7 +130,8 @@ def sequence_seed(seed: int, prompt_index: int, sample_index: int) -> int:
 
 class Engine:
     def __init__(self, runner: ModelRunner, eos_token_ids: tuple[int, ...], config: EngineConfig = EngineConfig(),
-                 drafter: Drafter | None = None, policy: "SpecPolicy | None" = None):
+                 drafter: Drafter | None = None, policy: "SpecPolicy | None" = None,
+                 observer: EngineObserver | None = None):
         if config.max_running > runner.num_slots:
             raise ValueError(f"max_running {config.max_running} exceeds the cache's {runner.num_slots} slots")
         if (drafter is None) != (policy is None):
@@ -127,6 +144,7 @@ class Engine:
             runner.on_decode_forward = policy.calibrator.observe
         self.policy = policy
         self.draft_learner = None  # OnlineDraftLearner, attached by the server
+        self.observer = observer or EngineObserver()
         self.last_tree: TreeShape | None = None  # tree of the latest decode step (None: plain)
         self.last_batch_size = 0
         self.config = config
@@ -266,16 +284,27 @@ class Engine:
         return admitted
 
     def _step(self, admitted: list[Sequence]) -> None:
+        t0 = time.perf_counter()
         decoding = list(self._running)
         if admitted:
             self._prefill(admitted)
             self._running.extend(admitted)
+        first_token_at = time.perf_counter()
+        tokens_before = sum(len(s.generated) for s in decoding)
+        accept_lengths: list[int] = []
         if decoding:
             for tree, group in self._trees_for(decoding):
                 if tree is None:
                     self._decode(group)
                 else:
-                    self._spec_decode(group, tree)
+                    accept_lengths += self._spec_decode(group, tree)
+        self.observer.step_done(StepReport(
+            seconds=time.perf_counter() - t0,
+            batch_size=len(decoding),
+            decode_tokens=sum(len(s.generated) for s in decoding) - tokens_before,
+            first_token_seconds=tuple(first_token_at - s.handle.submitted for s in admitted),
+            accept_lengths=tuple(accept_lengths),
+        ))
         for seq in admitted + decoding:
             reason = self._finish_reason(seq)
             if reason is not None:
@@ -335,7 +364,8 @@ class Engine:
         self.last_tree = trees[None] if None in trees else self.policy.tree_for(B, None, c_peak)
         return list(groups.items())
 
-    def _spec_decode(self, seqs: list[Sequence], tree: TreeShape) -> None:
+    def _spec_decode(self, seqs: list[Sequence], tree: TreeShape) -> list[int]:
+        """One draft-and-verify step; returns the tokens each sequence's verify step emitted."""
         dev = self.runner.device
         steps = self.spec.step(
             slots=torch.tensor([s.slot for s in seqs], device=dev),
@@ -349,6 +379,7 @@ class Engine:
         for s, st in zip(seqs, steps):
             s.cached += st.accepted + 1  # the root and the accepted draft tokens are now in the cache
             self._append(s, st.tokens, st.logprobs)
+        return [st.accepted + 1 for st in steps]
 
     @staticmethod
     def _append(seq: Sequence, tokens: list[int], logprobs: list[float]) -> None:
@@ -399,18 +430,18 @@ class Engine:
         self._release(seq)
         if self.draft_learner is not None and reason != FinishReason.ABORT and seq.spec.pending_chunks:
             self.draft_learner.capture(SpecDecoder.captured(seq.spec))
-        seq.handle._deliver(
-            CompletionResult(
-                request_id=seq.handle.request.request_id,
-                prompt_index=seq.prompt_index,
-                sample_index=seq.sample_index,
-                token_ids=list(seq.generated),
-                logprobs=list(seq.logprobs),
-                finish_reason=reason,
-                policy_version=seq.min_version,
-                spec=SpecCounts(seq.spec.drafted, seq.spec.accepted, seq.spec.verify_steps,
-                                tuple(seq.spec.accepted_per_depth)),
-            )
+        result = CompletionResult(
+            request_id=seq.handle.request.request_id,
+            prompt_index=seq.prompt_index,
+            sample_index=seq.sample_index,
+            token_ids=list(seq.generated),
+            logprobs=list(seq.logprobs),
+            finish_reason=reason,
+            policy_version=seq.min_version,
+            spec=SpecCounts(seq.spec.drafted, seq.spec.accepted, seq.spec.verify_steps,
+                            tuple(seq.spec.accepted_per_depth)),
         )
+        self.observer.sequence_done(result, time.perf_counter() - seq.handle.submitted)
+        seq.handle._deliver(result)
         if self.draft_learner is not None and seq.handle._remaining == 0 and not seq.handle.cancelled:
             self.draft_learner.on_batch_done()

@@ -55,6 +55,17 @@ class CompletionResult:
 
 
 @dataclass(frozen=True)
+class StepReport:
+    """What one engine step did, for the metrics layer: counts and seconds only."""
+
+    seconds: float  # wall time: prefill of the admitted sequences, then one decode step
+    batch_size: int  # B: sequences in the decode step (0 when the step only prefilled)
+    decode_tokens: int  # tokens those B sequences gained (after stop / length truncation)
+    first_token_seconds: tuple[float, ...]  # per admitted sequence: its request's submit -> its first token
+    accept_lengths: tuple[int, ...]  # per speculatively decoded sequence: tokens its verify step emitted (accepted + 1)
+
+
+@dataclass(frozen=True)
 class EngineLimits:
     vocab_size: int
     max_context: int
