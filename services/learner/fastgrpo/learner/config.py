@@ -16,6 +16,8 @@ class LearnerConfig:
     output_dir: str = help_field("", "directory for checkpoints; empty = no checkpoints")
     resume: bool = help_field(False, "resume from the latest checkpoint in --output-dir")
     save_every: int = help_field(0, "save a checkpoint every N steps (0 = only at the end)")
+    http_host: str = help_field("127.0.0.1", "address of the HTTP side; 0.0.0.0 exposes it to the network")
+    http_port: int = help_field(-1, "HTTP side: /metrics (Prometheus), /healthz, /readyz while training; 0 picks a free port, -1 = off")
     # ---- task
     task: str = help_field("synthetic", "'synthetic' (built-in templated math) or a GSM8K-format JSONL path")
     test_task: str = help_field("", "GSM8K-format JSONL for evaluation (with a JSONL --task); empty = none")

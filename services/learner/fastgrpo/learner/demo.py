@@ -12,9 +12,12 @@ import time
 from fastgrpo.learner.config import LearnerConfig
 
 
-def run_demo(steps: int, prompts_per_step: int, group_size: int, eval_size: int, cache_dir: str | None) -> int:
+def run_demo(steps: int, prompts_per_step: int, group_size: int, eval_size: int, cache_dir: str | None,
+             http_port: int = -1, rollout_http_port: int = -1) -> int:
+    """http_port, rollout_http_port: the HTTP sides of the learner and of the rollout service (-1 = off)."""
     from fastgrpo.fixture import build_fixture
     from fastgrpo.learner.cli import run_training
+    from fastgrpo.learner.metrics import exported
     from fastgrpo.rollout.process import ServiceProcess
 
     t0 = time.perf_counter()
@@ -22,8 +25,11 @@ def run_demo(steps: int, prompts_per_step: int, group_size: int, eval_size: int,
     print(f"fixture policy: {model_dir}", flush=True)
     # two cores: the service and the learner take turns (generation, then training), each may use both
     threads = max(1, os.cpu_count() or 1)
-    with ServiceProcess(model_dir, "--max-running", str(prompts_per_step * group_size), threads=threads) as service:
+    with ServiceProcess(model_dir, "--max-running", str(prompts_per_step * group_size), threads=threads,
+                        http_port=rollout_http_port if rollout_http_port >= 0 else None) as service:
         print(f"rollout service: pid {service.proc.pid} at {service.address}", flush=True)
+        if service.http_address:
+            print(f"rollout service: http on {service.http_address}", flush=True)
         cfg = LearnerConfig(
             rollout=service.address,
             model=str(model_dir),
@@ -31,8 +37,10 @@ def run_demo(steps: int, prompts_per_step: int, group_size: int, eval_size: int,
             prompts_per_step=prompts_per_step,
             group_size=group_size,
             eval_size=eval_size,
+            http_port=http_port,
         )
-        summary = run_training(cfg)
+        with exported(cfg.http_host, cfg.http_port) as metrics:
+            summary = run_training(cfg, metrics=metrics)
     start, end = summary["start_accuracy"], summary["end_accuracy"]
     verdict = "improved" if end > start else "did not improve"
     print(f"demo done in {time.perf_counter() - t0:.0f}s: test accuracy {start:.3f} -> {end:.3f} ({verdict})", flush=True)
