@@ -65,6 +65,8 @@ class RolloutMetrics(EngineObserver):
         # label values known up front are exported as zeros from the start, so rates exist at once
         for reason in FinishReason:
             self.finished.labels(reason.value)
+        self.update_seconds.labels("policy")
+        self.update_bytes.labels("policy")
         for depth in range(1, max_depth + 1):
             self.accepted.labels(str(depth))
 
