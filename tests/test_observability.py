@@ -156,7 +156,11 @@ class Prometheus:
             ["prometheus", f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
              f"--web.listen-address={self.url.removeprefix('http://')}", "--log.level=warn"],
             stdout=self.log, stderr=subprocess.STDOUT)
-        self.wait_for(lambda: http_get(self.url + "/-/ready", timeout=2)[0] == 200, 60, "Prometheus did not get ready")
+        try:
+            self.wait_for(lambda: http_get(self.url + "/-/ready", timeout=2)[0] == 200, 60, "Prometheus did not get ready")
+        except AssertionError:
+            self.stop()
+            raise
 
     def query(self, expr: str) -> list[dict]:
         url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
