@@ -136,7 +136,8 @@ def test_rollout_metrics_agree_with_completions_and_status(fixture_dir, draft_di
     for metric, value in [("running_sequences", status.running_sequences), ("queued_sequences", status.queued_sequences),
                           ("max_running_sequences", 8), ("policy_version", 1), ("draft_version", status.draft_version),
                           ("spec_n_verify", spec.n_verify), ("spec_width", spec.width), ("spec_depth", spec.depth),
-                          ("spec_c_peak", spec.c_peak), ("spec_batch_size", spec.batch_size)]:
+                          ("spec_c_peak", spec.c_peak), ("spec_c_peak_start", spec.c_peak_start),
+                          ("spec_c_peak_updates_total", spec.c_peak_updates), ("spec_batch_size", spec.batch_size)]:
         assert m[(f"fastgrpo_rollout_{metric}", ())] == value, metric
     assert (spec.n_verify, spec.width, spec.depth) == (16, 4, 5)  # the static tree's defaults
     assert ("fastgrpo_rollout_draft_loss", ()) not in m  # no round ran yet: no loss to show
@@ -270,7 +271,7 @@ def test_every_dashboard_query_returns_data(scraped_run):
     mean_accept = first_value(prom.query(
         f"sum(rate(fastgrpo_rollout_acceptance_length_sum[{window}])) / sum(rate(fastgrpo_rollout_acceptance_length_count[{window}]))"))
     assert mean_accept > 1
-    assert first_value(prom.query("fastgrpo_rollout_spec_c_peak")) == 64
+    assert first_value(prom.query("fastgrpo_rollout_spec_c_peak_start")) == 64
     assert first_value(prom.query(f"sum(increase(fastgrpo_rollout_weight_update_seconds_count[{window}]))")) >= 1
     assert len(prom.query("fastgrpo_learner_step_phase_seconds > 0")) == 4
     assert 0 <= first_value(prom.query("fastgrpo_learner_accuracy")) <= 1

@@ -128,8 +128,13 @@ class _StatusCollector(Collector):
                          spec.n_verify)
             yield _gauge("fastgrpo_rollout_spec_width", "K: tree width of the latest decode step", spec.width)
             yield _gauge("fastgrpo_rollout_spec_depth", "L: tree depth of the latest decode step", spec.depth)
-            yield _gauge("fastgrpo_rollout_spec_c_peak", "C_peak: tokens per target forward at the compute knee",
+            yield _gauge("fastgrpo_rollout_spec_c_peak", "C_peak: tokens per target forward at the compute knee (live)",
                          spec.c_peak)
+            yield _gauge("fastgrpo_rollout_spec_c_peak_start", "C_peak the server started with (calibrated or configured)",
+                         spec.c_peak_start)
+            updates = CounterMetricFamily("fastgrpo_rollout_spec_c_peak_updates", "Online re-estimates of C_peak")
+            updates.add_metric([], spec.c_peak_updates)
+            yield updates
         if self._learner is not None:
             ls = self._learner.stats()
             rounds = CounterMetricFamily("fastgrpo_rollout_draft_rounds", "Online draft-learning rounds swapped in")
