@@ -28,6 +28,46 @@ def test_capture_buffer_is_bounded_oldest_first():
     assert len(buf.since(3)) == 2 and len(buf.since(0)) == 3
 
 
+def test_scheduled_rounds_stay_within_their_time_budget(tiny_dir):
+    """time_fraction bounds scheduled training by wall time; TrainDraft-style forced rounds are not
+    bounded. Real optimiser steps on the tiny model's draft, real clock."""
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    from fastgrpo.rollout.draft_learning.online import OnlineConfig, OnlineDraftLearner
+    from fastgrpo.rollout.weights import WeightStore
+
+    target = AutoModelForCausalLM.from_pretrained(str(tiny_dir)).requires_grad_(False)
+    head = DraftHead.for_target(target)
+    learner = OnlineDraftLearner(head, WeightStore(head), OnlineConfig(batch_size=1, max_steps_per_round=8,
+                                                                       time_fraction=0.25))
+    H = target.config.hidden_size
+
+    def capture(n):
+        for _ in range(n):
+            learner.capture(FeatureSequence(torch.randint(0, 90, (40,)), torch.randn(40, H)))
+
+    def run_round(force=False):
+        fut = learner.schedule(force)
+        steps = 0
+        while learner.has_work():
+            learner.step()
+            steps += 1
+        assert fut.done()
+        return steps
+
+    capture(8)
+    assert run_round() == 1  # no step cost measured yet: one step, to measure it
+    capture(8)
+    assert run_round() == 0  # that step spent the budget the elapsed time had bought
+    capture(8)
+    assert run_round(force=True) == 8  # an explicit round is not bounded
+    time.sleep(max(12 * learner._step_s / 0.25, 0.05))  # buys about 12 steps' time; capped at one round
+    capture(8)
+    assert 1 <= run_round() <= 8
+
+
 def _acceptance(client, prompts) -> float:
     batch = client.generate_batch(prompts, 1, Sampling(temperature=0.0, max_new_tokens=48))
     done = batch.flat()

@@ -11,6 +11,7 @@ from fastgrpo.common.cli import add_dataclass_args, from_args
 def main(argv: list[str] | None = None) -> int:
     from fastgrpo.bench.calibrate import CalibrateBenchConfig, run as run_calibrate
     from fastgrpo.bench.concurrency import ConcurrencyBenchConfig, run as run_concurrency
+    from fastgrpo.bench.drift import DriftBenchConfig, run as run_drift
     from fastgrpo.bench.spec import SpecBenchConfig, run as run_spec
 
     parser = argparse.ArgumentParser(prog="fastgrpo-bench", description="fastgrpo benchmarks")
@@ -21,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_args(conc, ConcurrencyBenchConfig)
     cal = sub.add_parser("calibrate", help="online C_peak refinement from 4x too high and 4x too low vs the profile")
     add_dataclass_args(cal, CalibrateBenchConfig)
+    drift = sub.add_parser("drift", help="acceptance under GRPO with online, frozen and from-scratch drafts")
+    add_dataclass_args(drift, DriftBenchConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.suite == "spec":
@@ -29,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         run_concurrency(from_args(ConcurrencyBenchConfig, args))
     elif args.suite == "calibrate":
         run_calibrate(from_args(CalibrateBenchConfig, args))
+    elif args.suite == "drift":
+        run_drift(from_args(DriftBenchConfig, args))
     return 0
 
 

@@ -73,6 +73,15 @@ class SpecStats:
         """Tokens emitted per verify step (accepted draft tokens plus the target's own token)."""
         return (self.accepted_tokens + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
 
+    @staticmethod
+    def total(stats: "list[SpecStats]") -> "SpecStats":
+        """Counts summed over completions (acceptance_length of the total weights steps, not sequences)."""
+        depth = max((len(s.accepted_per_depth) for s in stats), default=0)
+        return SpecStats(sum(s.drafted_tokens for s in stats), sum(s.accepted_tokens for s in stats),
+                         sum(s.verify_steps for s in stats),
+                         tuple(sum(s.accepted_per_depth[d] for s in stats if d < len(s.accepted_per_depth))
+                               for d in range(depth)))
+
 
 @dataclass(frozen=True)
 class Completion:

@@ -6,6 +6,12 @@ since the previous round (one optimiser step at a time, run by the engine thread
 decode work, or interleaved one step per decode step when a round was asked for explicitly), then
 copies the shadow into the served head between two decode steps and bumps the draft version.
 Rounds start after every N finished Generate requests (the policy), or on TrainDraft.
+
+Scheduled rounds are also bounded in time: training may spend at most `time_fraction` of the
+wall-clock time since the learner started (a budget that accrues with time and is spent by every
+optimiser step); a round gets as many steps as the budget affords at the measured step cost, so
+draft learning never takes more than that share of a machine that also serves and trains the
+policy. Rounds asked for with TrainDraft ignore the bound (their time still counts).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ class OnlineConfig:
     batch_size: int = help_field(16, "sequences per draft optimiser step")
     max_steps_per_round: int = help_field(64, "optimiser steps per round at most")
     lr: float = help_field(3e-4, "AdamW learning rate of the draft head")
+    time_fraction: float = help_field(0.03, "scheduled rounds use at most this fraction of wall time (0 = unbounded)")
     seed: int = help_field(0, "seed of batch order")
 
 
@@ -72,6 +79,9 @@ class OnlineDraftLearner:
         self.last_top1 = float("nan")
         self.samples_seen = 0
         self.seconds = 0.0
+        self._budget_s = 0.0  # training seconds scheduled rounds may still spend
+        self._budget_at = time.perf_counter()
+        self._step_s = 0.0  # running mean of one optimiser step's seconds (0: none measured yet)
 
     # ---------------------------------------------------------------- called from any thread
     def on_batch_done(self) -> None:
@@ -92,10 +102,25 @@ class OnlineDraftLearner:
                 self._next_serial = self.buffer.serial
                 self._rng.shuffle(data)
                 bs = self.config.batch_size
-                self._queue = [data[i : i + bs] for i in range(0, len(data), bs)][: self.config.max_steps_per_round]
+                steps = self.config.max_steps_per_round if force else self._affordable_steps()
+                self._queue = [data[i : i + bs] for i in range(0, len(data), bs)][:steps]
             if not self._queue:  # nothing new to learn from
                 self._resolve()
         return fut
+
+    def _affordable_steps(self) -> int:
+        """Optimiser steps the time budget pays for now (the first round runs one, to measure)."""
+        cfg = self.config
+        if cfg.time_fraction <= 0:
+            return cfg.max_steps_per_round
+        now = time.perf_counter()
+        # an idle hour must not buy an unbounded burst: the budget holds at most one full round
+        cap = cfg.max_steps_per_round * self._step_s if self._step_s else float("inf")
+        self._budget_s = min(self._budget_s + cfg.time_fraction * (now - self._budget_at), cap)
+        self._budget_at = now
+        if not self._step_s:
+            return 1
+        return max(0, min(cfg.max_steps_per_round, int(self._budget_s / self._step_s)))
 
     def set_policy(self, every_n_batches: int) -> None:
         if every_n_batches < 0:
@@ -134,7 +159,10 @@ class OnlineDraftLearner:
         self.samples_seen += sum(len(s.tokens) for s in batch)
         if last:
             self._swap()
-        self.seconds += time.perf_counter() - t0
+        spent = time.perf_counter() - t0
+        self.seconds += spent
+        self._budget_s -= spent
+        self._step_s = spent if not self._step_s else 0.8 * self._step_s + 0.2 * spent
         if last:
             with self._lock:
                 self._resolve()

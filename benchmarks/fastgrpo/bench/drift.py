@@ -1,0 +1,163 @@
+"""`fastgrpo-bench drift`: does online draft learning keep acceptance up while GRPO moves the policy?
+
+Three rollout services in this process host the fixture policy, each with a draft:
+  * online:  the fixture's bootstrapped draft, trained online (the default server);
+  * frozen:  the same draft with online learning off;
+  * scratch: a randomly initialised draft trained online only.
+A GRPO learner trains on the online service's rollouts and pushes every update to all three. Each
+Generate the learner makes is repeated on the other two (same prompts, same seeds), so all three
+drafts are measured on the same policy and the same requests at every step.
+
+overhead_fraction = draft-training seconds the online service spent during the step / the step's
+seconds (the learner's generate + score + train + push on the online service).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastgrpo.common.cli import help_field
+
+REPLICAS = ("online", "frozen", "scratch")
+
+
+@dataclass(frozen=True)
+class DriftBenchConfig:
+    out: str = help_field("benchmarks/results/drift.json", "JSON output path (a PNG is written beside it)")
+    steps: int = help_field(60, "GRPO steps")
+    quick: bool = help_field(False, "5 steps of 4 prompts: about a minute once the fixture is cached")
+    preset: str = help_field("default", "fixture preset of the policy")
+    prompts_per_step: int = help_field(8, "Q prompts per GRPO step")
+    group_size: int = help_field(8, "G completions per prompt")
+    lr: float = help_field(1e-4, "learner AdamW learning rate (large enough that the policy visibly moves)")
+    max_new_tokens: int = help_field(64, "tokens per completion at most")
+    spec_width: int = help_field(4, "static tree K of every service")
+    spec_depth: int = help_field(5, "static tree L")
+    spec_n_verify: int = help_field(16, "static tree N_verify")
+    draft_max_steps: int = help_field(64, "online draft learning: optimiser steps per round at most")
+    draft_time_fraction: float = help_field(0.03, "online draft learning: share of wall time scheduled rounds may use")
+    draft_batch_size: int = help_field(16, "online draft learning: sequences per optimiser step")
+    draft_lr: float = help_field(3e-4, "online draft learning: AdamW learning rate")
+    seed: int = help_field(0, "seed of the learner and of the scratch draft")
+
+
+class _MirroredClient:
+    """The learner's client: Generate goes to the online service (whose rollouts the learner trains
+    on) and is repeated on the others to measure their drafts; everything else (pushes, status)
+    goes through a client of all three replicas."""
+
+    def __init__(self, everyone, primary, others: dict):
+        self.everyone, self.primary, self.others = everyone, primary, others
+        self.last: dict = {}
+        self.mirror_seconds = 0.0
+
+    def generate_batch(self, *args, **kwargs):
+        out = self.primary.generate_batch(*args, **kwargs)
+        t0 = time.perf_counter()
+        self.last = {name: client.generate_batch(*args, **kwargs) for name, client in self.others.items()}
+        self.mirror_seconds += time.perf_counter() - t0
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.everyone, name)
+
+
+def _acceptance(batch) -> float:
+    from fastgrpo.client import SpecStats
+
+    return SpecStats.total([c.spec for group in batch.completions for c in group]).acceptance_length
+
+
+def run(cfg: DriftBenchConfig) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from fastgrpo.bench.common import plot, write_results
+    from fastgrpo.client import RolloutClient
+    from fastgrpo.fixture import build_fixture
+    from fastgrpo.fixture.draft import build_draft
+    from fastgrpo.learner.config import LearnerConfig
+    from fastgrpo.learner.loop import GRPOLearner
+    from fastgrpo.rollout.server import ServeConfig, build_app
+    from fastgrpo.rollout.speculative.draft import DraftHead
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    fixture = build_fixture(cfg.preset)
+    bootstrapped = build_draft(fixture)
+    steps, Q = (5, 4) if cfg.quick else (cfg.steps, cfg.prompts_per_step)
+    tmp = Path(tempfile.mkdtemp(prefix="fastgrpo-drift-"))
+    torch.manual_seed(cfg.seed)
+    DraftHead.for_target(AutoModelForCausalLM.from_pretrained(str(fixture))).save(tmp / "scratch-draft")
+    drafts = {"online": bootstrapped, "frozen": bootstrapped, "scratch": tmp / "scratch-draft"}
+    apps = {}
+    try:
+        for name in REPLICAS:
+            apps[name] = build_app(ServeConfig(
+                model=str(fixture), port=0, max_running=Q * cfg.group_size, draft=str(drafts[name]),
+                spec_mode="static", spec_width=cfg.spec_width, spec_depth=cfg.spec_depth,
+                spec_n_verify=cfg.spec_n_verify, draft_learning=name != "frozen", draft_max_steps=cfg.draft_max_steps,
+                draft_batch_size=cfg.draft_batch_size, draft_lr=cfg.draft_lr,
+                draft_time_fraction=cfg.draft_time_fraction))
+        address = {name: f"127.0.0.1:{app.port}" for name, app in apps.items()}
+        everyone = RolloutClient([address[n] for n in REPLICAS])
+        client = _MirroredClient(everyone, RolloutClient(address["online"]),
+                                 {n: RolloutClient(address[n]) for n in REPLICAS[1:]})
+        learner = GRPOLearner(LearnerConfig(rollout=address["online"], model=str(fixture), steps=steps,
+                                            prompts_per_step=Q, group_size=cfg.group_size, lr=cfg.lr,
+                                            max_new_tokens=cfg.max_new_tokens, eval_size=0, seed=cfg.seed), client)
+        records = []
+        draft_s = everyone.train_draft(replica=0).seconds
+        for _ in range(steps):
+            mirror_before = client.mirror_seconds
+            st = learner.step()
+            step_s = st.generate_s + st.score_s + st.train_s + st.push_s - (client.mirror_seconds - mirror_before)
+            online = everyone.train_draft(replica=0)
+            scratch = everyone.train_draft(replica=2)
+            rec = {
+                "step": st.step,
+                "acceptance_length_online": st.acceptance_length,
+                "acceptance_length_frozen": _acceptance(client.last["frozen"]),
+                "acceptance_length_scratch": _acceptance(client.last["scratch"]),
+                "overhead_fraction": (online.seconds - draft_s) / step_s,
+                "draft_seconds": online.seconds - draft_s,
+                "step_seconds": step_s,
+                "draft_version_online": online.draft_version,
+                "draft_version_scratch": scratch.draft_version,
+                "draft_loss_online": online.last_loss,
+                "reward_mean": st.reward_mean,
+                "accuracy": st.accuracy,
+                "policy_version": st.new_version,
+            }
+            draft_s = online.seconds
+            records.append(rec)
+            print(f"step {rec['step']:3d}  acceptance online {rec['acceptance_length_online']:.2f}  "
+                  f"frozen {rec['acceptance_length_frozen']:.2f}  scratch {rec['acceptance_length_scratch']:.2f}  "
+                  f"overhead {100 * rec['overhead_fraction']:.1f}%  reward {rec['reward_mean']:.3f}", flush=True)
+    finally:
+        for app in apps.values():
+            app.stop(grace=0.5)
+    online = [r["acceptance_length_online"] for r in records]
+    frozen = [r["acceptance_length_frozen"] for r in records]
+    head = max(1, len(records) // 10)
+    summary = {
+        "online_best": max(online),
+        "online_min_over_best": min(online) / max(online),
+        "frozen_first": sum(frozen[:head]) / head,
+        "frozen_last": sum(frozen[-head:]) / head,
+        "online_last": sum(online[-head:]) / head,
+        "scratch_best": max(r["acceptance_length_scratch"] for r in records),
+        "scratch_first_step_above_2_5": next((r["step"] for r in records if r["acceptance_length_scratch"] > 2.5), None),
+        "overhead_fraction_mean": sum(r["draft_seconds"] for r in records) / sum(r["step_seconds"] for r in records),
+        "overhead_fraction_max": max(r["overhead_fraction"] for r in records),
+    }
+    print("summary: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    path = write_results(cfg.out, "drift", records, summary=summary, fixture=str(fixture), config=cfg.__dict__)
+    xs = [r["step"] for r in records]
+    plot(path.with_suffix(".png"), "acceptance length while GRPO moves the policy", "GRPO step", "acceptance length",
+         {name: (xs, [r[f"acceptance_length_{name}"] for r in records]) for name in REPLICAS}, logx=False, hline=None)
+    print(f"wrote {path}")
+    return {"path": str(path), "records": records, "summary": summary}
