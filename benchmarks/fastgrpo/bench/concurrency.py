@@ -32,6 +32,7 @@ class ConcurrencyBenchConfig:
     width: int = help_field(4, "static tree width K")
     depth: int = help_field(6, "static tree depth L")
     n_verify: int = help_field(20, "static tree N_verify")
+    repeats: int = help_field(3, "runs of each mode per workload, interleaved (off, static, adaptive, off, ...); the median counts (quick: 1)")
     seed: int = help_field(0, "sampling seed")
 
 
@@ -73,9 +74,12 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
         return Engine(runner, eos, EngineConfig(max_running=slots), drafter, policy)
 
     def measure(engine, prompts, n, workload, batch_size):
-        engine_runs = {}
-        for mode in MODES:
-            engine_runs[mode] = timed_generation(engine, prompts, n, cfg.temperature, cfg.max_new_tokens, cfg.seed, mode)
+        # interleaved repeats: a slow spell of a shared machine hits every mode alike
+        runs = {mode: [] for mode in MODES}
+        for _ in range(1 if cfg.quick else cfg.repeats):
+            for mode in MODES:
+                runs[mode].append(timed_generation(engine, prompts, n, cfg.temperature, cfg.max_new_tokens, cfg.seed, mode))
+        engine_runs = {mode: sorted(rs, key=lambda r: r["tokens"] / r["seconds"])[len(rs) // 2] for mode, rs in runs.items()}
         off = engine_runs["off"]["tokens"] / engine_runs["off"]["seconds"]
         for mode, r in engine_runs.items():
             tps = r["tokens"] / r["seconds"]

@@ -27,6 +27,7 @@ class SpecBenchConfig:
     width: int = help_field(4, "tree width K")
     depth: int = help_field(6, "tree depth L")
     n_verify: int = help_field(20, "tree nodes verified per sequence (root included)")
+    verify: str = help_field("rrs", "verification of sampled sequences: rrs (children drawn from the draft) or match (top-K, sample-matching)")
     seed: int = help_field(0, "sampling seed")
 
 
@@ -82,7 +83,7 @@ def run(cfg: SpecBenchConfig) -> dict:
         prompts = [tok(format_prompt(p.question))["input_ids"] for p in problems[:n]]
         warm = prompts[: min(B, 2)]
         plain = Engine(ModelRunner(model, B), eos, EngineConfig(max_running=B))
-        policy = SpecPolicy("static", static_tree=shape)
+        policy = SpecPolicy("static", static_tree=shape, verify=cfg.verify)
         runner = ModelRunner(model, B, headroom=policy.max_nodes())
         spec = Engine(runner, eos, EngineConfig(max_running=B), Drafter(head, B, runner.cache.max_len + policy.draft_headroom()), policy)
         try:
@@ -116,7 +117,7 @@ def run(cfg: SpecBenchConfig) -> dict:
         "target": {"preset": cfg.preset, "dir": str(fixture),
                    "parameters": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers},
         "draft": {"dir": str(draft_dir), "parameters": sum(p.numel() for p in head.parameters())},
-        "tree": {"width": shape.width, "depth": shape.depth, "n_verify": shape.n_verify},
+        "tree": {"width": shape.width, "depth": shape.depth, "n_verify": shape.n_verify, "verify": cfg.verify},
         "sampling": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
     }
     path = write_results(cfg.out, "spec", records, **extra)
