@@ -42,6 +42,11 @@ def commit() -> str:
         return "unknown"
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (runs carry "tokens" and "seconds")."""
+    return sorted(runs, key=lambda r: r["tokens"] / r["seconds"])[len(runs) // 2]
+
+
 def write_results(path: str | Path, suite: str, records: list[dict], **extra) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

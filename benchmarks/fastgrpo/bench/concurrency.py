@@ -39,7 +39,7 @@ class ConcurrencyBenchConfig:
 def run(cfg: ConcurrencyBenchConfig) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fastgrpo.bench.common import plot, write_results
+    from fastgrpo.bench.common import median_run, plot, write_results
     from fastgrpo.bench.spec import timed_generation
     from fastgrpo.fixture import build_fixture
     from fastgrpo.fixture.draft import build_draft
@@ -79,7 +79,7 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
         for _ in range(1 if cfg.quick else cfg.repeats):
             for mode in MODES:
                 runs[mode].append(timed_generation(engine, prompts, n, cfg.temperature, cfg.max_new_tokens, cfg.seed, mode))
-        engine_runs = {mode: sorted(rs, key=lambda r: r["tokens"] / r["seconds"])[len(rs) // 2] for mode, rs in runs.items()}
+        engine_runs = {mode: median_run(rs) for mode, rs in runs.items()}
         off = engine_runs["off"]["tokens"] / engine_runs["off"]["seconds"]
         for mode, r in engine_runs.items():
             tps = r["tokens"] / r["seconds"]

@@ -24,10 +24,13 @@ class SpecBenchConfig:
     max_new_tokens: int = help_field(96, "tokens per sequence at most")
     sequences_per_slot: int = help_field(3, "sequences queued per slot (keeps the batch full)")
     min_sequences: int = help_field(6, "sequences per batch size at least")
-    width: int = help_field(4, "tree width K")
-    depth: int = help_field(6, "tree depth L")
-    n_verify: int = help_field(20, "tree nodes verified per sequence (root included)")
+    # the CPU-sized default: one drawn child per level, 7 deep (2-core CPU sweep at B = 1: wider
+    # trees verify more tokens than a compute-bound CPU forward affords for what they add)
+    width: int = help_field(1, "tree width K")
+    depth: int = help_field(7, "tree depth L")
+    n_verify: int = help_field(8, "tree nodes verified per sequence (root included)")
     verify: str = help_field("rrs", "verification of sampled sequences: rrs (children drawn from the draft) or match (top-K, sample-matching)")
+    repeats: int = help_field(3, "runs of plain and speculative decoding per B, interleaved; the median counts (quick: 1)")
     seed: int = help_field(0, "sampling seed")
 
 
@@ -55,7 +58,7 @@ def run(cfg: SpecBenchConfig) -> dict:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fastgrpo.bench.common import plot, write_results
+    from fastgrpo.bench.common import median_run, plot, write_results
     from fastgrpo.fixture import build_fixture
     from fastgrpo.fixture.draft import build_draft
     from fastgrpo.learner.tasks import format_prompt, synthetic_math
@@ -89,8 +92,12 @@ def run(cfg: SpecBenchConfig) -> dict:
         try:
             for engine in (plain, spec):
                 timed_generation(engine, warm, 1, cfg.temperature, cfg.max_new_tokens, cfg.seed)  # warm-up: allocator, kernels
-            p = timed_generation(plain, prompts, 1, cfg.temperature, cfg.max_new_tokens, cfg.seed)
-            s = timed_generation(spec, prompts, 1, cfg.temperature, cfg.max_new_tokens, cfg.seed)
+            # interleaved repeats: a slow spell of a shared machine hits both modes alike
+            runs = {"plain": [], "spec": []}
+            for _ in range(1 if cfg.quick else cfg.repeats):
+                runs["plain"].append(timed_generation(plain, prompts, 1, cfg.temperature, cfg.max_new_tokens, cfg.seed))
+                runs["spec"].append(timed_generation(spec, prompts, 1, cfg.temperature, cfg.max_new_tokens, cfg.seed))
+            p, s = median_run(runs["plain"]), median_run(runs["spec"])
         finally:
             plain.shutdown()
             spec.shutdown()
@@ -107,6 +114,8 @@ def run(cfg: SpecBenchConfig) -> dict:
             "seconds_spec": s["seconds"],
             "drafted": s["drafted"],
             "accepted": s["accepted"],
+            "tokens_per_s_plain_runs": [r["tokens"] / r["seconds"] for r in runs["plain"]],
+            "tokens_per_s_spec_runs": [r["tokens"] / r["seconds"] for r in runs["spec"]],
         }
         records.append(rec)
         print(f"B={B:3d}  plain {rec['tokens_per_s_plain']:8.1f} tok/s  spec {rec['tokens_per_s_spec']:8.1f} tok/s  "

@@ -16,7 +16,7 @@ from fastgrpo.rollout.engine import sampler
 from fastgrpo.rollout.engine.kv_cache import KVCache
 from fastgrpo.rollout.engine.model_runner import ForwardBatch, attention_mask, decoder_layer
 from fastgrpo.rollout.speculative.draft import DraftHead
-from fastgrpo.rollout.speculative.tree import DraftTree, expand_level, pick_children, select_tree
+from fastgrpo.rollout.speculative.tree import DraftTree, expand_level, pick_children, reach_scores, select_tree
 
 
 @dataclass(frozen=True)
@@ -137,9 +137,10 @@ class Drafter:
         dev = root.device
         sampled = None if draw is None else ~draw.params.greedy  # (B,)
 
-        def children(logq: torch.Tensor, level: int):  # (B, e, V) -> tokens, log q (B, e, k)
+        def children(logq: torch.Tensor, level: int):  # (B, e, V) -> tokens, expansion scores (B, e, k)
             u = None if draw is None else draw.uniforms[:, level, : logq.shape[1]]
-            return pick_children(logq, k, u, sampled)
+            tokens, lq = pick_children(logq, k, u, sampled)
+            return tokens, reach_scores(lq, sampled)
 
         root_logq = self._child_logq(root_feature[:, None], draw)  # (B, 1, V)
         tokens, scores = children(root_logq, 0)

@@ -6,6 +6,7 @@ order), so a depth-ordered sweep can follow parents. B sequences' trees share N 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +110,24 @@ def pick_children(logq: torch.Tensor, k: int, uniforms: torch.Tensor | None = No
     drawn_lq = logq.gather(-1, drawn).masked_fill(repeat, float("-inf"))  # (B, E, k)
     use = sampled[:, None, None]
     return torch.where(use, drawn, top_tok), torch.where(use, drawn_lq, top_lq)
+
+
+def reach_scores(child_logq: torch.Tensor, sampled: torch.Tensor | None, accept: float = 0.8) -> torch.Tensor:
+    """Log-scores that rank children for expansion. Deterministic children: their draft log-prob.
+    Drawn children (rows where `sampled` is set): the chance that recursive rejection sampling
+    reaches child i, accept * (1 - accept)^i if each test passes with probability `accept` --
+    the first draw is accepted whenever the draft matches the target, later ones only when the
+    draws before them were rejected, whatever their own q. Draws past q's support stay -inf.
+
+    child_logq (B, E, k), sampled (B,) -> (B, E, k).
+    """
+    if sampled is None or not bool(sampled.any()):
+        return child_logq
+    k = child_logq.shape[-1]
+    i = torch.arange(k, device=child_logq.device, dtype=child_logq.dtype)  # (k,)
+    reach = (math.log(accept) + i * math.log(1 - accept)).expand_as(child_logq)  # (B, E, k)
+    reach = reach.masked_fill(child_logq == float("-inf"), float("-inf"))
+    return torch.where(sampled[:, None, None], reach, child_logq)
 
 
 @dataclass(frozen=True)
