@@ -21,6 +21,7 @@ class SpecBenchConfig:
     quick: bool = help_field(False, "B = 1 only with a few sequences: about a minute once the fixture is cached")
     preset: str = help_field("bench", "fixture preset of the target (bench: >= 12 layers, >= 50M parameters)")
     temperature: float = help_field(1.0, "sampling temperature (0 = greedy)")
+    top_p: float = help_field(1.0, "nucleus sampling mass (GRPO papers use 0.95)")
     max_new_tokens: int = help_field(96, "tokens per sequence at most")
     sequences_per_slot: int = help_field(3, "sequences queued per slot (keeps the batch full)")
     min_sequences: int = help_field(6, "sequences per batch size at least")
@@ -35,12 +36,13 @@ class SpecBenchConfig:
 
 
 def timed_generation(engine, prompts, num_samples: int, temperature: float, max_new_tokens: int, seed: int,
-                     spec_mode: str | None = None) -> dict:
+                     spec_mode: str | None = None, top_p: float = 1.0) -> dict:
     """Runs one request through the engine; tokens, wall seconds and speculation counts."""
     from fastgrpo.rollout.engine.types import GenerationRequest, SamplingConfig
 
     req = GenerationRequest("bench", tuple(tuple(p) for p in prompts), num_samples,
-                            SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed), spec_mode)
+                            SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
+                            spec_mode)
     t0 = time.perf_counter()
     results = list(engine.submit(req))
     seconds = time.perf_counter() - t0
@@ -95,8 +97,8 @@ def run(cfg: SpecBenchConfig) -> dict:
             # interleaved repeats: a slow spell of a shared machine hits both modes alike
             runs = {"plain": [], "spec": []}
             for _ in range(1 if cfg.quick else cfg.repeats):
-                runs["plain"].append(timed_generation(plain, prompts, 1, cfg.temperature, cfg.max_new_tokens, cfg.seed))
-                runs["spec"].append(timed_generation(spec, prompts, 1, cfg.temperature, cfg.max_new_tokens, cfg.seed))
+                runs["plain"].append(timed_generation(plain, prompts, 1, cfg.temperature, cfg.max_new_tokens, cfg.seed, top_p=cfg.top_p))
+                runs["spec"].append(timed_generation(spec, prompts, 1, cfg.temperature, cfg.max_new_tokens, cfg.seed, top_p=cfg.top_p))
             p, s = median_run(runs["plain"]), median_run(runs["spec"])
         finally:
             plain.shutdown()
@@ -127,7 +129,7 @@ def run(cfg: SpecBenchConfig) -> dict:
                    "parameters": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers},
         "draft": {"dir": str(draft_dir), "parameters": sum(p.numel() for p in head.parameters())},
         "tree": {"width": shape.width, "depth": shape.depth, "n_verify": shape.n_verify, "verify": cfg.verify},
-        "sampling": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+        "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
     }
     path = write_results(cfg.out, "spec", records, **extra)
     if len(records) > 1:

@@ -50,6 +50,18 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingBatch) -> torch.Tens
     """
     assert logits.dim() == 2 and logits.shape[0] == params.temperature.shape[0]
     logp = policy_logprobs(logits, params.temperature)  # (B, V)
+    truncated = (params.top_k > 0) | (params.top_p < 1)  # (B,)
+    out = _truncate(logp, params) if bool(truncated.any()) else logp  # no row truncates: skip the sort
+    greedy = params.greedy
+    if bool(greedy.any()):
+        onehot = torch.full_like(out, float("-inf"))
+        onehot.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 0.0)
+        out = torch.where(greedy[:, None], onehot, out)
+    return out
+
+
+def _truncate(logp: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
+    """Top-k, then top-p over what top-k kept, renormalised. logp (B, V) -> (B, V), -inf outside."""
     V = logp.shape[-1]
     # top-k: drop everything below the k-th largest value of the row
     k = torch.where(params.top_k > 0, params.top_k.clamp(max=V), torch.full_like(params.top_k, V))  # (B,)
@@ -62,13 +74,7 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingBatch) -> torch.Tens
     keep_sorted &= mass_before < params.top_p[:, None]
     keep_sorted[:, 0] = True
     keep = torch.zeros_like(keep_sorted).scatter(-1, sorted_idx, keep_sorted)  # (B, V)
-    out = torch.log_softmax(logp.masked_fill(~keep, float("-inf")), dim=-1)  # (B, V)
-    greedy = params.greedy
-    if bool(greedy.any()):
-        onehot = torch.full_like(out, float("-inf"))
-        onehot.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 0.0)
-        out = torch.where(greedy[:, None], onehot, out)
-    return out
+    return torch.log_softmax(logp.masked_fill(~keep, float("-inf")), dim=-1)  # (B, V)
 
 
 def exponential_noise(generators: list[torch.Generator], n: int, device: torch.device) -> torch.Tensor:

@@ -112,12 +112,15 @@ class Drafter:
     def _child_logq(self, feat: torch.Tensor, draw: ChildDraw | None) -> torch.Tensor:
         """Predicted features (B, E, H) -> the draft distribution of each node's children (B, E, V)."""
         logits = self.head.logits(feat)  # (B, E, V)
-        plain = torch.log_softmax(logits, -1)  # (B, E, V)
         if draw is None:
-            return plain
+            return torch.log_softmax(logits, -1)  # (B, E, V)
         B, E, V = logits.shape
         shaped = sampler.sampling_logprobs(logits.reshape(B * E, V), draw.params.repeat_rows(E)).view(B, E, V)
-        return torch.where(draw.params.greedy[:, None, None], plain, shaped)
+        greedy = draw.params.greedy
+        if not bool(greedy.any()):
+            return shaped
+        # greedy rows rank their top-k children by the untruncated draft distribution
+        return torch.where(greedy[:, None, None], torch.log_softmax(logits, -1), shaped)
 
     @torch.inference_mode()
     def grow(self, slots: torch.Tensor, settled: torch.Tensor, root: torch.Tensor, root_feature: torch.Tensor,
