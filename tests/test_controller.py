@@ -48,14 +48,19 @@ def test_modes():
 def test_knee_by_hand():
     from fastgrpo.rollout.calibration import knee
 
-    # flat at 10 ms up to the knee, then 0.5 ms per token: 10 = 0.5 * T -> T = 20 (exact data)
-    pts = [(1, 0.010), (4, 0.010), (8, 0.010), (16, 0.010), (64, 0.032), (128, 0.064)]
-    assert abs(knee(pts) / 20.0 - 1) < 0.01  # grid resolution: 512 steps over log(128)
-    # +-10% noise on the same curve moves it little
-    noisy = [(1, 0.011), (4, 0.009), (8, 0.0105), (16, 0.0095), (64, 0.035), (128, 0.060)]
-    assert abs(knee(noisy) / 20.0 - 1) < 0.15
+    # a GPU-like roofline: flat at 10 ms, then 0.5 ms per token: 10 = 0.5 * T -> T = 20
+    pts = [(2, 0.010), (4, 0.010), (8, 0.010), (16, 0.010), (32, 0.016), (64, 0.032), (128, 0.064)]
+    assert abs(knee(pts) / 20.0 - 1) < 0.01  # grid resolution: 512 steps over log(64)
+    # flat, then affine with an intercept (a CPU): 10 ms to 24 tokens, then +0.25 ms per token
+    cpu = [(t, 0.010 + 0.00025 * max(0, t - 24)) for t in (2, 4, 8, 16, 32, 64, 128, 256)]
+    assert abs(knee(cpu) / 24.0 - 1) < 0.02
+    # the same from a window past the knee only, as online refinement may see it first
+    assert abs(knee(cpu[3:6]) / 24.0 - 1) < 0.02
+    # one odd count (30% off) is dropped, and one-token forwards never count
+    odd = pts[:2] + [(8, 0.013)] + pts[3:] + [(1, 0.004)]
+    assert abs(knee(odd) / 20.0 - 1) < 0.02
     # never leaves the flat regime: the largest count swept; all on the slope: the smallest
-    assert knee([(1, 0.01), (2, 0.01), (4, 0.01)]) == pytest.approx(4.0)
+    assert knee([(2, 0.01), (3, 0.0101), (4, 0.01)]) == pytest.approx(4.0)
     assert knee([(8, 0.008), (16, 0.016), (32, 0.032)]) == pytest.approx(8.0)
 
 

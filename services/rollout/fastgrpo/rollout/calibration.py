@@ -3,8 +3,7 @@ grow linearly with them (the roofline knee, FastGRPO appendix B).
 
 A sweep times real target forwards over token counts T (one sequence verifying T tokens after a
 realistic context). Latency is flat while the forward is bound by reading the weights and grows
-like c * T once compute dominates; C_peak is where the flat level meets the linear asymptote
-(`knee`). The online refinement (online_calibration.py) fits the same model to live steps.
+linearly once compute dominates; C_peak is the hinge between the two (`knee`). The online refinement (online_calibration.py) fits the same model to live steps.
 """
 from __future__ import annotations
 
@@ -55,26 +54,54 @@ def calibration_key(model: str, device: str, dtype: str) -> str:
     return f"{model}|{device}|{dtype}"
 
 
-def knee(points: list[tuple[int, float]], grid: int = 512) -> float:
-    """Tokens T* of the roofline latency(T) = max(t0, t0 * T / T*) fitted to the points.
+def knee(points: list[tuple[int, float]], grid: int = 512, noise: float = 0.03, flat_rise: float = 0.15,
+         outlier: float = 0.15) -> float:
+    """Tokens T* where latency leaves its flat level: the hinge of latency(T) = t0 + s * max(0, T - T*)
+    fitted to the points.
 
-    points: (tokens, seconds), at least 3 distinct token counts. The fit is least squares in log
-    space, where the model is flat at log t0 and then rises with slope 1: for each candidate log T*
-    on a grid over the swept range, the best log t0 is the mean residual. The result lies within
-    the swept counts: the smallest when every point is already on the slope, the largest when
-    latency never left the flat level. Using every point (not just the two largest) keeps the fit
-    stable on noisy timings and consistent between a full sweep and the few token counts the
-    online refinement sees.
+    points: (tokens, seconds), at least 3 distinct token counts. For each candidate T* on a log grid
+    over the swept range, t0 and s >= 0 are a weighted least-squares fit (weights 1/latency, so
+    every point counts by its relative error) and the best candidate wins. A free intercept on the
+    rising part fits a GPU's roofline max(t0, s T) exactly and a CPU's flat-then-affine curve too,
+    so the answer does not depend on how far past the knee a sweep (or the online refinement)
+    happens to look. Simpler explanations win first: when a straight line over the whole range
+    rises by less than `flat_rise` of its start, latency never left the flat level (the largest
+    count); when that line fits within the timing noise (`noise`, relative, per point), every point
+    is already past the knee (the smallest count). A hinge is placed inside the range only when
+    the points need one.
+
+    With 5 or more points, the point the fit explains worst is dropped and the fit redone when it is
+    off by more than `outlier` (relative): one odd count must not move the hinge (on a 2-core CPU a
+    one-token forward takes a matrix-vector path a third faster than two tokens, which no hinge
+    describes). For the same reason one-token forwards are left out altogether: every speculative
+    step verifies at least two tokens per sequence.
     """
+    points = [(t, sec) for t, sec in points if t >= 2]
     if len({t for t, _ in points}) < 3:
         raise ValueError("need at least 3 distinct token counts")
-    x = torch.tensor([math.log(t) for t, _ in points], dtype=torch.float64)  # (P,)
-    y = torch.tensor([math.log(sec) for _, sec in points], dtype=torch.float64)  # (P,)
-    b = torch.linspace(float(x.min()), float(x.max()), grid, dtype=torch.float64)  # (G,) candidate log T*
-    rise = (x[None, :] - b[:, None]).clamp(min=0)  # (G, P) model above the flat level
-    a = (y[None, :] - rise).mean(1, keepdim=True)  # (G, 1) best log t0 per candidate
-    sse = ((y[None, :] - a - rise) ** 2).sum(1)  # (G,)
-    return float(b[int(sse.argmin())].exp())
+    T = torch.tensor([float(t) for t, _ in points], dtype=torch.float64)  # (P,)
+    y = torch.tensor([sec for _, sec in points], dtype=torch.float64)  # (P,)
+    w = 1.0 / y  # (P,) relative-error weights
+    c = torch.logspace(math.log10(float(T.min())), math.log10(float(T.max())), grid, dtype=torch.float64)  # (G,)
+    h = (T[None, :] - c[:, None]).clamp(min=0)  # (G, P) tokens past the candidate hinge
+    # weighted least squares of y ~ t0 + s h per candidate: 2x2 normal equations
+    sw, sh, shh = (w * w).sum(), (w * w * h).sum(1), (w * w * h * h).sum(1)  # (), (G,), (G,)
+    sy, shy = (w * w * y).sum(), (w * w * h * y).sum(1)
+    det = (sw * shh - sh * sh).clamp(min=1e-30)
+    slope = ((sw * shy - sh * sy) / det).clamp(min=0)  # (G,) a falling latency is noise: flat
+    t0 = (sy - slope * sh) / sw  # (G,) best level given the slope
+    sse = ((w * (y[None, :] - t0[:, None] - slope[:, None] * h)) ** 2).sum(1)  # (G,)
+    best = int(sse.argmin())
+    resid = (w * (y - t0[best] - slope[best] * h[best])).abs()  # (P,) relative misfit
+    worst = int(resid.argmax())
+    if len(points) >= 5 and float(resid[worst]) > outlier:
+        return knee(points[:worst] + points[worst + 1 :], grid, noise, flat_rise, outlier)
+    # candidate 0 puts the hinge at the smallest count: one straight line over every point
+    if float(slope[0] * h[0].max()) < flat_rise * float(t0[0]):
+        return float(T.max())
+    if float(sse[0]) <= float(sse[best]) + len(points) * noise**2:  # what noise alone could add
+        return float(T.min())
+    return float(c[best])
 
 
 @torch.inference_mode()
