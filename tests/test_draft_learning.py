@@ -29,10 +29,8 @@ def test_capture_buffer_is_bounded_oldest_first():
 
 
 def test_scheduled_rounds_stay_within_their_time_budget(tiny_dir):
-    """time_fraction bounds scheduled training by wall time; TrainDraft-style forced rounds are not
-    bounded. Real optimiser steps on the tiny model's draft, real clock."""
-    import time
-
+    """time_fraction bounds scheduled training by the serving time the engine credits; forced
+    (TrainDraft) rounds are not bounded. Real optimiser steps on the tiny model's draft."""
     from transformers import AutoModelForCausalLM
 
     from fastgrpo.rollout.draft_learning.online import OnlineConfig, OnlineDraftLearner
@@ -60,12 +58,15 @@ def test_scheduled_rounds_stay_within_their_time_budget(tiny_dir):
     capture(8)
     assert run_round() == 1  # no step cost measured yet: one step, to measure it
     capture(8)
-    assert run_round() == 0  # that step spent the budget the elapsed time had bought
+    assert run_round() == 0  # nothing served since: that step is still owed
     capture(8)
-    assert run_round(force=True) == 8  # an explicit round is not bounded
-    time.sleep(max(12 * learner._step_s / 0.25, 0.05))  # buys about 12 steps' time; capped at one round
+    assert run_round(force=True) == 8  # an explicit round is not bounded (but its time counts)
+    learner.credit(4 * 9 * learner._step_s)  # a quarter of it pays off the 9 steps taken: nothing left
     capture(8)
-    assert 1 <= run_round() <= 8
+    assert run_round() <= 1
+    learner.credit(4 * 100 * learner._step_s)  # a long serving stretch buys at most one full round
+    capture(8)
+    assert 4 <= run_round() <= 8
 
 
 def _acceptance(client, prompts) -> float:

@@ -9,7 +9,9 @@ Generate the learner makes is repeated on the other two (same prompts, same seed
 drafts are measured on the same policy and the same requests at every step.
 
 overhead_fraction = draft-training seconds the online service spent during the step / the step's
-seconds (the learner's generate + score + train + push on the online service).
+seconds (the learner's generate + score + train + push on the online service; the mirrored
+Generate calls are not part of the step). The scratch replica may spend a larger share
+(--scratch-time-fraction): its overhead is reported separately.
 """
 from __future__ import annotations
 
@@ -34,13 +36,14 @@ class DriftBenchConfig:
     preset: str = help_field("default", "fixture preset of the policy")
     prompts_per_step: int = help_field(8, "Q prompts per GRPO step")
     group_size: int = help_field(8, "G completions per prompt")
-    lr: float = help_field(1e-4, "learner AdamW learning rate (large enough that the policy visibly moves)")
+    lr: float = help_field(2e-4, "learner AdamW learning rate (large enough that the policy visibly moves)")
     max_new_tokens: int = help_field(64, "tokens per completion at most")
     spec_width: int = help_field(4, "static tree K of every service")
     spec_depth: int = help_field(5, "static tree L")
     spec_n_verify: int = help_field(16, "static tree N_verify")
     draft_max_steps: int = help_field(64, "online draft learning: optimiser steps per round at most")
-    draft_time_fraction: float = help_field(0.03, "online draft learning: share of wall time scheduled rounds may use")
+    draft_time_fraction: float = help_field(0.03, "online draft learning: share of serving time its rounds may use (online replica)")
+    scratch_time_fraction: float = help_field(0.25, "the same for the random draft: bootstrapping from nothing buys more training")
     draft_batch_size: int = help_field(16, "online draft learning: sequences per optimiser step")
     draft_lr: float = help_field(3e-4, "online draft learning: AdamW learning rate")
     seed: int = help_field(0, "seed of the learner and of the scratch draft")
@@ -101,7 +104,7 @@ def run(cfg: DriftBenchConfig) -> dict:
                 spec_mode="static", spec_width=cfg.spec_width, spec_depth=cfg.spec_depth,
                 spec_n_verify=cfg.spec_n_verify, draft_learning=name != "frozen", draft_max_steps=cfg.draft_max_steps,
                 draft_batch_size=cfg.draft_batch_size, draft_lr=cfg.draft_lr,
-                draft_time_fraction=cfg.draft_time_fraction))
+                draft_time_fraction=cfg.scratch_time_fraction if name == "scratch" else cfg.draft_time_fraction))
         address = {name: f"127.0.0.1:{app.port}" for name, app in apps.items()}
         everyone = RolloutClient([address[n] for n in REPLICAS])
         client = _MirroredClient(everyone, RolloutClient(address["online"]),
@@ -111,18 +114,22 @@ def run(cfg: DriftBenchConfig) -> dict:
                                             max_new_tokens=cfg.max_new_tokens, eval_size=0, seed=cfg.seed), client)
         records = []
         draft_s = everyone.train_draft(replica=0).seconds
+        scratch_prev = everyone.train_draft(replica=2).seconds
         for _ in range(steps):
             mirror_before = client.mirror_seconds
             st = learner.step()
             step_s = st.generate_s + st.score_s + st.train_s + st.push_s - (client.mirror_seconds - mirror_before)
             online = everyone.train_draft(replica=0)
             scratch = everyone.train_draft(replica=2)
+            scratch_s = scratch.seconds - scratch_prev
+            scratch_prev = scratch.seconds
             rec = {
                 "step": st.step,
                 "acceptance_length_online": st.acceptance_length,
                 "acceptance_length_frozen": _acceptance(client.last["frozen"]),
                 "acceptance_length_scratch": _acceptance(client.last["scratch"]),
                 "overhead_fraction": (online.seconds - draft_s) / step_s,
+                "overhead_fraction_scratch": scratch_s / step_s,
                 "draft_seconds": online.seconds - draft_s,
                 "step_seconds": step_s,
                 "draft_version_online": online.draft_version,

@@ -7,11 +7,11 @@ decode work, or interleaved one step per decode step when a round was asked for 
 copies the shadow into the served head between two decode steps and bumps the draft version.
 Rounds start after every N finished Generate requests (the policy), or on TrainDraft.
 
-Scheduled rounds are also bounded in time: training may spend at most `time_fraction` of the
-wall-clock time since the learner started (a budget that accrues with time and is spent by every
-optimiser step); a round gets as many steps as the budget affords at the measured step cost, so
-draft learning never takes more than that share of a machine that also serves and trains the
-policy. Rounds asked for with TrainDraft ignore the bound (their time still counts).
+Scheduled rounds are also bounded in time: training may spend at most `time_fraction` of the time
+the engine spends serving (a budget credited by every engine step and spent by every optimiser
+step); a round gets as many steps as the budget affords at the measured step cost, so draft
+learning never costs more than that share of the rollouts it learns from, however long the service
+then sits idle. Rounds asked for with TrainDraft ignore the bound (their time still counts).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class OnlineConfig:
     batch_size: int = help_field(16, "sequences per draft optimiser step")
     max_steps_per_round: int = help_field(64, "optimiser steps per round at most")
     lr: float = help_field(3e-4, "AdamW learning rate of the draft head")
-    time_fraction: float = help_field(0.03, "scheduled rounds use at most this fraction of wall time (0 = unbounded)")
+    time_fraction: float = help_field(0.03, "scheduled rounds use at most this fraction of the engine's serving time (0 = unbounded)")
     seed: int = help_field(0, "seed of batch order")
 
 
@@ -80,7 +80,6 @@ class OnlineDraftLearner:
         self.samples_seen = 0
         self.seconds = 0.0
         self._budget_s = 0.0  # training seconds scheduled rounds may still spend
-        self._budget_at = time.perf_counter()
         self._step_s = 0.0  # running mean of one optimiser step's seconds (0: none measured yet)
 
     # ---------------------------------------------------------------- called from any thread
@@ -113,14 +112,15 @@ class OnlineDraftLearner:
         cfg = self.config
         if cfg.time_fraction <= 0:
             return cfg.max_steps_per_round
-        now = time.perf_counter()
-        # an idle hour must not buy an unbounded burst: the budget holds at most one full round
-        cap = cfg.max_steps_per_round * self._step_s if self._step_s else float("inf")
-        self._budget_s = min(self._budget_s + cfg.time_fraction * (now - self._budget_at), cap)
-        self._budget_at = now
         if not self._step_s:
             return 1
+        # a long serving stretch must not buy an unbounded burst: at most one full round
+        self._budget_s = min(self._budget_s, cfg.max_steps_per_round * self._step_s)
         return max(0, min(cfg.max_steps_per_round, int(self._budget_s / self._step_s)))
+
+    def credit(self, serving_seconds: float) -> None:
+        """The engine spent `serving_seconds` on one step: time_fraction of it goes to the budget."""
+        self._budget_s += self.config.time_fraction * serving_seconds
 
     def set_policy(self, every_n_batches: int) -> None:
         if every_n_batches < 0:

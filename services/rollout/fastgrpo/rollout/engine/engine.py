@@ -227,6 +227,7 @@ class Engine:
                     fut.set_result(fn())
                 except BaseException as exc:  # the caller gets the exception; the engine goes on
                     fut.set_exception(exc)
+            busy, t0 = bool(admitted or self._running), time.perf_counter()
             try:
                 self._step(admitted)
             except BaseException as exc:  # a failing forward must not hang every caller
@@ -237,8 +238,11 @@ class Engine:
             # draft learning takes the engine only between steps, one optimiser step at a time:
             # when there is nothing to decode, or interleaved when a round was asked for explicitly
             learner = self.draft_learner
-            if learner is not None and learner.has_work() and (not self._running or learner.forced()):
-                learner.step()
+            if learner is not None:
+                if busy:
+                    learner.credit(time.perf_counter() - t0)  # serving time buys draft-training time
+                if learner.has_work() and (not self._running or learner.forced()):
+                    learner.step()
 
     def _learner_has_work(self) -> bool:
         return self.draft_learner is not None and self.draft_learner.has_work()
