@@ -199,6 +199,30 @@ def test_greedy_sd_is_token_identical_random_models(arch):
     spec.shutdown()
 
 
+def test_greedy_sd_is_token_identical_on_the_fixture(fixture_dir):
+    """The trained fixture policy with its bootstrapped draft (so most drafts are accepted, deep
+    paths included): 50 task prompts, greedy, token-identical to plain decoding."""
+    from transformers import AutoTokenizer
+
+    from fastgrpo.fixture.draft import build_draft
+    from fastgrpo.learner.tasks import format_prompt, synthetic_math
+
+    model = AutoModelForCausalLM.from_pretrained(str(fixture_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(fixture_dir))
+    head = DraftHead.load(build_draft(fixture_dir), model)
+    plain, spec = _engines(model, TreeShape(width=4, depth=5, n_verify=16), slots=16, head=head)
+    prompts = [tok(format_prompt(p.question))["input_ids"] for p in synthetic_math(seed=0).test[:50]]
+    a = _run(plain, prompts, temperature=0.0, max_new_tokens=48)
+    b = _run(spec, prompts, temperature=0.0, max_new_tokens=48)
+    plain.shutdown()
+    spec.shutdown()
+    assert [x.token_ids for x in a] == [y.token_ids for y in b]
+    accepted, steps = sum(y.spec.accepted for y in b), sum(y.spec.verify_steps for y in b)
+    assert (accepted + steps) / steps > 2.5  # the draft really carried most tokens
+    for x, y in zip(a, b):
+        assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) <= 1e-4
+
+
 def test_sd_logprobs_equal_fresh_forward():
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(tiny_config("qwen2")).eval()
