@@ -170,6 +170,15 @@ def test_online_c_peak_converges_from_a_wrong_start(factor, batch_size):
     assert first < 200
 
 
+def test_online_refinement_waits_for_three_usable_token_counts():
+    """Plain one-token steps (B = 1, speculation off) are observed but never fitted: no update, and
+    above all no error inside the engine's forward."""
+    cal = OnlineCalibrator(2.5, "configured", RefineConfig())
+    for i in range(100):
+        cal.observe(1 + i % 3, 0.02)  # token counts 1, 2, 3: three buckets, two of them fit
+    assert (cal.c_peak, cal.updates) == (2.5, 0)
+
+
 def test_online_refinement_off_keeps_c_peak():
     cal = OnlineCalibrator(96.0, "profile", RefineConfig(enabled=False))
     for _ in range(100):

@@ -54,6 +54,11 @@ def calibration_key(model: str, device: str, dtype: str) -> str:
     return f"{model}|{device}|{dtype}"
 
 
+def fit_points(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The points `knee` fits: forwards of two tokens or more (see knee)."""
+    return [(t, sec) for t, sec in points if t >= 2]
+
+
 def knee(points: list[tuple[int, float]], grid: int = 512, noise: float = 0.03, flat_rise: float = 0.15,
          outlier: float = 0.15) -> float:
     """Tokens T* where latency leaves its flat level: the hinge of latency(T) = t0 + s * max(0, T - T*)
@@ -76,9 +81,9 @@ def knee(points: list[tuple[int, float]], grid: int = 512, noise: float = 0.03, 
     describes). For the same reason one-token forwards are left out altogether: every speculative
     step verifies at least two tokens per sequence.
     """
-    points = [(t, sec) for t, sec in points if t >= 2]
+    points = fit_points(points)
     if len({t for t, _ in points}) < 3:
-        raise ValueError("need at least 3 distinct token counts")
+        raise ValueError("need at least 3 distinct token counts of 2 or more")
     T = torch.tensor([float(t) for t, _ in points], dtype=torch.float64)  # (P,)
     y = torch.tensor([sec for _, sec in points], dtype=torch.float64)  # (P,)
     w = 1.0 / y  # (P,) relative-error weights

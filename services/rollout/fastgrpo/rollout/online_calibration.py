@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from fastgrpo.common.cli import help_field
-from fastgrpo.rollout.calibration import knee
+from fastgrpo.rollout.calibration import fit_points, knee
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,8 @@ class OnlineCalibrator:
         )
 
     def _update(self) -> None:
-        pts = self.points()
-        if len(pts) < 3:
+        pts = fit_points(self.points())
+        if len(pts) < 3:  # buckets hold distinct token counts: fewer than 3 cannot place a knee
             return
         cfg = self.cfg
         c = min(max(knee(pts), self.c_peak / cfg.max_change, cfg.c_min), self.c_peak * cfg.max_change, cfg.c_max)
