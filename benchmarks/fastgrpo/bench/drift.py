@@ -36,7 +36,7 @@ class DriftBenchConfig:
     preset: str = help_field("default", "fixture preset of the policy")
     prompts_per_step: int = help_field(8, "Q prompts per GRPO step")
     group_size: int = help_field(8, "G completions per prompt")
-    lr: float = help_field(2e-4, "learner AdamW learning rate (large enough that the policy visibly moves)")
+    lr: float = help_field(5e-4, "learner AdamW learning rate (large enough that the policy visibly moves)")
     max_new_tokens: int = help_field(64, "tokens per completion at most")
     spec_width: int = help_field(4, "static tree K of every service")
     spec_depth: int = help_field(5, "static tree L")
