@@ -179,6 +179,13 @@ def test_online_refinement_waits_for_three_usable_token_counts():
     assert (cal.c_peak, cal.updates) == (2.5, 0)
 
 
+def test_online_refinement_climbs_from_below_two_token_explorations():
+    """From C_peak 3 the half-size exploration would be a one-token forward, which is never fitted;
+    exploring at 4x instead still finds the knee."""
+    trace = _run_online(3.0, 200)
+    assert abs(trace[-1] / 24.0 - 1) <= 0.25, trace[::10]
+
+
 def test_online_refinement_off_keeps_c_peak():
     cal = OnlineCalibrator(96.0, "profile", RefineConfig(enabled=False))
     for _ in range(100):

@@ -71,7 +71,10 @@ class OnlineCalibrator:
             return self.c_peak
         self._explored_at = self._steps
         self._explorations += 1
-        return self.c_peak * (2.0 if self._explorations % 2 else 0.5)
+        if self._explorations % 2:
+            return self.c_peak * 2.0
+        # below two tokens a forward says nothing about the knee (see calibration.knee): look higher
+        return self.c_peak * (0.5 if self.c_peak >= 4 else 4.0)
 
     def observe(self, tokens: int, seconds: float) -> None:
         """One decode forward over `tokens` tokens took `seconds`."""
