@@ -42,13 +42,16 @@ def test_expand_level_keeps_best_cumulative():
 
 
 def test_sampled_layout_fits_the_budget():
-    # N=20, K=4, L=6: 15 nodes below level 1 over 5 levels -> 3 per level < K -> E=1, L'=1+15//4=4
-    assert TreeShape(4, 6, 20).sampled_layout() == (4, 1, 4)
-    # N=31, K=3, L=4: 27 nodes over 3 levels -> 9 per level -> E=3, L'=4: 3 + 3*9 = 30 nodes
+    # N=20, K=4, L=6: 19 nodes over 6 levels -> k = 19 // 6 = 3; 16 left over 5 levels -> E = 1;
+    # L' = 1 + 16 // 3 = 6: 3 + 5*3 = 18 nodes
+    assert TreeShape(4, 6, 20).sampled_layout() == (3, 1, 6)
+    # N=31, K=3, L=4: k = 3 (capped at K); 27 over 3 levels -> 9 per level -> E = 3: 3 + 3*9 = 30
     assert TreeShape(3, 4, 31).sampled_layout() == (3, 3, 4)
-    # N=3, K=4: only 2 children fit, no second level
-    assert TreeShape(4, 5, 3).sampled_layout() == (2, 1, 1)
-    for shape in (TreeShape(4, 6, 20), TreeShape(3, 4, 31), TreeShape(2, 5, 8), TreeShape(8, 5, 72)):
+    # small budgets go deep, not wide: N=4 (K=3, L=3) is a chain of 3; N=3 a chain of 2
+    assert TreeShape(3, 3, 4).sampled_layout() == (1, 1, 3)
+    assert TreeShape(4, 5, 3).sampled_layout() == (1, 1, 2)
+    assert TreeShape(1, 7, 8).sampled_layout() == (1, 1, 7)
+    for shape in (TreeShape(4, 6, 20), TreeShape(3, 4, 31), TreeShape(2, 5, 8), TreeShape(8, 5, 72), TreeShape(5, 3, 6)):
         k, e, depth = shape.sampled_layout()
         assert k + (depth - 1) * e * k <= shape.n_verify - 1
 

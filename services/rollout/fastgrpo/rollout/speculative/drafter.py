@@ -46,15 +46,18 @@ class TreeShape:
 
         Recursive rejection sampling needs every drawn child of a node (dropping a child because
         of its own draft score would bias acceptance), so the budget is met by choosing how many
-        nodes to expand rather than which children to keep.
+        nodes to expand rather than which children to keep. Depth comes first: the first drawn
+        child is accepted whenever the draft agrees with the target, so a further level adds far
+        more than a further sibling; width takes what L levels leave.
         """
         budget = self.n_verify - 1
-        k = min(self.width, budget)
-        if self.depth == 1 or budget < 2 * k:
+        depth = min(self.depth, budget)
+        k = max(1, min(self.width, budget // depth))
+        if depth == 1:
             return k, 1, 1
-        per_level = (budget - k) // (self.depth - 1)  # nodes each deeper level may add
+        per_level = (budget - k) // (depth - 1)  # nodes each deeper level may add
         expand = min(max(per_level // k, 1), k)
-        return k, expand, min(self.depth, 1 + (budget - k) // (expand * k))
+        return k, expand, min(depth, 1 + (budget - k) // (expand * k))
 
 
 @dataclass(frozen=True)
