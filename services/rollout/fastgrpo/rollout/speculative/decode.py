@@ -119,8 +119,10 @@ class SpecDecoder:
         # settle the accepted path onto consecutive cache positions settled + k
         k = torch.arange(D1, device=dev)[None, :]
         self.runner.cache.move(slots, settled[:, None] + result.path, settled[:, None] + k)
-        pol = sampler.policy_logprobs(logits.reshape(B * N, V), params.temperature.repeat_interleave(N)).view(B, N, V)
-        path_logp = pol.gather(1, result.path[:, :, None].expand(B, D1, V))  # (B, D+1, V)
+        # exact logprobs of the emitted tokens, computed only at the path's nodes
+        path_logits = logits.gather(1, result.path[:, :, None].expand(B, D1, V))  # (B, D+1, V)
+        path_logp = sampler.policy_logprobs(path_logits.reshape(B * D1, V),
+                                            params.temperature.repeat_interleave(D1)).view(B, D1, V)
         emitted_logp = path_logp.gather(2, result.tokens[:, :, None])[:, :, 0]  # (B, D+1)
         path_feat = out.hidden.gather(1, result.path[:, :, None].expand(B, D1, out.hidden.shape[-1]))  # (B, D+1, H)
         n_acc = result.accepted.tolist()
