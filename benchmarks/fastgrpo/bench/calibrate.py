@@ -31,8 +31,8 @@ def run(cfg: CalibrateBenchConfig) -> dict:
 
     from fastgrpo.bench.common import plot, write_results
     from fastgrpo.fixture import build_fixture
-    from fastgrpo.rollout.calibration import DEFAULT_SWEEP, knee, profile
-    from fastgrpo.rollout.engine.model_runner import ForwardBatch, ModelRunner
+    from fastgrpo.rollout.calibration import DEFAULT_SWEEP, knee, one_sequence_batch, profile
+    from fastgrpo.rollout.engine.model_runner import ModelRunner
     from fastgrpo.rollout.online_calibration import OnlineCalibrator
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -45,8 +45,6 @@ def run(cfg: CalibrateBenchConfig) -> dict:
     profiled = knee(points)
     print(f"profiled C_peak {profiled:.1f} from {points}", flush=True)
     steps = 60 if cfg.quick else cfg.steps
-    slot = torch.zeros(1, dtype=torch.long, device=device)
-    start = torch.tensor([cfg.context], device=device)
     limit = runner.cache.max_len - cfg.context
     records, series = [], {}
     for factor in (float(f) for f in cfg.factors.split(",")):
@@ -55,8 +53,7 @@ def run(cfg: CalibrateBenchConfig) -> dict:
         trace = []
         for _ in range(steps):
             T = min(max(1, math.floor(cal.step_c_peak())), limit)
-            tokens = torch.randint(0, runner.vocab_size, (1, T), device=device)
-            runner.forward(ForwardBatch(tokens, start[:, None] + torch.arange(T, device=device)[None], slot, start))
+            runner.forward(one_sequence_batch(runner, T, cfg.context))
             trace.append(cal.c_peak)
         runner.on_decode_forward = None
         within = [abs(c / profiled - 1) <= 0.25 for c in trace]

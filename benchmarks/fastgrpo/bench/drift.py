@@ -70,12 +70,6 @@ class _MirroredClient:
         return getattr(self.everyone, name)
 
 
-def _acceptance(batch) -> float:
-    from fastgrpo.client import SpecStats
-
-    return SpecStats.total([c.spec for group in batch.completions for c in group]).acceptance_length
-
-
 def run(cfg: DriftBenchConfig) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -126,8 +120,8 @@ def run(cfg: DriftBenchConfig) -> dict:
             rec = {
                 "step": st.step,
                 "acceptance_length_online": st.acceptance_length,
-                "acceptance_length_frozen": _acceptance(client.last["frozen"]),
-                "acceptance_length_scratch": _acceptance(client.last["scratch"]),
+                "acceptance_length_frozen": client.last["frozen"].spec().acceptance_length,
+                "acceptance_length_scratch": client.last["scratch"].spec().acceptance_length,
                 "overhead_fraction": (online.seconds - draft_s) / step_s,
                 "overhead_fraction_scratch": scratch_s / step_s,
                 "draft_seconds": online.seconds - draft_s,

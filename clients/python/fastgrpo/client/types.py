@@ -209,3 +209,7 @@ class GroupedBatch:
 
     def flat(self) -> list[Completion]:
         return [c for group in self.completions for c in group]
+
+    def spec(self) -> SpecStats:
+        """Speculation counts summed over every completion of the batch."""
+        return SpecStats.total([c.spec for c in self.flat()])

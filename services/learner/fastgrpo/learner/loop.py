@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer
 
-from fastgrpo.client import Completion, RolloutClient, Sampling, SpecStats
+from fastgrpo.client import Completion, RolloutClient, Sampling
 from fastgrpo.learner.algo import group_advantages, group_reward_stats, grpo_loss
 from fastgrpo.learner.checkpoint import latest_checkpoint, load_checkpoint
 from fastgrpo.learner.config import LearnerConfig
@@ -156,7 +156,7 @@ class GRPOLearner:
             grad_norm=grad_norm,
             completion_tokens=sum(len(c.token_ids) for c in completions),
             dropped_stale=dropped,
-            acceptance_length=SpecStats.total([c.spec for group in batch.completions for c in group]).acceptance_length,
+            acceptance_length=batch.spec().acceptance_length,
             generate_s=t1 - t0,
             score_s=t2 - t1,
             train_s=t3 - t2,

@@ -109,21 +109,26 @@ def knee(points: list[tuple[int, float]], grid: int = 512, noise: float = 0.03, 
     return float(c[best])
 
 
+def one_sequence_batch(runner: ModelRunner, tokens: int, context: int) -> ForwardBatch:
+    """One sequence (slot 0) verifying `tokens` random tokens after `context` cached ones."""
+    dev = runner.device
+    start = torch.tensor([context], device=dev)
+    ids = torch.randint(0, runner.vocab_size, (1, tokens), device=dev)  # (1, T)
+    positions = (context + torch.arange(tokens, device=dev))[None]  # (1, T)
+    return ForwardBatch(ids, positions, torch.zeros(1, dtype=torch.long, device=dev), start)
+
+
 @torch.inference_mode()
 def profile(runner: ModelRunner, token_counts: list[int], context: int = 128, repeats: int = 5,
             budget_s: float = 60.0) -> list[tuple[int, float]]:
     """Median latency of one target forward over T new tokens after `context` cached tokens."""
     dev = runner.device
-    slot = torch.zeros(1, dtype=torch.long, device=dev)
-    start = torch.tensor([context], device=dev)
     deadline = time.perf_counter() + budget_s
     out = []
     for T in sorted(token_counts):
         if context + T > runner.cache.max_len:
             break
-        tokens = torch.randint(0, runner.vocab_size, (1, T), device=dev)  # (1, T)
-        positions = (context + torch.arange(T, device=dev))[None]  # (1, T)
-        batch = ForwardBatch(tokens, positions, slot, start)
+        batch = one_sequence_batch(runner, T, context)
         runner.forward(batch)  # warm-up
         times = []
         for _ in range(repeats):

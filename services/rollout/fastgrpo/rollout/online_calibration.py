@@ -8,9 +8,10 @@ observations C_peak is re-estimated with the profile's own knee rule over the bu
 Live steps alone would all sit near tokens = C_peak and could not tell where the knee is, so every
 `explore_every`-th step verifies trees sized for 2 x C_peak or C_peak / 2 (alternating): the
 flat level shows below, the linear asymptote above. Exploring costs throughput, so once updates
-stop moving C_peak (by under 10%) the interval doubles, up to `explore_max`; a move resets it. A wrong start converges geometrically: from
-too high every point is on the slope and the knee lands at the smallest of them, from too low every
-point is flat and the estimate moves to the largest; each update moves at most `max_change` times.
+stop moving C_peak (by under 10%) the interval doubles, up to `explore_max`; a move resets it.
+A wrong start converges geometrically: from too high every point is on the slope and the knee
+lands at the smallest of them, from too low every point is flat and the estimate moves to the
+largest; each update moves at most `max_change` times.
 """
 from __future__ import annotations
 
