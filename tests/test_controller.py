@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from fastgrpo.rollout.calibration import knee
+from fastgrpo.rollout.calibration import DEFAULT_SWEEP, knee
 from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy, adaptive_tree
 from fastgrpo.rollout.online_calibration import OnlineCalibrator, RefineConfig
 from fastgrpo.rollout.speculative.drafter import TreeShape
@@ -45,23 +45,31 @@ def test_modes():
     assert policy.max_nodes() == 160
 
 
-def test_knee_by_hand():
-    from fastgrpo.rollout.calibration import knee
+HALF_OCTAVES = (2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256, 362, 512, 724, 1024)
 
-    # a GPU-like roofline: flat at 10 ms, then 0.5 ms per token: 10 = 0.5 * T -> T = 20
-    pts = [(2, 0.010), (4, 0.010), (8, 0.010), (16, 0.010), (32, 0.016), (64, 0.032), (128, 0.064)]
-    assert abs(knee(pts) / 20.0 - 1) < 0.01  # grid resolution: 512 steps over log(64)
-    # flat, then affine with an intercept (a CPU): 10 ms to 24 tokens, then +0.25 ms per token
-    cpu = [(t, 0.010 + 0.00025 * max(0, t - 24)) for t in (2, 4, 8, 16, 32, 64, 128, 256)]
-    assert abs(knee(cpu) / 24.0 - 1) < 0.02
-    # the same from a window past the knee only, as online refinement may see it first
-    assert abs(knee(cpu[3:6]) / 24.0 - 1) < 0.02
-    # one odd count (30% off) is dropped, and one-token forwards never count
-    odd = pts[:2] + [(8, 0.013)] + pts[3:] + [(1, 0.004)]
-    assert abs(knee(odd) / 20.0 - 1) < 0.02
-    # never leaves the flat regime: the largest count swept; all on the slope: the smallest
-    assert knee([(2, 0.01), (3, 0.0101), (4, 0.01)]) == pytest.approx(4.0)
-    assert knee([(8, 0.008), (16, 0.016), (32, 0.032)]) == pytest.approx(8.0)
+
+def test_knee_by_hand():
+    from fastgrpo.rollout.calibration import elasticity, knee
+
+    # a GPU-like roofline, flat at 10 ms, then 0.5 ms per token: the knee is 10 / 0.5 = 20 tokens,
+    # and a window centred there is half flat, half proportional: slope 1/2
+    roof = [(t, max(0.010, 0.0005 * t)) for t in HALF_OCTAVES]
+    assert knee(roof) == pytest.approx(20.0, rel=0.05)
+    assert elasticity(roof, 4.0) == pytest.approx(0.0, abs=1e-9)  # flat all through the window
+    assert elasticity(roof, 400.0) == pytest.approx(1.0, abs=1e-9)  # proportional all through
+    # the same roofline with its knee at 100 tokens, and the whole curve 3x slower: only shape counts
+    assert knee([(t, 3 * max(0.010, 0.0001 * t)) for t in HALF_OCTAVES]) == pytest.approx(100.0, rel=0.05)
+    # a CPU: flat, then affine with an intercept; odd counts 6% slower (a GEMM kernel's taste for
+    # multiples of 4) and one-token forwards a third faster must not move the answer much
+    cpu = [(t, 0.030 + 0.0009 * max(0, t - 12)) for t in HALF_OCTAVES]
+    bumpy = [(t, sec * (1.06 if t % 4 else 1.0)) for t, sec in cpu] + [(1, 0.020)]
+    assert knee(bumpy) == pytest.approx(knee(cpu), rel=0.1)
+    assert 12 < knee(cpu) < 64  # inside the bend: after latency leaves 30 ms, before it doubles
+    # never leaves the flat level: the largest centre the sweep can read; proportional: the smallest
+    assert knee([(t, 0.01) for t in HALF_OCTAVES[:13]]) == pytest.approx(128 / 2**2.5, rel=0.01)
+    assert knee([(t, 0.001 * t) for t in HALF_OCTAVES[4:]]) == pytest.approx(8 * 2**2.5, rel=0.01)
+    with pytest.raises(ValueError):
+        knee([(1, 0.01), (2, 0.01), (3, 0.01)])  # one-token forwards never count: 2 points left
 
 
 def test_profile_cli_writes_a_keyed_calibration(tiny_dir, tmp_path):
@@ -71,7 +79,7 @@ def test_profile_cli_writes_a_keyed_calibration(tiny_dir, tmp_path):
     out = tmp_path / "cal.json"
     assert main(["profile", "--model", str(tiny_dir), "--out", str(out), "--max-tokens", "16", "--budget-s", "20"]) == 0
     cal = Calibration.load(out, str(tiny_dir), "cpu", "float32")
-    assert cal is not None and cal.c_peak >= 1 and [t for t, _ in cal.points] == [1, 2, 4, 8, 16]
+    assert cal is not None and cal.c_peak >= 1 and [t for t, _ in cal.points] == [t for t in DEFAULT_SWEEP if t <= 16]
     assert Calibration.load(out, str(tiny_dir), "cuda:0", "bfloat16") is None
 
 
@@ -206,5 +214,5 @@ def test_exploration_backs_off_once_c_peak_settles():
         c = cal.step_c_peak()
         explored.append(c != cal.c_peak)
         cal.observe(max(1, math.floor(c)), _roofline_ms(max(1, math.floor(c))))
-    assert sum(explored[:32]) == 8  # every 4th step until updates show the estimate settled
+    assert sum(explored[:32]) == 16  # every 2nd step until updates show the estimate settled
     assert sum(explored[-200:]) <= 200 // 16  # settled: at most one step in 16 (the interval reaches 64)

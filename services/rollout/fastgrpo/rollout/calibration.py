@@ -1,9 +1,11 @@
-"""C_peak calibration: how many tokens one target forward can take before its latency starts to
-grow linearly with them (the roofline knee, FastGRPO appendix B).
+"""C_peak calibration: how many tokens one target forward can take before its latency grows in
+proportion to them (the roofline knee, FastGRPO appendix B).
 
 A sweep times real target forwards over token counts T (one sequence verifying T tokens after a
 realistic context). Latency is flat while the forward is bound by reading the weights and grows
-linearly once compute dominates; C_peak is the hinge between the two (`knee`). The online refinement (online_calibration.py) fits the same model to live steps.
+linearly once compute dominates; C_peak is where the curve's log-log slope over a few octaves
+reaches 1/2 (`knee`): exactly the knee of an ideal roofline, the middle of the bend of a smooth
+one. The online refinement (online_calibration.py) steers to the same point from live steps.
 """
 from __future__ import annotations
 
@@ -59,54 +61,72 @@ def fit_points(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return [(t, sec) for t, sec in points if t >= 2]
 
 
-def knee(points: list[tuple[int, float]], grid: int = 512, noise: float = 0.03, flat_rise: float = 0.15,
-         outlier: float = 0.15) -> float:
-    """Tokens T* where latency leaves its flat level: the hinge of latency(T) = t0 + s * max(0, T - T*)
-    fitted to the points.
+SPAN = 2.5
+"""Octaves either side of a token count over which `elasticity` reads the latency curve."""
 
-    points: (tokens, seconds), at least 3 distinct token counts. For each candidate T* on a log grid
-    over the swept range, t0 and s >= 0 are a weighted least-squares fit (weights 1/latency, so
-    every point counts by its relative error) and the best candidate wins. A free intercept on the
-    rising part fits a GPU's roofline max(t0, s T) exactly and a CPU's flat-then-affine curve too,
-    so the answer does not depend on how far past the knee a sweep (or the online refinement)
-    happens to look. Simpler explanations win first: when a straight line over the whole range
-    rises by less than `flat_rise` of its start, latency never left the flat level (the largest
-    count); when that line fits within the timing noise (`noise`, relative, per point), every point
-    is already past the knee (the smallest count). A hinge is placed inside the range only when
-    the points need one.
 
-    With 5 or more points, the point the fit explains worst is dropped and the fit redone when it is
-    off by more than `outlier` (relative): one odd count must not move the hinge (on a 2-core CPU a
-    one-token forward takes a matrix-vector path a third faster than two tokens, which no hinge
-    describes). For the same reason one-token forwards are left out altogether: every speculative
-    step verifies at least two tokens per sequence.
+def elasticity(points: list[tuple[int, float]], at: float, span: float = SPAN) -> float | None:
+    """How fast latency grows with tokens around `at`: the slope of log(seconds) against
+    log(tokens) (0 while flat, 1 once latency is proportional to tokens), fitted by least squares
+    over the points within `span` octaves, each weighted by 1 - distance / span. None when fewer
+    than 3 points, or less than one octave, are there.
+
+    A slope over a few octaves, not a ratio of neighbouring points, so one slow count or a kernel's
+    taste for some sizes (on a CPU a multiple of 4 tokens runs ~6% faster than its neighbours)
+    averages out instead of deciding where the knee is; the tapering weights let a point leave the
+    window gradually as `at` moves, so the slope is continuous in `at`.
     """
-    points = fit_points(points)
-    if len({t for t, _ in points}) < 3:
-        raise ValueError("need at least 3 distinct token counts of 2 or more")
-    T = torch.tensor([float(t) for t, _ in points], dtype=torch.float64)  # (P,)
-    y = torch.tensor([sec for _, sec in points], dtype=torch.float64)  # (P,)
-    w = 1.0 / y  # (P,) relative-error weights
-    c = torch.logspace(math.log10(float(T.min())), math.log10(float(T.max())), grid, dtype=torch.float64)  # (G,)
-    h = (T[None, :] - c[:, None]).clamp(min=0)  # (G, P) tokens past the candidate hinge
-    # weighted least squares of y ~ t0 + s h per candidate: 2x2 normal equations
-    sw, sh, shh = (w * w).sum(), (w * w * h).sum(1), (w * w * h * h).sum(1)  # (), (G,), (G,)
-    sy, shy = (w * w * y).sum(), (w * w * h * y).sum(1)
-    det = (sw * shh - sh * sh).clamp(min=1e-30)
-    slope = ((sw * shy - sh * sy) / det).clamp(min=0)  # (G,) a falling latency is noise: flat
-    t0 = (sy - slope * sh) / sw  # (G,) best level given the slope
-    sse = ((w * (y[None, :] - t0[:, None] - slope[:, None] * h)) ** 2).sum(1)  # (G,)
-    best = int(sse.argmin())
-    resid = (w * (y - t0[best] - slope[best] * h[best])).abs()  # (P,) relative misfit
-    worst = int(resid.argmax())
-    if len(points) >= 5 and float(resid[worst]) > outlier:
-        return knee(points[:worst] + points[worst + 1 :], grid, noise, flat_rise, outlier)
-    # candidate 0 puts the hinge at the smallest count: one straight line over every point
-    if float(slope[0] * h[0].max()) < flat_rise * float(t0[0]):
-        return float(T.max())
-    if float(sse[0]) <= float(sse[best]) + len(points) * noise**2:  # what noise alone could add
-        return float(T.min())
-    return float(c[best])
+    sel = []
+    for t, sec in fit_points(points):
+        d = math.log2(t / at)
+        if abs(d) < span:
+            sel.append((d, math.log2(sec), 1.0 - abs(d) / span))
+    if len(sel) < 3 or max(x for x, _, _ in sel) - min(x for x, _, _ in sel) < 1.0:
+        return None
+    sw = sum(w for _, _, w in sel)
+    mx = sum(w * x for x, _, w in sel) / sw
+    my = sum(w * y for _, y, w in sel) / sw
+    return sum(w * (x - mx) * (y - my) for x, y, w in sel) / sum(w * (x - mx) ** 2 for x, _, w in sel)
+
+
+def knee(points: list[tuple[int, float]], span: float = SPAN, grid: int = 64) -> float:
+    """C_peak from a sweep of (tokens, seconds): the token count where latency's `elasticity` over
+    +-span octaves reaches 1/2.
+
+    On an ideal roofline, latency = max(t0, s * T), the window centred on the knee K = t0 / s is
+    half flat (slope 0) and half proportional (slope 1) and fits a slope of exactly 1/2, so this is
+    K. On a curve that bends smoothly (a CPU's flat-then-affine latency) it is the middle of the
+    bend. The online refinement (online_calibration.py) steers C_peak to the same point from the
+    live steps around it, so the two agree by construction.
+
+    Only centres whose window lies inside the sweep are read. When latency is already past the
+    bend at the first of them, that centre; when it never gets there, the last (C_peak is at least
+    that: sweep further).
+    """
+    pts = fit_points(points)
+    if len(pts) < 3:
+        raise ValueError("need at least 3 forwards of 2 or more tokens")
+    lo = math.log2(min(t for t, _ in pts)) + span
+    hi = math.log2(max(t for t, _ in pts)) - span
+    if hi < lo:  # a short sweep: read the middle with whatever window it allows
+        lo = hi = (lo + hi) / 2
+    prev = None
+    for k in range(grid + 1):
+        v = lo + (hi - lo) * k / grid
+        e = elasticity(pts, 2.0**v, span)
+        if e is None:
+            continue
+        if e >= 0.5:
+            if prev is None:
+                return 2.0**v
+            pv, pe = prev
+            return 2.0 ** (pv + (v - pv) * (0.5 - pe) / (e - pe))
+        prev = (v, e)
+        if hi == lo:
+            break
+    if prev is None:
+        raise ValueError("the points span less than one octave")
+    return 2.0 ** prev[0]
 
 
 def one_sequence_batch(runner: ModelRunner, tokens: int, context: int) -> ForwardBatch:
@@ -119,30 +139,36 @@ def one_sequence_batch(runner: ModelRunner, tokens: int, context: int) -> Forwar
 
 
 @torch.inference_mode()
-def profile(runner: ModelRunner, token_counts: list[int], context: int = 128, repeats: int = 5,
+def profile(runner: ModelRunner, token_counts: list[int], context: int = 128, repeats: int = 7,
             budget_s: float = 60.0) -> list[tuple[int, float]]:
-    """Median latency of one target forward over T new tokens after `context` cached tokens."""
+    """Median latency of one target forward over T new tokens after `context` cached tokens.
+
+    Repeats go round the whole sweep (T = 2, 3, 4, ..., then again) rather than timing each count
+    `repeats` times in a row, so a slow spell of the machine lands on every count alike instead of
+    bending the curve where it happened. Past `budget_s` no further round starts; the first round
+    stops at the count it reached.
+    """
     dev = runner.device
     deadline = time.perf_counter() + budget_s
-    out = []
-    for T in sorted(token_counts):
-        if context + T > runner.cache.max_len:
-            break
-        batch = one_sequence_batch(runner, T, context)
-        runner.forward(batch)  # warm-up
-        times = []
-        for _ in range(repeats):
+    counts = [T for T in sorted(token_counts) if context + T <= runner.cache.max_len]
+    batches = {T: one_sequence_batch(runner, T, context) for T in counts}
+    times: dict[int, list[float]] = {}
+    for r in range(repeats + 1):  # round 0 warms every shape up
+        for T in counts:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            runner.forward(batch)
+            runner.forward(batches[T])
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        out.append((T, statistics.median(times)))
-        if time.perf_counter() > deadline:
+            if r:
+                times.setdefault(T, []).append(time.perf_counter() - t0)
+            if r <= 1 and time.perf_counter() > deadline:
+                counts = [c for c in counts if c <= T]
+                break
+        if r and time.perf_counter() > deadline:
             break
-    return out
+    return [(T, statistics.median(ts)) for T, ts in sorted(times.items())]
 
 
-DEFAULT_SWEEP = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+DEFAULT_SWEEP = [1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256, 362, 512, 724, 1024]  # half-octaves

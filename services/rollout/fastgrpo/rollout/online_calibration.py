@@ -2,16 +2,17 @@
 
 Every decode forward (plain or tree verification) is a point (tokens in the forward, seconds) on
 the same latency curve the offline profile sweeps. Points are kept per half-octave bucket of token
-counts (a window of recent latencies each, medians against noise), and every `update_every`
-observations C_peak is re-estimated with the profile's own knee rule over the bucket medians.
+counts (a window of recent latencies each, medians against noise). Every `update_every`
+observations the curve's elasticity around C_peak is read from the bucket medians
+(calibration.elasticity, the rule the profile's knee uses) and C_peak moves towards where it is
+1/2: down when latency already grows faster, up when it is still flatter.
 
-Live steps alone would all sit near tokens = C_peak and could not tell where the knee is, so every
-`explore_every`-th step verifies trees sized for 2 x C_peak or C_peak / 2 (alternating): the
-flat level shows below, the linear asymptote above. Exploring costs throughput, so once updates
-stop moving C_peak (by under 10%) the interval doubles, up to `explore_max`; a move resets it.
-A wrong start converges geometrically: from too high every point is on the slope and the knee
-lands at the smallest of them, from too low every point is flat and the estimate moves to the
-largest; each update moves at most `max_change` times.
+Live steps alone would all sit near tokens = C_peak and could not tell the slope, so every
+`explore_every`-th step verifies trees sized for C_peak x 2^u or C_peak / 2^u (alternating, u
+spread over 1/2 to 2 octaves). Exploring costs throughput, so once updates stop moving C_peak (by
+under 10%) the interval doubles, up to `explore_max`; a move resets it. A wrong start converges
+geometrically: each update moves at most `max_change` times, and buckets from earlier positions
+keep counting, so the estimate gathers its own sweep on the way.
 """
 from __future__ import annotations
 
@@ -22,18 +23,19 @@ from collections import deque
 from dataclasses import dataclass
 
 from fastgrpo.common.cli import help_field
-from fastgrpo.rollout.calibration import fit_points, knee
+from fastgrpo.rollout.calibration import elasticity
 
 
 @dataclass(frozen=True)
 class RefineConfig:
     enabled: bool = help_field(True, "refine C_peak online from measured decode-step latencies")
-    explore_every: int = help_field(4, "every n-th adaptive step sizes its trees for 2x or 1/2x C_peak (0 = never explore)")
+    explore_every: int = help_field(2, "every n-th adaptive step sizes its trees for C_peak x 2^u or / 2^u, u in [1/2, 2] (0 = never explore)")
     explore_max: int = help_field(64, "longest exploration interval once C_peak has settled")
     update_every: int = help_field(16, "observed forwards between C_peak re-estimates")
     window: int = help_field(32, "latencies kept per token-count bucket")
     min_samples: int = help_field(3, "latencies a bucket needs before it counts")
     max_change: float = help_field(2.0, "largest factor C_peak moves by in one update")
+    gain: float = help_field(1.0, "octaves C_peak moves per unit of elasticity error (a quarter of a Newton step on a roofline: stale, noisy buckets make bolder steps overshoot)")
     c_min: float = help_field(2.0, "lower bound of C_peak")
     c_max: float = help_field(8192.0, "upper bound of C_peak")
 
@@ -72,10 +74,14 @@ class OnlineCalibrator:
             return self.c_peak
         self._explored_at = self._steps
         self._explorations += 1
-        if self._explorations % 2:
-            return self.c_peak * 2.0
+        # 2^(+-u), u spread over [0.5, 2] by the golden-ratio sequence: the points land on many token
+        # counts around the estimate, so a kernel's preference for some sizes (on a CPU a multiple of
+        # 4 tokens runs ~6% faster than its neighbours) averages out instead of bending the fit
+        u = 0.5 + 1.5 * ((self._explorations * 0.6180339887) % 1.0)
+        up = self.c_peak * 2.0**u
+        down = self.c_peak / 2.0**u
         # below two tokens a forward says nothing about the knee (see calibration.knee): look higher
-        return self.c_peak * (0.5 if self.c_peak >= 4 else 4.0)
+        return up if self._explorations % 2 or down < 2 else down
 
     def observe(self, tokens: int, seconds: float) -> None:
         """One decode forward over `tokens` tokens took `seconds`."""
@@ -96,11 +102,13 @@ class OnlineCalibrator:
         )
 
     def _update(self) -> None:
-        pts = fit_points(self.points())
-        if len(pts) < 3:  # buckets hold distinct token counts: fewer than 3 cannot place a knee
+        e = elasticity(self.points(), self.c_peak)
+        if e is None:  # not yet 3 token counts over an octave around C_peak
             return
         cfg = self.cfg
-        c = min(max(knee(pts), self.c_peak / cfg.max_change, cfg.c_min), self.c_peak * cfg.max_change, cfg.c_max)
+        # past the bend (e > 1/2) the knee is lower, before it higher: a damped Newton step in octaves
+        step = min(max(-cfg.gain * (e - 0.5), -math.log2(cfg.max_change)), math.log2(cfg.max_change))
+        c = min(max(self.c_peak * 2.0**step, cfg.c_min), cfg.c_max)
         settled = abs(c / self.c_peak - 1) < 0.1
         self._explore_every = (min(2 * self._explore_every, cfg.explore_max) if settled else cfg.explore_every)
         with self._lock:

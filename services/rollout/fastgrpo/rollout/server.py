@@ -62,7 +62,7 @@ class ServeConfig:
     c_peak: float = help_field(160.0, "adaptive: tokens per target forward at the compute knee (160 is the paper's GPU figure; measure yours)")
     calibration: str = help_field("", "adaptive: calibration file from `fastgrpo-rollout profile`; its entry for this model, device and dtype sets C_peak (missing: profiled at start and saved)")
     c_peak_refine: bool = help_field(True, "adaptive: refine C_peak online from the latencies of the decode steps served (GetStatus shows both)")
-    c_peak_explore_every: int = help_field(4, "adaptive, online refinement: every n-th step sizes its trees for 2x or 1/2x C_peak to see both sides of the knee (0 = never)")
+    c_peak_explore_every: int = help_field(2, "adaptive, online refinement: every n-th step sizes its trees up to 4x above or below C_peak to see both sides of the knee (0 = never)")
     profile_budget_s: float = help_field(60.0, "adaptive: time bound of the start-up profile when the calibration file lacks this model")
     n_max: int = help_field(160, "adaptive: largest N_verify")
     k_max: int = help_field(8, "adaptive: largest K")
