@@ -216,3 +216,12 @@ def test_exploration_backs_off_once_c_peak_settles():
         cal.observe(max(1, math.floor(c)), _roofline_ms(max(1, math.floor(c))))
     assert sum(explored[:32]) == 16  # every 2nd step until updates show the estimate settled
     assert sum(explored[-200:]) <= 200 // 16  # settled: at most one step in 16 (the interval reaches 64)
+
+
+def test_exploration_never_turns_speculation_on():
+    """At B = 64 under C_peak 34 speculation is off (N_verify 0); a step exploring 4x C_peak would
+    verify 2 tokens per sequence, a loss at that load, so it stays off."""
+    policy = SpecPolicy("adaptive", ControllerConfig(c_peak=34.0), TreeShape(4, 5, 16),
+                        OnlineCalibrator(34.0, "profile", RefineConfig()))
+    assert policy.tree_for(64) is None and policy.tree_for(64, c_peak=136.0) is None
+    assert policy.tree_for(8, c_peak=136.0) == adaptive_tree(8, ControllerConfig(c_peak=136.0))

@@ -75,7 +75,12 @@ class SpecPolicy:
             return None
         if mode == "static":
             return self.static_tree
-        return adaptive_tree(batch_size, self.controller, self.c_peak if c_peak is None else c_peak)
+        live = adaptive_tree(batch_size, self.controller, self.c_peak)
+        if c_peak is None or live is None:
+            # an exploring step never turns speculation on where the estimate says it does not pay:
+            # at such a B the plain forward's B tokens already sit above C_peak
+            return live
+        return adaptive_tree(batch_size, self.controller, c_peak)
 
     def max_nodes(self) -> int:
         """Most tree nodes any step can verify: the cache headroom a sequence needs. With online
