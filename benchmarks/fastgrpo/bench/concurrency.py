@@ -9,6 +9,7 @@ draft, cache and process. Two workloads:
 from __future__ import annotations
 
 import os
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ class ConcurrencyBenchConfig:
     width: int = help_field(4, "static tree width K")
     depth: int = help_field(6, "static tree depth L")
     n_verify: int = help_field(20, "static tree N_verify")
-    repeats: int = help_field(3, "runs of each mode per workload, interleaved (off, static, adaptive, off, ...); the median counts (quick: 1)")
+    repeats: int = help_field(3, "runs of each mode per workload, interleaved in rotating order; speedup is the median of the rounds' ratios to off (quick: 1)")
     seed: int = help_field(0, "sampling seed")
 
 
@@ -74,21 +75,25 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
         return Engine(runner, eos, EngineConfig(max_running=slots), drafter, policy)
 
     def measure(engine, prompts, n, workload, batch_size):
-        # interleaved repeats: a slow spell of a shared machine hits every mode alike
+        # interleaved repeats, the order rotating each round (off, static, adaptive; static, adaptive,
+        # off; ...): a slow spell of a shared machine hits every mode alike, and speedup is the median
+        # over rounds of each round's own ratio to off, so drift between rounds cancels too
         runs = {mode: [] for mode in MODES}
-        for _ in range(1 if cfg.quick else cfg.repeats):
-            for mode in MODES:
+        for r in range(1 if cfg.quick else cfg.repeats):
+            for mode in MODES[r % len(MODES):] + MODES[: r % len(MODES)]:
                 runs[mode].append(timed_generation(engine, prompts, n, cfg.temperature, cfg.max_new_tokens, cfg.seed, mode))
-        engine_runs = {mode: median_run(rs) for mode, rs in runs.items()}
-        off = engine_runs["off"]["tokens"] / engine_runs["off"]["seconds"]
-        for mode, r in engine_runs.items():
-            tps = r["tokens"] / r["seconds"]
-            rec = {"workload": workload, "batch_size": batch_size, "mode": mode, "tokens_per_s": tps,
-                   "speedup_vs_off": tps / off, "acceptance_length": r["acceptance_length"], "tokens": r["tokens"],
-                   "seconds": r["seconds"]}
+        tps = {mode: [x["tokens"] / x["seconds"] for x in rs] for mode, rs in runs.items()}
+        for mode, rs in runs.items():
+            median = median_run(rs)
+            rec = {"workload": workload, "batch_size": batch_size, "mode": mode,
+                   "tokens_per_s": median["tokens"] / median["seconds"],
+                   "speedup_vs_off": statistics.median(a / b for a, b in zip(tps[mode], tps["off"])),
+                   "speedup_per_round": [a / b for a, b in zip(tps[mode], tps["off"])],
+                   "acceptance_length": median["acceptance_length"], "tokens": median["tokens"],
+                   "seconds": median["seconds"]}
             records.append(rec)
-            print(f"{workload:5s} B={batch_size:4d} {mode:8s} {tps:8.1f} tok/s  x{rec['speedup_vs_off']:.2f} vs off  "
-                  f"acceptance {r['acceptance_length']:.2f}", flush=True)
+            print(f"{workload:5s} B={batch_size:4d} {mode:8s} {rec['tokens_per_s']:8.1f} tok/s  x{rec['speedup_vs_off']:.2f} vs off  "
+                  f"acceptance {rec['acceptance_length']:.2f}", flush=True)
 
     for B in batch_sizes:
         engine = engine_for(B)

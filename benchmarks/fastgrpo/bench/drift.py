@@ -63,11 +63,19 @@ class _MirroredClient:
         out = self.primary.generate_batch(*args, **kwargs)
         t0 = time.perf_counter()
         self.last = {name: client.generate_batch(*args, **kwargs) for name, client in self.others.items()}
+        self.last["online"] = out
         self.mirror_seconds += time.perf_counter() - t0
         return out
 
     def __getattr__(self, name):
         return getattr(self.everyone, name)
+
+
+def _mean_nll(batch) -> float:
+    """Mean -logprob per sampled token of a step's rollouts: the policy's entropy, estimated. When it
+    rises every draft's acceptance falls, stale or not."""
+    lps = [lp for c in batch.flat() for lp in c.logprobs]
+    return -sum(lps) / max(1, len(lps))
 
 
 def run(cfg: DriftBenchConfig) -> dict:
@@ -130,6 +138,7 @@ def run(cfg: DriftBenchConfig) -> dict:
                 "draft_version_scratch": scratch.draft_version,
                 "draft_loss_online": online.last_loss,
                 "reward_mean": st.reward_mean,
+                "policy_nll": _mean_nll(client.last["online"]),
                 "accuracy": st.accuracy,
                 "policy_version": st.new_version,
             }
@@ -137,7 +146,7 @@ def run(cfg: DriftBenchConfig) -> dict:
             records.append(rec)
             print(f"step {rec['step']:3d}  acceptance online {rec['acceptance_length_online']:.2f}  "
                   f"frozen {rec['acceptance_length_frozen']:.2f}  scratch {rec['acceptance_length_scratch']:.2f}  "
-                  f"overhead {100 * rec['overhead_fraction']:.1f}%  reward {rec['reward_mean']:.3f}", flush=True)
+                  f"overhead {100 * rec['overhead_fraction']:.1f}%  reward {rec['reward_mean']:.3f}  nll {rec['policy_nll']:.3f}", flush=True)
     finally:
         for app in apps.values():
             app.stop(grace=0.5)
