@@ -73,9 +73,10 @@ class ServeConfig:
     draft_every_n_batches: int = help_field(1, "online draft learning: a round after every N finished Generate requests (0 = only on TrainDraft)")
     draft_buffer_bytes: int = help_field(256 * 1024 * 1024, "online draft learning: capture buffer bound in bytes")
     draft_lr: float = help_field(3e-4, "online draft learning: AdamW learning rate")
+    draft_warmup_steps: int = help_field(16, "online draft learning: optimiser steps over which the learning rate ramps up")
     draft_batch_size: int = help_field(16, "online draft learning: sequences per optimiser step")
     draft_max_steps: int = help_field(64, "online draft learning: optimiser steps per round at most")
-    draft_time_fraction: float = help_field(0.03, "online draft learning: scheduled rounds use at most this fraction of wall time (0 = unbounded; TrainDraft rounds are not bounded)")
+    draft_time_fraction: float = help_field(0.05, "online draft learning: scheduled rounds use at most this fraction of serving time (0 = unbounded; TrainDraft rounds are not bounded)")
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
@@ -337,6 +338,7 @@ def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics) -> RolloutApp:
         engine.attach_draft_learner(OnlineDraftLearner(drafter.head, draft_store, OnlineConfig(
             every_n_batches=cfg.draft_every_n_batches, buffer_bytes=cfg.draft_buffer_bytes,
             batch_size=cfg.draft_batch_size, max_steps_per_round=cfg.draft_max_steps, lr=cfg.draft_lr,
+            warmup_steps=cfg.draft_warmup_steps,
             time_fraction=cfg.draft_time_fraction)))
     servicer = RolloutServicer(engine, WeightStore(runner.model), tokenizer, info, draft_store, metrics)
     metrics.watch(servicer.status, engine.draft_learner)

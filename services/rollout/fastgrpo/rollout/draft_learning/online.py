@@ -37,7 +37,8 @@ class OnlineConfig:
     batch_size: int = help_field(16, "sequences per draft optimiser step")
     max_steps_per_round: int = help_field(64, "optimiser steps per round at most")
     lr: float = help_field(3e-4, "AdamW learning rate of the draft head")
-    time_fraction: float = help_field(0.03, "scheduled rounds use at most this fraction of the engine's serving time (0 = unbounded)")
+    warmup_steps: int = help_field(16, "optimiser steps over which the learning rate ramps up from 0")
+    time_fraction: float = help_field(0.05, "scheduled rounds use at most this fraction of the engine's serving time (0 = unbounded)")
     seed: int = help_field(0, "seed of batch order")
 
 
@@ -66,7 +67,7 @@ class OnlineDraftLearner:
         param = next(live.parameters())
         self.shadow = DraftHead(live.config, live.embed_tokens, live.lm_head, live.rotary).to(param.device, param.dtype)
         self.sync_from_live()
-        self.trainer = DraftTrainer(self.shadow, DraftTrainConfig(lr=config.lr))
+        self.trainer = DraftTrainer(self.shadow, DraftTrainConfig(lr=config.lr, warmup_steps=config.warmup_steps))
         self._rng = random.Random(config.seed)
         self._lock = threading.Lock()
         self._queue: list[list[FeatureSequence]] = []  # batches of the current round

@@ -36,6 +36,7 @@ class DraftTrainConfig:
     ce_weight: float = 0.1
     grad_clip: float = 0.5
     max_positions: int = 512  # longer sequences are cut into windows of this many pairs
+    warmup_steps: int = 0  # the learning rate ramps up linearly over this many first steps
 
 
 def batch_sequences(seqs: list[FeatureSequence], device, dtype):
@@ -89,6 +90,11 @@ class DraftTrainer:
         pieces = [w for s in seqs for w in windows(s, cfg.max_positions)]
         param = next(self.head.parameters())
         tokens, feats, positions, valid, has_target = batch_sequences(pieces, param.device, param.dtype)
+        if cfg.warmup_steps > 0:
+            # a fresh AdamW moves every weight by ~lr in its first steps whatever the gradient's size:
+            # on a trained head (online learning) that is a jolt that costs acceptance before it helps
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.lr * min(1.0, (self.steps + 1) / cfg.warmup_steps)
         self.head.train()
         pred = self.head(tokens, feats, positions, valid)  # (B, S, H)
         # prediction at pair i is compared with f_{i+1}
