@@ -92,6 +92,32 @@ def test_trainer_learns_real_target_features(target):
     assert all(p.grad is None for p in target.parameters())  # the shared target modules never train
 
 
+def test_warmup_ramps_the_learning_rate_and_softens_the_first_steps(target):
+    """With warm-up the first optimiser step moves the head's weights by 1/warmup of what a cold
+    AdamW step moves them (AdamW's first step is ~lr per weight whatever the gradient)."""
+    g = torch.Generator().manual_seed(4)
+    data = capture_features(target, [torch.randint(1, 97, (12,), generator=g).tolist() for _ in range(4)])
+
+    def first_move(warmup: int) -> tuple[float, list[float]]:
+        torch.manual_seed(5)
+        head = DraftHead.for_target(target)
+        before = [p.detach().clone() for p in head.parameters()]
+        trainer = DraftTrainer(head, DraftTrainConfig(lr=1e-3, warmup_steps=warmup))
+        trainer.step(data)
+        moved = max(float((p.detach() - b).abs().max()) for p, b in zip(head.parameters(), before))
+        lrs = []
+        for _ in range(5):
+            trainer.step(data)
+            lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        return moved, lrs
+
+    cold, cold_lrs = first_move(0)
+    warm, warm_lrs = first_move(4)
+    assert cold_lrs == [1e-3] * 5
+    assert warm_lrs == pytest.approx([5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])  # steps 2..6 of a 4-step ramp
+    assert warm == pytest.approx(cold / 4, rel=0.05)
+
+
 def test_train_draft_cli_writes_a_loadable_head(tiny_dir, tmp_path):
     from fastgrpo.rollout.cli import main
 
