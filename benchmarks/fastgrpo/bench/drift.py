@@ -4,14 +4,17 @@ Three rollout services in this process host the fixture policy, each with a draf
   * online:  the fixture's bootstrapped draft, trained online (the default server);
   * frozen:  the same draft with online learning off;
   * scratch: a randomly initialised draft trained online only.
-A GRPO learner trains on the online service's rollouts and pushes every update to all three. Each
+A GRPO learner trains on the frozen service's rollouts and pushes every update to all three. Each
 Generate the learner makes is repeated on the other two (same prompts, same seeds), so all three
-drafts are measured on the same policy and the same requests at every step.
+drafts are measured on the same policy and the same requests at every step. The learner reads the
+frozen service because its samples depend on nothing that learns or on the clock: speculative
+sampling is lossless, but which sample a seed gives depends on the draft, so a learner reading the
+online service would follow a different policy whenever draft learning changed.
 
 overhead_fraction = draft-training seconds the online service spent during the step / the step's
-seconds (the learner's generate + score + train + push on the online service; the mirrored
-Generate calls are not part of the step). The scratch replica may spend a larger share
-(--scratch-time-fraction): its overhead is reported separately.
+seconds on the online service (its Generate, which holds the training rounds, plus the learner's
+score + train + push). The scratch replica may spend a larger share (--scratch-time-fraction): its
+overhead is reported separately.
 """
 from __future__ import annotations
 
@@ -51,22 +54,21 @@ class DriftBenchConfig:
 
 
 class _MirroredClient:
-    """The learner's client: Generate goes to the online service (whose rollouts the learner trains
-    on) and is repeated on the others to measure their drafts; everything else (pushes, status)
-    goes through a client of all three replicas."""
+    """The learner's client: Generate goes to the primary service (whose rollouts the learner
+    trains on) and is repeated on the others to measure their drafts; everything else (pushes,
+    status) goes through a client of all the replicas."""
 
-    def __init__(self, everyone, primary, others: dict):
-        self.everyone, self.primary, self.others = everyone, primary, others
-        self.last: dict = {}
-        self.mirror_seconds = 0.0
+    def __init__(self, everyone, clients: dict, primary: str):
+        self.everyone, self.clients, self.primary = everyone, clients, primary
+        self.last: dict = {}  # replica -> its GroupedBatch of the latest Generate
+        self.seconds = {name: 0.0 for name in clients}  # replica -> Generate seconds so far
 
     def generate_batch(self, *args, **kwargs):
-        out = self.primary.generate_batch(*args, **kwargs)
-        t0 = time.perf_counter()
-        self.last = {name: client.generate_batch(*args, **kwargs) for name, client in self.others.items()}
-        self.last["online"] = out
-        self.mirror_seconds += time.perf_counter() - t0
-        return out
+        for name in [self.primary] + [n for n in self.clients if n != self.primary]:
+            t0 = time.perf_counter()
+            self.last[name] = self.clients[name].generate_batch(*args, **kwargs)
+            self.seconds[name] += time.perf_counter() - t0
+        return self.last[self.primary]
 
     def __getattr__(self, name):
         return getattr(self.everyone, name)
@@ -116,36 +118,36 @@ def run(cfg: DriftBenchConfig) -> dict:
                 draft_time_fraction=cfg.scratch_time_fraction if name == "scratch" else cfg.draft_time_fraction))
         address = {name: f"127.0.0.1:{app.port}" for name, app in apps.items()}
         everyone = RolloutClient([address[n] for n in REPLICAS])
-        client = _MirroredClient(everyone, RolloutClient(address["online"]),
-                                 {n: RolloutClient(address[n]) for n in REPLICAS[1:]})
-        learner = GRPOLearner(LearnerConfig(rollout=address["online"], model=str(fixture), steps=steps,
+        client = _MirroredClient(everyone, {n: RolloutClient(address[n]) for n in REPLICAS}, "frozen")
+        learner = GRPOLearner(LearnerConfig(rollout=address["frozen"], model=str(fixture), steps=steps,
                                             prompts_per_step=Q, group_size=cfg.group_size, lr=cfg.lr,
                                             max_new_tokens=cfg.max_new_tokens, eval_size=0, seed=cfg.seed), client)
         records = []
         draft_s = everyone.train_draft(replica=0).seconds
         scratch_prev = everyone.train_draft(replica=2).seconds
         for _ in range(steps):
-            mirror_before = client.mirror_seconds
+            generate_before = dict(client.seconds)
             st = learner.step()
-            step_s = st.generate_s + st.score_s + st.train_s + st.push_s - (client.mirror_seconds - mirror_before)
+            generate_s = {n: client.seconds[n] - generate_before[n] for n in REPLICAS}
+            step_s = generate_s["online"] + st.score_s + st.train_s + st.push_s
             online = everyone.train_draft(replica=0)
             scratch = everyone.train_draft(replica=2)
             scratch_s = scratch.seconds - scratch_prev
             scratch_prev = scratch.seconds
             rec = {
                 "step": st.step,
-                "acceptance_length_online": st.acceptance_length,
-                "acceptance_length_frozen": client.last["frozen"].spec().acceptance_length,
+                "acceptance_length_online": client.last["online"].spec().acceptance_length,
+                "acceptance_length_frozen": st.acceptance_length,
                 "acceptance_length_scratch": client.last["scratch"].spec().acceptance_length,
                 "overhead_fraction": (online.seconds - draft_s) / step_s,
-                "overhead_fraction_scratch": scratch_s / step_s,
+                "overhead_fraction_scratch": scratch_s / (generate_s["scratch"] + step_s - generate_s["online"]),
                 "draft_seconds": online.seconds - draft_s,
                 "step_seconds": step_s,
                 "draft_version_online": online.draft_version,
                 "draft_version_scratch": scratch.draft_version,
                 "draft_loss_online": online.last_loss,
                 "reward_mean": st.reward_mean,
-                "policy_nll": _mean_nll(client.last["online"]),
+                "policy_nll": _mean_nll(client.last[client.primary]),
                 "accuracy": st.accuracy,
                 "policy_version": st.new_version,
             }
