@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from conftest import tiny_config
 from fastgrpo.rollout.draft_learning.loss import draft_loss
 from fastgrpo.rollout.draft_learning.offline import capture_features
-from fastgrpo.rollout.draft_learning.trainer import DraftTrainConfig, DraftTrainer, FeatureSequence, windows
+from fastgrpo.rollout.draft_learning.trainer import DraftTrainConfig, DraftTrainer, FeatureSequence, batch_sequences, windows
 from fastgrpo.rollout.speculative.draft import DraftHead
 from fastgrpo.rollout.speculative.drafter import Drafter
 
@@ -76,6 +76,26 @@ def test_windows_cover_every_target():
     assert [w.start for w in ws] == [5, 8, 11]
     assert [len(w.tokens) for w in ws] == [4, 4, 4]
     assert torch.equal(torch.cat([ws[0].tokens, ws[1].tokens[1:], ws[2].tokens[1:]]), seq.tokens)
+
+
+def test_prompt_pairs_are_context_not_targets():
+    """An online capture trains only from the prompt's last pair on (the pair whose prediction is the
+    first token a draft ever proposes); earlier pairs stay in as context, also across windows."""
+    seq = FeatureSequence(torch.arange(10), torch.randn(10, 4), start=0, loss_from=6)
+    *_, valid, has_target = batch_sequences([seq], "cpu", torch.float32)
+    assert has_target[0].tolist() == [False] * 6 + [True] * 3 + [False]  # the last pair has no f_{i+1}
+    assert valid[0].all()
+    assert [w.loss_from for w in windows(seq, 4)] == [6, 3, 0]  # windows start at pairs 0, 3, 6
+
+
+def test_engine_captures_start_the_loss_at_the_prompts_last_pair():
+    from fastgrpo.rollout.speculative.decode import SpecDecoder, SpecState
+
+    st = SpecState()
+    SpecDecoder.after_prefill(st, (5, 6, 7, 8), 9, torch.randn(4, 3))
+    SpecDecoder.queue_pair(st, torch.randn(3), 10)
+    cap = SpecDecoder.captured(st)
+    assert cap.tokens.tolist() == [6, 7, 8, 9, 10] and cap.loss_from == 3
 
 
 def test_trainer_learns_real_target_features(target):

@@ -20,6 +20,10 @@ class FeatureSequence:
     tokens: torch.Tensor  # (S,) long: x_{i+1}, the token after position start + i
     features: torch.Tensor  # (S, H): f_i, the target's final-norm hidden state at position start + i
     start: int = 0
+    # pairs before this one are context only, never trained on: online captures start the loss at the
+    # prompt's last pair, whose prediction is the first token the draft ever proposes (the prompt's
+    # own next tokens are text the policy did not choose, and the draft never drafts inside a prompt)
+    loss_from: int = 0
 
     def __post_init__(self):
         assert self.tokens.dim() == 1 and self.features.shape[0] == self.tokens.shape[0]
@@ -58,6 +62,8 @@ def batch_sequences(seqs: list[FeatureSequence], device, dtype):
     has_target = valid.clone()
     has_target[:, :-1] &= valid[:, 1:]  # pair i is trained when f_{i+1} exists
     has_target[:, -1] = False
+    for b, s in enumerate(seqs):
+        has_target[b, : s.loss_from] = False
     return tokens, feats, positions, valid, has_target
 
 
@@ -70,7 +76,7 @@ def windows(seq: FeatureSequence, size: int) -> list[FeatureSequence]:
     out, i = [], 0
     while i < n - 1:
         j = min(i + size, n)
-        out.append(FeatureSequence(seq.tokens[i:j], seq.features[i:j], seq.start + i))
+        out.append(FeatureSequence(seq.tokens[i:j], seq.features[i:j], seq.start + i, max(0, seq.loss_from - i)))
         i = j - 1
     return out
 

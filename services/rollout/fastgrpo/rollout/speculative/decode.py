@@ -45,6 +45,7 @@ class SpecState:
     verify_steps: int = 0
     accepted_per_depth: list[int] = field(default_factory=list)  # [d-1]: draft tokens accepted at depth d
     captured_tokens: list[int] = field(default_factory=list)  # pairs already consumed, kept for draft learning
+    prompt_pairs: int = 0  # pairs 0 .. prompt_pairs - 1 predict prompt tokens (see FeatureSequence.loss_from)
     captured_features: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -74,13 +75,14 @@ class SpecDecoder:
         """Every pair of the sequence (consumed and still pending), for the draft-learning buffer."""
         feats = state.captured_features + state.pending_chunks
         return FeatureSequence(torch.tensor(state.captured_tokens + state.pending_tokens),
-                               torch.cat(feats, dim=0).detach().cpu(), 0)
+                               torch.cat(feats, dim=0).detach().cpu(), 0, state.prompt_pairs)
 
     @staticmethod
     def after_prefill(state: SpecState, prompt: tuple[int, ...], first_token: int, hidden: torch.Tensor) -> None:
         """Queues the prompt's pairs (f_i, x_{i+1}) for the draft. hidden (n, H) target features."""
         state.pending_tokens = list(prompt[1:]) + [first_token]
         state.pending_chunks = [hidden]
+        state.prompt_pairs = len(prompt) - 1
 
     @staticmethod
     def queue_pair(state: SpecState, feature: torch.Tensor, next_token: int) -> None:
