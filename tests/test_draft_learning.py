@@ -95,8 +95,11 @@ def learning_service(fixture_dir, start_service, tmp_path):
     target = AutoModelForCausalLM.from_pretrained(str(fixture_dir))
     torch.manual_seed(0)
     DraftHead.for_target(target).save(tmp_path / "draft")
+    # no warm-up: it protects a trained head from a cold AdamW's first steps, and this one is random;
+    # the test's three short rounds (8 steps each) would spend most of their steps warming up
     app = start_service(fixture_dir, draft=str(tmp_path / "draft"), max_running=32, draft_every_n_batches=0,
-                        draft_lr=1e-3, draft_max_steps=32, spec_width=4, spec_depth=4, spec_n_verify=12)
+                        draft_lr=1e-3, draft_max_steps=32, draft_warmup_steps=0, spec_width=4, spec_depth=4,
+                        spec_n_verify=12)
     channel = grpc.insecure_channel(f"127.0.0.1:{app.port}")
     yield app, RolloutClient(f"127.0.0.1:{app.port}"), pb_grpc.RolloutServiceStub(channel)
     channel.close()
