@@ -111,8 +111,7 @@ def knee(points: list[tuple[int, float]], span: float = SPAN, grid: int = 64) ->
     if hi < lo:  # a short sweep: read the middle with whatever window it allows
         lo = hi = (lo + hi) / 2
     prev = None
-    for k in range(grid + 1):
-        v = lo + (hi - lo) * k / grid
+    for v in [lo] if hi == lo else [lo + (hi - lo) * k / grid for k in range(grid + 1)]:
         e = elasticity(pts, 2.0**v, span)
         if e is None:
             continue
@@ -122,8 +121,6 @@ def knee(points: list[tuple[int, float]], span: float = SPAN, grid: int = 64) ->
             pv, pe = prev
             return 2.0 ** (pv + (v - pv) * (0.5 - pe) / (e - pe))
         prev = (v, e)
-        if hi == lo:
-            break
     if prev is None:
         raise ValueError("the points span less than one octave")
     return 2.0 ** prev[0]
