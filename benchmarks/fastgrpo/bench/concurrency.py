@@ -1,7 +1,8 @@
 """`fastgrpo-bench concurrency`: speculation modes (adaptive, static, off) across batch sizes.
 
-One engine serves every run; each request picks its mode, so all modes share the same model,
-draft, cache and process. Two workloads:
+Each mode gets its own engine over the same model and draft; the three run the same workload at
+once, taking turns step by step (bench/lockstep.py), so they are timed on the same machine state and
+tokens/s counts each mode's own steps. Two workloads:
   * fixed: B cache slots kept full by a queue of several times B prompts;
   * grpo: Q prompts x G = 8 samples submitted at once, whose completions end at different lengths,
     so concurrency decays from Q*G to a tail of a few sequences (a GRPO generation phase).
@@ -33,14 +34,17 @@ class ConcurrencyBenchConfig:
     width: int = help_field(4, "static tree width K")
     depth: int = help_field(6, "static tree depth L")
     n_verify: int = help_field(20, "static tree N_verify")
-    repeats: int = help_field(3, "runs of each mode per workload, interleaved in rotating order; speedup is the median of the rounds' ratios to off (quick: 1)")
+    repeats: int = help_field(3, "paired rounds per workload (all modes in lockstep); speedup is the median of the rounds' ratios to off (quick: 1)")
     seed: int = help_field(0, "sampling seed")
+    threads: int = help_field(0, "torch CPU threads; 0 = one per core (on a shared 2-core VM, 1 thread times steps "
+                                 "within +-1 % where 2 threads vary +-10-25 % per step)")
 
 
 def run(cfg: ConcurrencyBenchConfig) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fastgrpo.bench.common import median_run, plot, write_results
+    from fastgrpo.bench.lockstep import lockstep_generation
     from fastgrpo.bench.spec import timed_generation
     from fastgrpo.fixture import build_fixture
     from fastgrpo.fixture.draft import build_draft
@@ -52,7 +56,7 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
     from fastgrpo.rollout.speculative.draft import DraftHead
     from fastgrpo.rollout.speculative.drafter import Drafter, TreeShape
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     fixture = build_fixture(cfg.preset)
     model = AutoModelForCausalLM.from_pretrained(str(fixture)).eval()
     tok = AutoTokenizer.from_pretrained(str(fixture))
@@ -69,50 +73,41 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
     eos = (tok.eos_token_id,)
     records = []
 
-    def engine_for(slots: int) -> Engine:
-        runner = ModelRunner(model, slots, headroom=policy.max_nodes())
-        drafter = Drafter(head, slots, runner.cache.max_len + policy.draft_headroom())
-        return Engine(runner, eos, EngineConfig(max_running=slots), drafter, policy)
+    def engines_for(slots: int) -> dict[str, Engine]:
+        """One engine per mode, run in lockstep (bench/lockstep.py), each warmed up alone."""
+        engines = {}
+        for mode in MODES:
+            runner = ModelRunner(model, slots, headroom=policy.max_nodes())
+            drafter = Drafter(head, slots, runner.cache.max_len + policy.draft_headroom())
+            engines[mode] = Engine(runner, eos, EngineConfig(max_running=slots), drafter, policy)
+            timed_generation(engines[mode], prompts_all[:2], 1, cfg.temperature, 16, cfg.seed, mode)
+        return engines
 
-    def measure(engine, prompts, n, workload, batch_size):
-        # interleaved repeats, the order rotating each round (off, static, adaptive; static, adaptive,
-        # off; ...): a slow spell of a shared machine hits every mode alike, and speedup is the median
-        # over rounds of each round's own ratio to off, so drift between rounds cancels too
-        runs = {mode: [] for mode in MODES}
-        for r in range(1 if cfg.quick else cfg.repeats):
-            for mode in MODES[r % len(MODES):] + MODES[: r % len(MODES)]:
-                runs[mode].append(timed_generation(engine, prompts, n, cfg.temperature, cfg.max_new_tokens, cfg.seed, mode))
-        tps = {mode: [x["tokens"] / x["seconds"] for x in rs] for mode, rs in runs.items()}
-        # the same ratio per CPU second: steal time of a shared host, which moves wall time by
-        # +-10% between rounds, does not enter it (a device check reads wall time)
-        tpc = {mode: [x["tokens"] / x["cpu_seconds"] for x in rs] for mode, rs in runs.items()}
-        for mode, rs in runs.items():
-            median = median_run(rs)
+    def measure(prompts, n, workload, batch_size):
+        engines = engines_for(batch_size)
+        try:
+            rounds = [lockstep_generation(engines, prompts, n, cfg.temperature, cfg.max_new_tokens, cfg.seed, first=r)
+                      for r in range(1 if cfg.quick else cfg.repeats)]
+        finally:
+            for engine in engines.values():
+                engine.shutdown()
+        for mode in MODES:
+            runs = [r[mode] for r in rounds]
+            ratios = [(r[mode]["tokens"] / r[mode]["seconds"]) / (r["off"]["tokens"] / r["off"]["seconds"]) for r in rounds]
+            median = median_run(runs)
             rec = {"workload": workload, "batch_size": batch_size, "mode": mode,
                    "tokens_per_s": median["tokens"] / median["seconds"],
-                   "speedup_vs_off": statistics.median(a / b for a, b in zip(tps[mode], tps["off"])),
-                   "speedup_per_round": [a / b for a, b in zip(tps[mode], tps["off"])],
-                   "cpu_speedup_vs_off": statistics.median(a / b for a, b in zip(tpc[mode], tpc["off"])),
+                   "speedup_vs_off": statistics.median(ratios), "speedup_per_round": ratios,
                    "acceptance_length": median["acceptance_length"], "tokens": median["tokens"],
                    "seconds": median["seconds"]}
             records.append(rec)
-            print(f"{workload:5s} B={batch_size:4d} {mode:8s} {rec['tokens_per_s']:8.1f} tok/s  x{rec['speedup_vs_off']:.2f} vs off  "
-                  f"(per CPU second x{rec['cpu_speedup_vs_off']:.2f})  acceptance {rec['acceptance_length']:.2f}", flush=True)
+            print(f"{workload:5s} B={batch_size:4d} {mode:8s} {rec['tokens_per_s']:8.1f} tok/s  x{rec['speedup_vs_off']:.3f} vs off  "
+                  f"(rounds {' '.join(f'{x:.3f}' for x in ratios)})  acceptance {rec['acceptance_length']:.2f}", flush=True)
 
     for B in batch_sizes:
-        engine = engine_for(B)
-        try:
-            timed_generation(engine, prompts_all[:2], 1, cfg.temperature, 16, cfg.seed, "adaptive")  # warm-up
-            measure(engine, prompts_all[: max(2, cfg.sequences_per_slot * B)], 1, "fixed", B)
-        finally:
-            engine.shutdown()
+        measure(prompts_all[: max(2, cfg.sequences_per_slot * B)], 1, "fixed", B)
     Q = 4 if cfg.quick else cfg.grpo_prompts
-    engine = engine_for(Q * 8)
-    try:
-        timed_generation(engine, prompts_all[:2], 1, cfg.temperature, 16, cfg.seed, "adaptive")
-        measure(engine, prompts_all[100 : 100 + Q], 8, "grpo", Q * 8)
-    finally:
-        engine.shutdown()
+    measure(prompts_all[100 : 100 + Q], 8, "grpo", Q * 8)
     extra = {"c_peak": c_peak, "c_peak_source": source, "static_tree": [cfg.width, cfg.depth, cfg.n_verify],
              "target": {"preset": cfg.preset, "parameters": sum(p.numel() for p in model.parameters())},
              "sampling": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens}}

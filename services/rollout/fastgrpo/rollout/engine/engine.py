@@ -13,6 +13,7 @@ Callers talk to it only through `submit`, `run_exclusive` and `snapshot`, all th
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import queue
@@ -148,6 +149,9 @@ class Engine:
         self.last_tree: TreeShape | None = None  # tree of the latest decode step (None: plain)
         self.last_batch_size = 0
         self.config = config
+        # entered around every step on the engine thread: a benchmark that runs several engines in
+        # one process gives the machine to one step at a time (fastgrpo.bench.lockstep)
+        self.step_turn: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.eos_token_ids = frozenset(eos_token_ids)
         self.limits = EngineLimits(vocab_size=runner.vocab_size, max_context=runner.max_len)
         self.policy_version = 0
@@ -229,7 +233,8 @@ class Engine:
                     fut.set_exception(exc)
             busy, t0 = bool(admitted or self._running), time.perf_counter()
             try:
-                self._step(admitted)
+                with self.step_turn():
+                    self._step(admitted)
             except BaseException as exc:  # a failing forward must not hang every caller
                 for seq in {id(s): s for s in admitted + self._running}.values():
                     seq.handle._fail(exc)
