@@ -5,7 +5,7 @@ import pytest
 
 from fastgrpo.rollout.calibration import DEFAULT_SWEEP, knee
 from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy, adaptive_tree
-from fastgrpo.rollout.online_calibration import OnlineCalibrator, RefineConfig
+from fastgrpo.rollout.online_calibration import OnlineCalibrator, RefineConfig, refined_alpha
 from fastgrpo.rollout.speculative.drafter import TreeShape
 
 DEFAULTS = ControllerConfig()  # C_peak 160, N_max 160, K_max 8, L 3..5, alpha 0.75
@@ -225,3 +225,37 @@ def test_exploration_never_turns_speculation_on():
                         OnlineCalibrator(34.0, "profile", RefineConfig()))
     assert policy.tree_for(64) is None and policy.tree_for(64, c_peak=136.0) is None
     assert policy.tree_for(8, c_peak=136.0) == adaptive_tree(8, ControllerConfig(c_peak=136.0))
+
+
+def test_alpha_moves_one_level_outside_the_target_band_by_hand():
+    cfg = RefineConfig()  # a quarter of verify steps should reach the deepest node: band [1/8, 1/2]
+    assert refined_alpha(0.75, 40, 64, cfg) == 0.375  # 62 % cut short by the depth: one level deeper
+    assert refined_alpha(0.75, 7, 64, cfg) == 1.5  # 11 %: the deepest level is rarely used, one shallower
+    assert refined_alpha(0.75, 16, 64, cfg) == refined_alpha(0.75, 32, 64, cfg) == 0.75  # in band
+    assert refined_alpha(0.06, 64, 64, cfg) == cfg.alpha_min
+    assert refined_alpha(10.0, 0, 64, cfg) == cfg.alpha_max
+
+
+def test_saturated_trees_grow_deeper_and_unused_depth_shrinks_them():
+    cal = OnlineCalibrator(21.0, "profile", RefineConfig(), alpha=0.75)
+    policy = SpecPolicy("adaptive", ControllerConfig(c_peak=21.0), TreeShape(4, 5, 16), calibrator=cal)
+    # B = 1: N = 21, K = 8, L = floor(log2(21 / 0.75) = 4.8) = 4
+    assert policy.tree_for(1) == TreeShape(8, 4, 21)
+    for _ in range(63):
+        cal.observe_acceptance([4], [4])  # every accepted path reaches the deepest node
+    assert cal.alpha == 0.75  # not yet 64 verify steps
+    cal.observe_acceptance([4], [4])
+    assert (cal.alpha, cal.alpha_updates) == (0.375, 1)
+    assert policy.tree_for(1) == TreeShape(8, 5, 21)  # L = floor(log2(56)) = 5
+    for _ in range(32):
+        cal.observe_acceptance([5, 5], [1, 0])  # never past depth 1
+    assert (cal.alpha, cal.alpha_updates) == (0.75, 2) and policy.tree_for(1).depth == 4
+    # the cache headroom covers the deepest tree alpha may reach: N_max 160 nodes at L_max
+    assert policy.max_nodes() == 160
+
+
+def test_refinement_off_keeps_alpha():
+    cal = OnlineCalibrator(21.0, "profile", RefineConfig(enabled=False), alpha=0.75)
+    for _ in range(200):
+        cal.observe_acceptance([4], [4])
+    assert (cal.alpha, cal.alpha_updates) == (0.75, 0)

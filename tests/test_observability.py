@@ -137,7 +137,8 @@ def test_rollout_metrics_agree_with_completions_and_status(fixture_dir, draft_di
                           ("max_running_sequences", 8), ("policy_version", 1), ("draft_version", status.draft_version),
                           ("spec_n_verify", spec.n_verify), ("spec_width", spec.width), ("spec_depth", spec.depth),
                           ("spec_c_peak", spec.c_peak), ("spec_c_peak_start", spec.c_peak_start),
-                          ("spec_c_peak_updates_total", spec.c_peak_updates), ("spec_batch_size", spec.batch_size)]:
+                          ("spec_c_peak_updates_total", spec.c_peak_updates), ("spec_batch_size", spec.batch_size),
+                          ("spec_alpha", spec.alpha)]:
         assert m[(f"fastgrpo_rollout_{metric}", ())] == value, metric
     assert (spec.n_verify, spec.width, spec.depth) == (16, 4, 5)  # the static tree's defaults
     assert ("fastgrpo_rollout_draft_loss", ()) not in m  # no round ran yet: no loss to show

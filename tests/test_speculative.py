@@ -335,3 +335,41 @@ def test_chi2_detects_a_broken_acceptance_rule(small_vocab_engines, monkeypatch)
     counts, _ = _sd_first3_counts(spec, 1.0, 1.0)
     p = _chi2_pvalue(counts, _exact_first3(model, 1.0, 1.0), N_SAMPLES)
     assert p < ALPHA
+
+
+def test_adaptive_alpha_follows_acceptance_depth_and_stays_lossless(fixture_dir):
+    """The fixture's bootstrapped draft is right deep into most sequences: at B = 1 under C_peak 21
+    (N = 21, L = 4) most accepted paths reach the deepest node, so the live alpha halves and trees
+    grow to L = 5, and greedy output stays token-identical to plain decoding across the change.
+    Requests in static mode never move alpha (their depth is fixed)."""
+    from transformers import AutoTokenizer
+
+    from fastgrpo.fixture.draft import build_draft
+    from fastgrpo.learner.tasks import format_prompt, synthetic_math
+    from fastgrpo.rollout.controller import ControllerConfig
+    from fastgrpo.rollout.online_calibration import OnlineCalibrator, RefineConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(fixture_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(fixture_dir))
+    head = DraftHead.load(build_draft(fixture_dir), model)
+    # C_peak held still (no exploration, no latency updates): only alpha may move
+    cal = OnlineCalibrator(21.0, "configured", RefineConfig(explore_every=0, update_every=10**9, alpha_every=8))
+    policy = SpecPolicy("adaptive", ControllerConfig(c_peak=21.0), TreeShape(4, 5, 16), calibrator=cal)
+    runner = ModelRunner(model, 1, headroom=policy.max_nodes())
+    spec = Engine(runner, (tok.eos_token_id,), EngineConfig(max_running=1),
+                  Drafter(head, 1, runner.cache.max_len + policy.draft_headroom()), policy)
+    plain = Engine(ModelRunner(model, 1), (tok.eos_token_id,), EngineConfig(max_running=1))
+    prompts = [tok(format_prompt(p.question))["input_ids"] for p in synthetic_math(seed=0).test[:6]]
+    try:
+        assert policy.tree_for(1).depth == 4
+        static = GenerationRequest("t", tuple(tuple(p) for p in prompts[:3]), 1,
+                                   SamplingConfig(temperature=0.0, max_new_tokens=48), "static")
+        assert all(r.spec.verify_steps > 0 for r in spec.submit(static))
+        assert (cal.alpha, cal.alpha_updates) == (0.75, 0)
+        a = _run(plain, prompts, temperature=0.0, max_new_tokens=48)
+        b = _run(spec, prompts, temperature=0.0, max_new_tokens=48)
+    finally:
+        plain.shutdown()
+        spec.shutdown()
+    assert cal.alpha < 0.75 and cal.alpha_updates >= 1 and policy.tree_for(1).depth == 5
+    assert [x.token_ids for x in a] == [y.token_ids for y in b]

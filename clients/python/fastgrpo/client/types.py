@@ -126,7 +126,7 @@ class ModelInfo:
 @dataclass(frozen=True)
 class Speculation:
     """Speculative decoding now: mode, C_peak and its source, live B and the latest tree (0 = plain),
-    and the C_peak the server started with (the online estimate moves away from it)."""
+    the C_peak the server started with (the online estimate moves away from it), and alpha live and at start."""
 
     mode: str
     c_peak: float
@@ -138,6 +138,9 @@ class Speculation:
     c_peak_start: float
     c_peak_start_source: str
     c_peak_updates: int
+    alpha: float  # depth scaling, L = log2(N_verify / alpha): live, as started, and moves so far
+    alpha_start: float
+    alpha_updates: int
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,8 @@ class Status:
             speculation=Speculation(s.speculation.mode, s.speculation.c_peak, s.speculation.c_peak_source,
                                     s.speculation.batch_size, s.speculation.n_verify, s.speculation.width,
                                     s.speculation.depth, s.speculation.c_peak_start,
-                                    s.speculation.c_peak_start_source, s.speculation.c_peak_updates),
+                                    s.speculation.c_peak_start_source, s.speculation.c_peak_updates,
+                                    s.speculation.alpha, s.speculation.alpha_start, s.speculation.alpha_updates),
         )
 
 

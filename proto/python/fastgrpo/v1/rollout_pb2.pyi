@@ -270,7 +270,7 @@ class StatusReply(_message.Message):
     def __init__(self, policy_version: _Optional[int] = ..., policy_checksum: _Optional[str] = ..., running_sequences: _Optional[int] = ..., queued_sequences: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., max_running_sequences: _Optional[int] = ..., draft_version: _Optional[int] = ..., speculation: _Optional[_Union[SpeculationStatus, _Mapping]] = ...) -> None: ...
 
 class SpeculationStatus(_message.Message):
-    __slots__ = ("mode", "c_peak", "c_peak_source", "batch_size", "n_verify", "width", "depth", "c_peak_start", "c_peak_start_source", "c_peak_updates")
+    __slots__ = ("mode", "c_peak", "c_peak_source", "batch_size", "n_verify", "width", "depth", "c_peak_start", "c_peak_start_source", "c_peak_updates", "alpha", "alpha_start", "alpha_updates")
     MODE_FIELD_NUMBER: _ClassVar[int]
     C_PEAK_FIELD_NUMBER: _ClassVar[int]
     C_PEAK_SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -281,6 +281,9 @@ class SpeculationStatus(_message.Message):
     C_PEAK_START_FIELD_NUMBER: _ClassVar[int]
     C_PEAK_START_SOURCE_FIELD_NUMBER: _ClassVar[int]
     C_PEAK_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_START_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_UPDATES_FIELD_NUMBER: _ClassVar[int]
     mode: str
     c_peak: float
     c_peak_source: str
@@ -291,4 +294,7 @@ class SpeculationStatus(_message.Message):
     c_peak_start: float
     c_peak_start_source: str
     c_peak_updates: int
-    def __init__(self, mode: _Optional[str] = ..., c_peak: _Optional[float] = ..., c_peak_source: _Optional[str] = ..., batch_size: _Optional[int] = ..., n_verify: _Optional[int] = ..., width: _Optional[int] = ..., depth: _Optional[int] = ..., c_peak_start: _Optional[float] = ..., c_peak_start_source: _Optional[str] = ..., c_peak_updates: _Optional[int] = ...) -> None: ...
+    alpha: float
+    alpha_start: float
+    alpha_updates: int
+    def __init__(self, mode: _Optional[str] = ..., c_peak: _Optional[float] = ..., c_peak_source: _Optional[str] = ..., batch_size: _Optional[int] = ..., n_verify: _Optional[int] = ..., width: _Optional[int] = ..., depth: _Optional[int] = ..., c_peak_start: _Optional[float] = ..., c_peak_start_source: _Optional[str] = ..., c_peak_updates: _Optional[int] = ..., alpha: _Optional[float] = ..., alpha_start: _Optional[float] = ..., alpha_updates: _Optional[int] = ...) -> None: ...

@@ -10,8 +10,8 @@ budget and depth logarithmically (acceptance decays with depth):
 
 L is further capped at N_verify - 1 (a tree of N_verify nodes is never deeper, so deeper draft
 levels could not be verified and would only cost draft forwards), and the tree by what K and L can
-hold (K + (L-1) K^2 candidates plus the root). C_peak itself may move while the server runs
-(online_calibration.py).
+hold (K + (L-1) K^2 candidates plus the root). C_peak and alpha themselves may move while the
+server runs (online_calibration.py).
 """
 from __future__ import annotations
 
@@ -36,15 +36,16 @@ class ControllerConfig:
     alpha: float = help_field(0.75, "depth scaling: L = floor(log2(N_verify / alpha))")
 
 
-def adaptive_tree(batch_size: int, cfg: ControllerConfig, c_peak: float | None = None) -> TreeShape | None:
+def adaptive_tree(batch_size: int, cfg: ControllerConfig, c_peak: float | None = None,
+                  alpha: float | None = None) -> TreeShape | None:
     """The tree for B running sequences, or None when speculation does not pay (N_verify < 2).
-    c_peak overrides cfg.c_peak (the live, refined value)."""
+    c_peak and alpha override cfg's (the live, refined values)."""
     assert batch_size >= 1
     n = min(math.floor((cfg.c_peak if c_peak is None else c_peak) / batch_size), cfg.n_max)
     if n < 2:
         return None
     k = min(n - 1, cfg.k_max)
-    depth = min(max(math.floor(math.log2(n / cfg.alpha)), cfg.l_min), cfg.l_max, n - 1)
+    depth = min(max(math.floor(math.log2(n / (cfg.alpha if alpha is None else alpha))), cfg.l_min), cfg.l_max, n - 1)
     pool = k + (depth - 1) * k * k
     return TreeShape(width=k, depth=depth, n_verify=min(n, pool + 1))
 
@@ -64,6 +65,10 @@ class SpecPolicy:
     def c_peak(self) -> float:
         return self.calibrator.c_peak if self.calibrator is not None else self.controller.c_peak
 
+    @property
+    def alpha(self) -> float:
+        return self.calibrator.alpha if self.calibrator is not None else self.controller.alpha
+
     def step_c_peak(self) -> float:
         """The C_peak this decode step sizes adaptive trees for (call once per step: the online
         calibrator explores around its estimate on some steps)."""
@@ -75,18 +80,20 @@ class SpecPolicy:
             return None
         if mode == "static":
             return self.static_tree
-        live = adaptive_tree(batch_size, self.controller, self.c_peak)
+        alpha = self.alpha
+        live = adaptive_tree(batch_size, self.controller, self.c_peak, alpha)
         if c_peak is None or live is None:
             # an exploring step never turns speculation on where the estimate says it does not pay:
             # at such a B the plain forward's B tokens already sit above C_peak
             return live
-        return adaptive_tree(batch_size, self.controller, c_peak)
+        return adaptive_tree(batch_size, self.controller, c_peak, alpha)
 
     def max_nodes(self) -> int:
         """Most tree nodes any step can verify: the cache headroom a sequence needs. With online
-        refinement C_peak may grow until N_verify reaches N_max."""
-        top = self.controller.n_max if self.calibrator is not None else None
-        adaptive = adaptive_tree(1, self.controller, top)
+        refinement C_peak may grow until N_verify reaches N_max, and alpha fall until trees reach L_max."""
+        cal = self.calibrator
+        top, alpha = (self.controller.n_max, cal.cfg.alpha_min) if cal is not None else (None, None)
+        adaptive = adaptive_tree(1, self.controller, top, alpha)
         return max(self.static_tree.n_verify, adaptive.n_verify if adaptive else 0)
 
     def draft_headroom(self) -> int:

@@ -135,6 +135,7 @@ class _StatusCollector(Collector):
             updates = CounterMetricFamily("fastgrpo_rollout_spec_c_peak_updates", "Online re-estimates of C_peak")
             updates.add_metric([], spec.c_peak_updates)
             yield updates
+            yield _gauge("fastgrpo_rollout_spec_alpha", "alpha: adaptive tree depth L = log2(N_verify / alpha) (live)", spec.alpha)
         if self._learner is not None:
             ls = self._learner.stats()
             rounds = CounterMetricFamily("fastgrpo_rollout_draft_rounds", "Online draft-learning rounds swapped in")

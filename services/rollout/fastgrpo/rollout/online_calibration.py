@@ -13,6 +13,12 @@ spread over 1/2 to 2 octaves). Exploring costs throughput, so once updates stop 
 under 10%) the interval doubles, up to `explore_max`; a move resets it. A wrong start converges
 geometrically: each update moves at most `max_change` times, and buckets from earlier positions
 keep counting, so the estimate gathers its own sweep on the way.
+
+alpha (tree depth L = log2(N_verify / alpha), small for a draft that stays right deep into a
+sequence) is refined from acceptance by depth: a verify step whose accepted path reaches the
+deepest node of its tree was cut short by the depth. When more than twice `alpha_saturation` of the
+steps are, trees get one level deeper (alpha / 2); under half of it, the deepest level is rarely
+used and one level shallower (alpha x 2) saves its draft forward.
 """
 from __future__ import annotations
 
@@ -38,11 +44,26 @@ class RefineConfig:
     gain: float = help_field(1.0, "octaves C_peak moves per unit of elasticity error (a quarter of a Newton step on a roofline: stale, noisy buckets make bolder steps overshoot)")
     c_min: float = help_field(2.0, "lower bound of C_peak")
     c_max: float = help_field(8192.0, "upper bound of C_peak")
+    alpha_saturation: float = help_field(0.25, "target share of adaptive verify steps that accept a whole tree path to its deepest node: above twice that alpha halves (one level deeper), under half it doubles")
+    alpha_every: int = help_field(64, "sequence verify steps between alpha re-estimates")
+    alpha_min: float = help_field(0.05, "lower bound of alpha")
+    alpha_max: float = help_field(12.0, "upper bound of alpha")
 
 
 def bucket_of(tokens: int) -> int:
     """Half-octave bucket of a token count: 1, 2, 3 (~2.8), 4, 6 (~5.7), 8, 11, 16, ..."""
     return round(2 * math.log2(tokens))
+
+
+def refined_alpha(alpha: float, saturated: int, steps: int, cfg: RefineConfig) -> float:
+    """alpha after `steps` verify steps of which `saturated` accepted their tree's deepest node:
+    one level deeper or shallower (alpha / 2, x 2) outside [1/2, 2] x the target share, in bounds."""
+    share = saturated / steps
+    if share > 2 * cfg.alpha_saturation:
+        alpha /= 2
+    elif share < cfg.alpha_saturation / 2:
+        alpha *= 2
+    return min(max(alpha, cfg.alpha_min), cfg.alpha_max)
 
 
 class OnlineCalibrator:
@@ -51,12 +72,17 @@ class OnlineCalibrator:
     Thread-safe: the engine thread steps and observes, servicer threads read `c_peak` and `source`.
     """
 
-    def __init__(self, c_peak: float, source: str, cfg: RefineConfig = RefineConfig()):
+    def __init__(self, c_peak: float, source: str, cfg: RefineConfig = RefineConfig(), alpha: float = 0.75):
         self.cfg = cfg
         self.c_peak = float(c_peak)
         self.source = source
         self.initial = (float(c_peak), source)
         self.updates = 0
+        self.alpha = float(alpha)
+        self.alpha_start = float(alpha)
+        self.alpha_updates = 0
+        self._verified = 0  # sequence verify steps since the last alpha update
+        self._saturated = 0  # ... whose accepted path reached the deepest node of the tree
         self._buckets: dict[int, deque[tuple[int, float]]] = {}
         self._steps = 0
         self._explored_at = 0
@@ -93,6 +119,20 @@ class OnlineCalibrator:
         if self._since_update >= self.cfg.update_every:
             self._since_update = 0
             self._update()
+
+    def observe_acceptance(self, depths: list[int], accepted: list[int]) -> None:
+        """One adaptive verify step: per sequence, the depth of its tree's deepest node and the
+        draft tokens it accepted."""
+        if not self.cfg.enabled:
+            return
+        self._verified += len(depths)
+        self._saturated += sum(a >= d for d, a in zip(depths, accepted))
+        if self._verified >= self.cfg.alpha_every:
+            alpha = refined_alpha(self.alpha, self._saturated, self._verified, self.cfg)
+            self._verified = self._saturated = 0
+            with self._lock:
+                self.alpha_updates += alpha != self.alpha
+                self.alpha = alpha
 
     def points(self) -> list[tuple[int, float]]:
         """(median tokens, median seconds) of every bucket with enough samples, by tokens."""

@@ -61,14 +61,14 @@ class ServeConfig:
     spec_verify: str = help_field("rrs", "how sampled sequences verify: rrs (children drawn from the draft, recursive rejection sampling) or match (top-K children, sample-matching); greedy always matches exactly")
     c_peak: float = help_field(160.0, "adaptive: tokens per target forward at the compute knee (160 is the paper's GPU figure; measure yours)")
     calibration: str = help_field("", "adaptive: calibration file from `fastgrpo-rollout profile`; its entry for this model, device and dtype sets C_peak (missing: profiled at start and saved)")
-    c_peak_refine: bool = help_field(True, "adaptive: refine C_peak online from the latencies of the decode steps served (GetStatus shows both)")
+    c_peak_refine: bool = help_field(True, "adaptive: refine C_peak online from the latencies of the decode steps served, and alpha from how deep accepted paths reach (GetStatus shows both beside their start values)")
     c_peak_explore_every: int = help_field(2, "adaptive, online refinement: every n-th step sizes its trees up to 4x above or below C_peak to see both sides of the knee (0 = never)")
     profile_budget_s: float = help_field(60.0, "adaptive: time bound of the start-up profile when the calibration file lacks this model")
     n_max: int = help_field(160, "adaptive: largest N_verify")
     k_max: int = help_field(8, "adaptive: largest K")
     l_min: int = help_field(3, "adaptive: smallest L")
     l_max: int = help_field(5, "adaptive: largest L")
-    alpha: float = help_field(0.75, "adaptive: L = floor(log2(N_verify / alpha))")
+    alpha: float = help_field(0.75, "adaptive: L = floor(log2(N_verify / alpha)); the start value when --c-peak-refine refines it")
     draft_learning: bool = help_field(True, "with --draft: keep training the draft online on the pairs verification captures")
     draft_every_n_batches: int = help_field(1, "online draft learning: a round after every N finished Generate requests (0 = only on TrainDraft)")
     draft_buffer_bytes: int = help_field(256 * 1024 * 1024, "online draft learning: capture buffer bound in bytes")
@@ -218,6 +218,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             batch_size=self.engine.last_batch_size, n_verify=tree.n_verify if tree else 0,
             width=tree.width if tree else 0, depth=tree.depth if tree else 0,
             c_peak_start=cal.initial[0], c_peak_start_source=cal.initial[1], c_peak_updates=cal.updates,
+            alpha=cal.alpha, alpha_start=cal.alpha_start, alpha_updates=cal.alpha_updates,
         )
 
 
@@ -312,7 +313,7 @@ def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics) -> RolloutApp:
             ControllerConfig(c_peak, cfg.n_max, cfg.k_max, cfg.l_min, cfg.l_max, cfg.alpha),
             TreeShape(cfg.spec_width, cfg.spec_depth, cfg.spec_n_verify),
             cfg.spec_verify,
-            OnlineCalibrator(c_peak, c_peak_source, refine),
+            OnlineCalibrator(c_peak, c_peak_source, refine, cfg.alpha),
         )
     tokenizer = AutoTokenizer.from_pretrained(cfg.model) if (Path(cfg.model) / "tokenizer_config.json").exists() else None
     eos = runner.config.eos_token_id

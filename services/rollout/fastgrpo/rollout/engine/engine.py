@@ -302,11 +302,11 @@ class Engine:
         tokens_before = sum(len(s.generated) for s in decoding)
         accept_lengths: list[int] = []
         if decoding:
-            for tree, group in self._trees_for(decoding):
+            for tree, adaptive, group in self._trees_for(decoding):
                 if tree is None:
                     self._decode(group)
                 else:
-                    accept_lengths += self._spec_decode(group, tree)
+                    accept_lengths += self._spec_decode(group, tree, adaptive)
         self.observer.step_done(StepReport(
             seconds=time.perf_counter() - t0,
             batch_size=len(decoding),
@@ -351,30 +351,32 @@ class Engine:
             for b, s in enumerate(seqs):
                 SpecDecoder.queue_pair(s.spec, out.hidden[b, 0], s.generated[-1])
 
-    def _trees_for(self, seqs: list[Sequence]) -> list[tuple[TreeShape | None, list[Sequence]]]:
-        """Groups the decoding sequences by the tree each gets this step (None: plain decode).
+    def _trees_for(self, seqs: list[Sequence]) -> list[tuple[TreeShape | None, bool, list[Sequence]]]:
+        """Groups the decoding sequences by the tree each gets this step (None: plain decode) and
+        whether the adaptive controller sized it.
 
         The live batch size B is every decoding sequence: the controller sizes trees so that the
         step's total verified tokens stay near C_peak. Requests may override the server's mode.
         """
         if self.policy is None:
             self.last_tree, self.last_batch_size = None, len(seqs)
-            return [(None, seqs)]
+            return [(None, False, seqs)]
         B = len(seqs)
         self.last_batch_size = B
         c_peak = self.policy.step_c_peak()
         trees: dict[str | None, TreeShape | None] = {}  # per request mode, computed once per step
-        groups: dict[TreeShape | None, list[Sequence]] = {}
+        groups: dict[tuple[TreeShape | None, bool], list[Sequence]] = {}
         for s in seqs:
             mode = s.handle.request.spec_mode
             if mode not in trees:
                 trees[mode] = self.policy.tree_for(B, mode, c_peak)
-            groups.setdefault(trees[mode], []).append(s)
+            groups.setdefault((trees[mode], (mode or self.policy.mode) == "adaptive"), []).append(s)
         self.last_tree = trees[None] if None in trees else self.policy.tree_for(B, None, c_peak)
-        return list(groups.items())
+        return [(tree, adaptive, group) for (tree, adaptive), group in groups.items()]
 
-    def _spec_decode(self, seqs: list[Sequence], tree: TreeShape) -> list[int]:
-        """One draft-and-verify step; returns the tokens each sequence's verify step emitted."""
+    def _spec_decode(self, seqs: list[Sequence], tree: TreeShape, adaptive: bool) -> list[int]:
+        """One draft-and-verify step; returns the tokens each sequence's verify step emitted.
+        Adaptive trees report how deep their accepted paths reached (the controller's alpha)."""
         dev = self.runner.device
         steps = self.spec.step(
             slots=torch.tensor([s.slot for s in seqs], device=dev),
@@ -388,6 +390,8 @@ class Engine:
         for s, st in zip(seqs, steps):
             s.cached += st.accepted + 1  # the root and the accepted draft tokens are now in the cache
             self._append(s, st.tokens, st.logprobs)
+        if adaptive and self.policy.calibrator is not None:
+            self.policy.calibrator.observe_acceptance([st.depth for st in steps], [st.accepted for st in steps])
         return [st.accepted + 1 for st in steps]
 
     @staticmethod

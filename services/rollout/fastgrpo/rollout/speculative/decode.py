@@ -56,6 +56,7 @@ class StepTokens:
     tokens: list[int]
     logprobs: list[float]
     accepted: int
+    depth: int  # of the deepest node in the sequence's verified tree: accepted == depth used it all
 
 
 class SpecDecoder:
@@ -129,6 +130,7 @@ class SpecDecoder:
         path_feat = out.hidden.gather(1, result.path[:, :, None].expand(B, D1, out.hidden.shape[-1]))  # (B, D+1, H)
         n_acc = result.accepted.tolist()
         toks, lps = result.tokens.tolist(), emitted_logp.tolist()
+        depths = tree.depths.amax(dim=1).tolist()  # (B,) a tree keeps its best N_verify nodes, not always L deep
         steps = []
         for b, st in enumerate(states):
             n = n_acc[b] + 1
@@ -141,7 +143,7 @@ class SpecDecoder:
                 st.accepted_per_depth += [0] * (shape.depth - len(st.accepted_per_depth))
             for d in range(n - 1):
                 st.accepted_per_depth[d] += 1
-            steps.append(StepTokens(toks[b][:n], lps[b][:n], n - 1))
+            steps.append(StepTokens(toks[b][:n], lps[b][:n], n - 1, depths[b]))
         return steps
 
     def _catch_up(self, slots: torch.Tensor, settled: torch.Tensor, states: list[SpecState]) -> torch.Tensor:
