@@ -61,6 +61,7 @@ def test_lockstep_generation_runs_real_engines_one_step_at_a_time():
     from fastgrpo.bench.spec import timed_generation
     from fastgrpo.rollout.engine.engine import Engine, EngineConfig
     from fastgrpo.rollout.engine.model_runner import ModelRunner
+    from fastgrpo.rollout.engine.types import GenerationRequest, SamplingConfig
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("qwen2")).eval()
@@ -69,7 +70,9 @@ def test_lockstep_generation_runs_real_engines_one_step_at_a_time():
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     try:
         alone = timed_generation(engines["off"], prompts, 2, 1.0, 12, 3)
-        paired = lockstep_generation(engines, prompts, 2, 1.0, 12, 3, first=1)
+        sampling = SamplingConfig(temperature=1.0, max_new_tokens=12, seed=3)
+        paired = lockstep_generation(engines, lambda mode: [GenerationRequest("t", tuple(map(tuple, prompts)), 2, sampling, mode)],
+                                     first=1)
         assert all(e.step_turn is contextlib.nullcontext for e in engines.values())  # handed back
     finally:
         for e in engines.values():

@@ -5,10 +5,16 @@ once, taking turns step by step (bench/lockstep.py), so they are timed on the sa
 tokens/s counts each mode's own steps. Two workloads:
   * fixed: B cache slots kept full by a queue of several times B prompts;
   * grpo: Q prompts x G = 8 samples submitted at once, whose completions end at different lengths,
-    so concurrency decays from Q*G to a tail of a few sequences (a GRPO generation phase).
+    so concurrency decays from Q*G (a GRPO generation phase). The fixture's completions all stop
+    within ~16-40 tokens, so this phase barely has a tail;
+  * grpo-tail: the same batch with each sample's length drawn log-uniformly from
+    [tail_min_tokens, tail_max_tokens] (EOS ignored): concurrency decays steadily to a tail of a few
+    sequences, the shape of GRPO rollouts on reasoning tasks, whose lengths spread over an order of
+    magnitude.
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from dataclasses import dataclass
@@ -24,13 +30,16 @@ MODES = ("off", "static", "adaptive")
 class ConcurrencyBenchConfig:
     out: str = help_field("benchmarks/results/concurrency.json", "JSON output path (a PNG is written beside it)")
     batch_sizes: str = help_field("1,2,4,8,16,32,64,128,256", "fixed-B sweep")
-    quick: bool = help_field(False, "B in {1, 8, 64} and a small GRPO batch: a few minutes")
+    quick: bool = help_field(False, "B in {1, 8, 64}, a small GRPO batch and tails of at most 64 tokens: a few minutes")
     preset: str = help_field("bench", "fixture preset of the target")
     c_peak: float = help_field(0.0, "adaptive C_peak; 0 = measure it now with the profiler")
     temperature: float = help_field(1.0, "sampling temperature")
     max_new_tokens: int = help_field(96, "tokens per sequence at most")
     sequences_per_slot: int = help_field(2, "fixed workload: sequences queued per slot")
-    grpo_prompts: int = help_field(16, "grpo workload: Q prompts (x G = 8 samples)")
+    grpo_prompts: int = help_field(16, "grpo workloads: Q prompts (x G = 8 samples)")
+    tail_min_tokens: int = help_field(16, "grpo-tail workload: shortest completion")
+    tail_max_tokens: int = help_field(256, "grpo-tail workload: longest completion")
+    workloads: str = help_field("fixed,grpo,grpo-tail", "workloads to run")
     width: int = help_field(4, "static tree width K")
     depth: int = help_field(6, "static tree depth L")
     n_verify: int = help_field(20, "static tree N_verify")
@@ -53,6 +62,7 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
     from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy
     from fastgrpo.rollout.engine.engine import Engine, EngineConfig
     from fastgrpo.rollout.engine.model_runner import ModelRunner
+    from fastgrpo.rollout.engine.types import GenerationRequest, SamplingConfig
     from fastgrpo.rollout.speculative.draft import DraftHead
     from fastgrpo.rollout.speculative.drafter import Drafter, TreeShape
 
@@ -83,10 +93,10 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
             timed_generation(engines[mode], prompts_all[:2], 1, cfg.temperature, 16, cfg.seed, mode)
         return engines
 
-    def measure(prompts, n, workload, batch_size):
+    def measure(requests, workload, batch_size):
         engines = engines_for(batch_size)
         try:
-            rounds = [lockstep_generation(engines, prompts, n, cfg.temperature, cfg.max_new_tokens, cfg.seed, first=r)
+            rounds = [lockstep_generation(engines, requests, first=r)
                       for r in range(1 if cfg.quick else cfg.repeats)]
         finally:
             for engine in engines.values():
@@ -104,18 +114,38 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
             print(f"{workload:5s} B={batch_size:4d} {mode:8s} {rec['tokens_per_s']:8.1f} tok/s  x{rec['speedup_vs_off']:.3f} vs off  "
                   f"(rounds {' '.join(f'{x:.3f}' for x in ratios)})  acceptance {rec['acceptance_length']:.2f}", flush=True)
 
-    for B in batch_sizes:
-        measure(prompts_all[: max(2, cfg.sequences_per_slot * B)], 1, "fixed", B)
+    def same_requests(prompts, n):
+        sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        return lambda mode: [GenerationRequest("bench", tuple(tuple(p) for p in prompts), n, sampling, mode)]
+
+    def tail_requests(prompts, n):
+        # one request per sample, its length drawn once (the same for every mode and round)
+        g = torch.Generator().manual_seed(cfg.seed)
+        lo, hi = math.log(cfg.tail_min_tokens), math.log(min(cfg.tail_max_tokens, 64) if cfg.quick else cfg.tail_max_tokens)
+        lengths = torch.exp(lo + (hi - lo) * torch.rand(len(prompts) * n, generator=g)).round().long().tolist()
+        jobs = [(tuple(p), cfg.seed + 1000 * q + i, lengths[q * n + i]) for q, p in enumerate(prompts) for i in range(n)]
+        return lambda mode: [GenerationRequest("bench", (p,), 1, SamplingConfig(
+            temperature=cfg.temperature, max_new_tokens=length, seed=seed, ignore_eos=True), mode) for p, seed, length in jobs]
+
+    workloads = cfg.workloads.split(",")
+    if "fixed" in workloads:
+        for B in batch_sizes:
+            measure(same_requests(prompts_all[: max(2, cfg.sequences_per_slot * B)], 1), "fixed", B)
     Q = 4 if cfg.quick else cfg.grpo_prompts
-    measure(prompts_all[100 : 100 + Q], 8, "grpo", Q * 8)
+    if "grpo" in workloads:
+        measure(same_requests(prompts_all[100 : 100 + Q], 8), "grpo", Q * 8)
+    if "grpo-tail" in workloads:
+        measure(tail_requests(prompts_all[100 : 100 + Q], 8), "grpo-tail", Q * 8)
     extra = {"c_peak": c_peak, "c_peak_source": source, "static_tree": [cfg.width, cfg.depth, cfg.n_verify],
              "target": {"preset": cfg.preset, "parameters": sum(p.numel() for p in model.parameters())},
-             "sampling": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens}}
+             "sampling": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens},
+             "grpo_tail_tokens": [cfg.tail_min_tokens, min(cfg.tail_max_tokens, 64) if cfg.quick else cfg.tail_max_tokens]}
     path = write_results(cfg.out, "concurrency", records, **extra)
     fixed = [r for r in records if r["workload"] == "fixed"]
-    plot(path.with_suffix(".png"), f"speculation modes vs batch size (C_peak {c_peak:.0f}, {extra['target']['parameters'] / 1e6:.0f}M target)",
-         "batch size B", "tokens/s relative to off",
-         {m: ([r["batch_size"] for r in fixed if r["mode"] == m], [r["speedup_vs_off"] for r in fixed if r["mode"] == m])
-          for m in ("adaptive", "static")})
+    if fixed:
+        plot(path.with_suffix(".png"), f"speculation modes vs batch size (C_peak {c_peak:.0f}, {extra['target']['parameters'] / 1e6:.0f}M target)",
+             "batch size B", "tokens/s relative to off",
+             {m: ([r["batch_size"] for r in fixed if r["mode"] == m], [r["speedup_vs_off"] for r in fixed if r["mode"] == m])
+              for m in ("adaptive", "static")})
     print(f"wrote {path}")
     return {"path": str(path), "records": records}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 class Lockstep:
@@ -53,14 +53,13 @@ class Lockstep:
                 self._cv.notify_all()
 
 
-def lockstep_generation(engines: dict[str, object], prompts, num_samples: int, temperature: float,
-                        max_new_tokens: int, seed: int, first: int = 0) -> dict[str, dict]:
-    """Runs the same request on every engine at once, engine `name` in speculation mode `name`,
-    in lockstep, engine number `first` stepping first (rotate it between rounds: the first engine
-    to run a new tensor shape pays the allocator's first touch of fresh memory, ~3 % of a round
-    here). Returns per mode what `timed_generation` returns, with "seconds" the mode's own step
-    time and "wall_seconds" the whole paired run."""
-    from fastgrpo.bench.spec import timed_generation
+def lockstep_generation(engines: dict[str, object], requests: Callable[[str], list], first: int = 0) -> dict[str, dict]:
+    """Runs requests(name) on engine `name` (typically one workload in speculation mode `name`),
+    every engine at once, in lockstep, engine number `first` stepping first (rotate it between
+    rounds: the first engine to run a new tensor shape pays the allocator's first touch of fresh
+    memory, ~3 % of a round here). Returns per engine what `timed_generation` returns, with
+    "seconds" the engine's own step time and "wall_seconds" the whole paired run."""
+    from fastgrpo.bench.spec import timed_requests
 
     lock = Lockstep()
     for engine in engines.values():
@@ -70,7 +69,7 @@ def lockstep_generation(engines: dict[str, object], prompts, num_samples: int, t
 
     def run(mode: str) -> None:
         try:
-            results[mode] = timed_generation(engines[mode], prompts, num_samples, temperature, max_new_tokens, seed, mode)
+            results[mode] = timed_requests(engines[mode], requests(mode))
         except BaseException as exc:  # re-raised on the caller's thread
             errors.append(exc)
 

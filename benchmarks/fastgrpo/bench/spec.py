@@ -44,8 +44,14 @@ def timed_generation(engine, prompts, num_samples: int, temperature: float, max_
     req = GenerationRequest("bench", tuple(tuple(p) for p in prompts), num_samples,
                             SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
                             spec_mode)
+    return timed_requests(engine, [req])
+
+
+def timed_requests(engine, requests) -> dict:
+    """Submits the requests at once and waits for all; what `timed_generation` returns."""
     t0, c0 = time.perf_counter(), time.process_time()
-    results = list(engine.submit(req))
+    handles = [engine.submit(req) for req in requests]
+    results = [r for h in handles for r in h]
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     tokens = sum(len(r.token_ids) for r in results)
     steps = sum(r.spec.verify_steps for r in results)
