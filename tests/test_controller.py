@@ -5,7 +5,7 @@ import pytest
 
 from fastgrpo.rollout.calibration import DEFAULT_SWEEP, knee
 from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy, adaptive_tree
-from fastgrpo.rollout.online_calibration import OnlineCalibrator, RefineConfig, refined_alpha
+from fastgrpo.rollout.online_calibration import OnlineCalibrator, RefineConfig, refined_depth_shift
 from fastgrpo.rollout.speculative.drafter import TreeShape
 
 DEFAULTS = ControllerConfig()  # C_peak 160, N_max 160, K_max 8, L 3..5, alpha 0.75
@@ -110,6 +110,7 @@ def test_status_reports_profiled_c_peak_and_the_live_tree(tiny_dir, tmp_path, st
     assert (spec.mode, spec.c_peak, spec.c_peak_source) == ("adaptive", 24.0, "profile")
     assert (spec.batch_size, spec.n_verify, spec.width, spec.depth) == (1, 24, 8, 5)
     assert (spec.c_peak_start, spec.c_peak_start_source, spec.c_peak_updates) == (24.0, "profile", 0)
+    assert (spec.alpha, spec.alpha_start, spec.alpha_updates) == (0.75, 0.75, 0)  # 5 verify steps: too few to move
 
 
 def test_status_shows_the_online_estimate_beside_the_profile(tiny_dir, tmp_path, start_service):
@@ -229,33 +230,33 @@ def test_exploration_never_turns_speculation_on():
 
 def test_alpha_moves_one_level_outside_the_target_band_by_hand():
     cfg = RefineConfig()  # a quarter of verify steps should reach the deepest node: band [1/8, 1/2]
-    assert refined_alpha(0.75, 40, 64, cfg) == 0.375  # 62 % cut short by the depth: one level deeper
-    assert refined_alpha(0.75, 7, 64, cfg) == 1.5  # 11 %: the deepest level is rarely used, one shallower
-    assert refined_alpha(0.75, 16, 64, cfg) == refined_alpha(0.75, 32, 64, cfg) == 0.75  # in band
-    assert refined_alpha(0.06, 64, 64, cfg) == cfg.alpha_min
-    assert refined_alpha(10.0, 0, 64, cfg) == cfg.alpha_max
+    assert refined_depth_shift(0, 40, 64, cfg) == 1  # 62 % cut short by the depth: one level deeper
+    assert refined_depth_shift(0, 7, 64, cfg) == -1  # 11 %: the deepest level is rarely used
+    assert refined_depth_shift(2, 16, 64, cfg) == refined_depth_shift(2, 32, 64, cfg) == 2  # in band
+    assert refined_depth_shift(4, 64, 64, cfg) == 4 and refined_depth_shift(-4, 0, 64, cfg) == -4  # +-alpha_levels
 
 
 def test_saturated_trees_grow_deeper_and_unused_depth_shrinks_them():
-    cal = OnlineCalibrator(21.0, "profile", RefineConfig(), alpha=0.75)
-    policy = SpecPolicy("adaptive", ControllerConfig(c_peak=21.0), TreeShape(4, 5, 16), calibrator=cal)
+    cal = OnlineCalibrator(21.0, "profile", RefineConfig())
+    policy = SpecPolicy("adaptive", ControllerConfig(c_peak=21.0, alpha=0.75), TreeShape(4, 5, 16), calibrator=cal)
     # B = 1: N = 21, K = 8, L = floor(log2(21 / 0.75) = 4.8) = 4
     assert policy.tree_for(1) == TreeShape(8, 4, 21)
     for _ in range(63):
         cal.observe_acceptance([4], [4])  # every accepted path reaches the deepest node
-    assert cal.alpha == 0.75  # not yet 64 verify steps
+    assert policy.alpha == 0.75  # not yet 64 verify steps
     cal.observe_acceptance([4], [4])
-    assert (cal.alpha, cal.alpha_updates) == (0.375, 1)
+    assert (policy.alpha, cal.alpha_updates) == (0.375, 1)
     assert policy.tree_for(1) == TreeShape(8, 5, 21)  # L = floor(log2(56)) = 5
     for _ in range(32):
         cal.observe_acceptance([5, 5], [1, 0])  # never past depth 1
-    assert (cal.alpha, cal.alpha_updates) == (0.75, 2) and policy.tree_for(1).depth == 4
+    assert (policy.alpha, cal.alpha_updates) == (0.75, 2) and policy.tree_for(1).depth == 4
     # the cache headroom covers the deepest tree alpha may reach: N_max 160 nodes at L_max
     assert policy.max_nodes() == 160
 
 
 def test_refinement_off_keeps_alpha():
-    cal = OnlineCalibrator(21.0, "profile", RefineConfig(enabled=False), alpha=0.75)
+    cal = OnlineCalibrator(21.0, "profile", RefineConfig(enabled=False))
+    policy = SpecPolicy("adaptive", ControllerConfig(c_peak=21.0, alpha=0.5), calibrator=cal)
     for _ in range(200):
         cal.observe_acceptance([4], [4])
-    assert (cal.alpha, cal.alpha_updates) == (0.75, 0)
+    assert (policy.alpha, cal.alpha_updates) == (0.5, 0)

@@ -365,11 +365,11 @@ def test_adaptive_alpha_follows_acceptance_depth_and_stays_lossless(fixture_dir)
         static = GenerationRequest("t", tuple(tuple(p) for p in prompts[:3]), 1,
                                    SamplingConfig(temperature=0.0, max_new_tokens=48), "static")
         assert all(r.spec.verify_steps > 0 for r in spec.submit(static))
-        assert (cal.alpha, cal.alpha_updates) == (0.75, 0)
+        assert (policy.alpha, cal.alpha_updates) == (0.75, 0)
         a = _run(plain, prompts, temperature=0.0, max_new_tokens=48)
         b = _run(spec, prompts, temperature=0.0, max_new_tokens=48)
     finally:
         plain.shutdown()
         spec.shutdown()
-    assert cal.alpha < 0.75 and cal.alpha_updates >= 1 and policy.tree_for(1).depth == 5
+    assert policy.alpha < 0.75 and cal.alpha_updates >= 1 and policy.tree_for(1).depth == 5
     assert [x.token_ids for x in a] == [y.token_ids for y in b]

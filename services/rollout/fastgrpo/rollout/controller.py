@@ -67,7 +67,9 @@ class SpecPolicy:
 
     @property
     def alpha(self) -> float:
-        return self.calibrator.alpha if self.calibrator is not None else self.controller.alpha
+        """The live alpha: the configured one, shifted by whole tree levels when refined online."""
+        shift = self.calibrator.depth_shift if self.calibrator is not None else 0
+        return self.controller.alpha / 2.0**shift
 
     def step_c_peak(self) -> float:
         """The C_peak this decode step sizes adaptive trees for (call once per step: the online
@@ -90,9 +92,10 @@ class SpecPolicy:
 
     def max_nodes(self) -> int:
         """Most tree nodes any step can verify: the cache headroom a sequence needs. With online
-        refinement C_peak may grow until N_verify reaches N_max, and alpha fall until trees reach L_max."""
+        refinement C_peak may grow until N_verify reaches N_max, and trees deepen by alpha_levels."""
         cal = self.calibrator
-        top, alpha = (self.controller.n_max, cal.cfg.alpha_min) if cal is not None else (None, None)
+        top, alpha = ((self.controller.n_max, self.controller.alpha / 2.0**cal.cfg.alpha_levels)
+                      if cal is not None else (None, None))
         adaptive = adaptive_tree(1, self.controller, top, alpha)
         return max(self.static_tree.n_verify, adaptive.n_verify if adaptive else 0)
 

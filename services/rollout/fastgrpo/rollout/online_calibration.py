@@ -18,7 +18,8 @@ alpha (tree depth L = log2(N_verify / alpha), small for a draft that stays right
 sequence) is refined from acceptance by depth: a verify step whose accepted path reaches the
 deepest node of its tree was cut short by the depth. When more than twice `alpha_saturation` of the
 steps are, trees get one level deeper (alpha / 2); under half of it, the deepest level is rarely
-used and one level shallower (alpha x 2) saves its draft forward.
+used and one level shallower (alpha x 2) saves its draft forward. The calibrator keeps that as a
+shift in levels from the configured alpha (SpecPolicy.alpha applies it).
 """
 from __future__ import annotations
 
@@ -46,8 +47,7 @@ class RefineConfig:
     c_max: float = help_field(8192.0, "upper bound of C_peak")
     alpha_saturation: float = help_field(0.25, "target share of adaptive verify steps that accept a whole tree path to its deepest node: above twice that alpha halves (one level deeper), under half it doubles")
     alpha_every: int = help_field(64, "sequence verify steps between alpha re-estimates")
-    alpha_min: float = help_field(0.05, "lower bound of alpha")
-    alpha_max: float = help_field(12.0, "upper bound of alpha")
+    alpha_levels: int = help_field(4, "most tree levels the refined alpha moves depth from the configured alpha, either way")
 
 
 def bucket_of(tokens: int) -> int:
@@ -55,31 +55,32 @@ def bucket_of(tokens: int) -> int:
     return round(2 * math.log2(tokens))
 
 
-def refined_alpha(alpha: float, saturated: int, steps: int, cfg: RefineConfig) -> float:
-    """alpha after `steps` verify steps of which `saturated` accepted their tree's deepest node:
-    one level deeper or shallower (alpha / 2, x 2) outside [1/2, 2] x the target share, in bounds."""
+def refined_depth_shift(shift: int, saturated: int, steps: int, cfg: RefineConfig) -> int:
+    """Levels deeper than the configured alpha gives (alpha / 2^shift) after `steps` verify steps of
+    which `saturated` accepted their tree's deepest node: one more or one fewer outside
+    [1/2, 2] x the target share, within +-alpha_levels."""
     share = saturated / steps
     if share > 2 * cfg.alpha_saturation:
-        alpha /= 2
+        shift += 1
     elif share < cfg.alpha_saturation / 2:
-        alpha *= 2
-    return min(max(alpha, cfg.alpha_min), cfg.alpha_max)
+        shift -= 1
+    return min(max(shift, -cfg.alpha_levels), cfg.alpha_levels)
 
 
 class OnlineCalibrator:
-    """Holds the live C_peak: `step_c_peak` sizes one step's trees, `observe` feeds back its latency.
+    """Holds the live C_peak: `step_c_peak` sizes one step's trees, `observe` feeds back its latency;
+    and the depth shift of alpha, fed by `observe_acceptance`.
 
     Thread-safe: the engine thread steps and observes, servicer threads read `c_peak` and `source`.
     """
 
-    def __init__(self, c_peak: float, source: str, cfg: RefineConfig = RefineConfig(), alpha: float = 0.75):
+    def __init__(self, c_peak: float, source: str, cfg: RefineConfig = RefineConfig()):
         self.cfg = cfg
         self.c_peak = float(c_peak)
         self.source = source
         self.initial = (float(c_peak), source)
         self.updates = 0
-        self.alpha = float(alpha)
-        self.alpha_start = float(alpha)
+        self.depth_shift = 0  # adaptive trees use alpha / 2^depth_shift
         self.alpha_updates = 0
         self._verified = 0  # sequence verify steps since the last alpha update
         self._saturated = 0  # ... whose accepted path reached the deepest node of the tree
@@ -128,11 +129,10 @@ class OnlineCalibrator:
         self._verified += len(depths)
         self._saturated += sum(a >= d for d, a in zip(depths, accepted))
         if self._verified >= self.cfg.alpha_every:
-            alpha = refined_alpha(self.alpha, self._saturated, self._verified, self.cfg)
+            shift = refined_depth_shift(self.depth_shift, self._saturated, self._verified, self.cfg)
             self._verified = self._saturated = 0
-            with self._lock:
-                self.alpha_updates += alpha != self.alpha
-                self.alpha = alpha
+            self.alpha_updates += shift != self.depth_shift
+            self.depth_shift = shift
 
     def points(self) -> list[tuple[int, float]]:
         """(median tokens, median seconds) of every bucket with enough samples, by tokens."""

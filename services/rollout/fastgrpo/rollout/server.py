@@ -218,7 +218,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             batch_size=self.engine.last_batch_size, n_verify=tree.n_verify if tree else 0,
             width=tree.width if tree else 0, depth=tree.depth if tree else 0,
             c_peak_start=cal.initial[0], c_peak_start_source=cal.initial[1], c_peak_updates=cal.updates,
-            alpha=cal.alpha, alpha_start=cal.alpha_start, alpha_updates=cal.alpha_updates,
+            alpha=policy.alpha, alpha_start=policy.controller.alpha, alpha_updates=cal.alpha_updates,
         )
 
 
@@ -313,7 +313,7 @@ def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics) -> RolloutApp:
             ControllerConfig(c_peak, cfg.n_max, cfg.k_max, cfg.l_min, cfg.l_max, cfg.alpha),
             TreeShape(cfg.spec_width, cfg.spec_depth, cfg.spec_n_verify),
             cfg.spec_verify,
-            OnlineCalibrator(c_peak, c_peak_source, refine, cfg.alpha),
+            OnlineCalibrator(c_peak, c_peak_source, refine),
         )
     tokenizer = AutoTokenizer.from_pretrained(cfg.model) if (Path(cfg.model) / "tokenizer_config.json").exists() else None
     eos = runner.config.eos_token_id
