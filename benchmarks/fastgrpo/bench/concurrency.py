@@ -45,8 +45,8 @@ class ConcurrencyBenchConfig:
     n_verify: int = help_field(20, "static tree N_verify")
     repeats: int = help_field(3, "paired rounds per workload (all modes in lockstep); speedup is the median of the rounds' ratios to off (quick: 1)")
     seed: int = help_field(0, "sampling seed")
-    threads: int = help_field(0, "torch CPU threads; 0 = one per core (on a shared 2-core VM, 1 thread times steps "
-                                 "within +-1 % where 2 threads vary +-10-25 % per step)")
+    threads: int = help_field(0, "torch CPU threads; 0 = one per core (on a shared 2-core VM identical work in lockstep "
+                                 "differs by +-1 % per round with 1 thread, +-3-7 % with 2)")
 
 
 def run(cfg: ConcurrencyBenchConfig) -> dict:
@@ -121,12 +121,13 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
     def tail_requests(prompts, n):
         # one request per sample, its length drawn once (the same for every mode and round)
         g = torch.Generator().manual_seed(cfg.seed)
-        lo, hi = math.log(cfg.tail_min_tokens), math.log(min(cfg.tail_max_tokens, 64) if cfg.quick else cfg.tail_max_tokens)
+        lo, hi = math.log(cfg.tail_min_tokens), math.log(tail_max)
         lengths = torch.exp(lo + (hi - lo) * torch.rand(len(prompts) * n, generator=g)).round().long().tolist()
         jobs = [(tuple(p), cfg.seed + 1000 * q + i, lengths[q * n + i]) for q, p in enumerate(prompts) for i in range(n)]
         return lambda mode: [GenerationRequest("bench", (p,), 1, SamplingConfig(
             temperature=cfg.temperature, max_new_tokens=length, seed=seed, ignore_eos=True), mode) for p, seed, length in jobs]
 
+    tail_max = min(cfg.tail_max_tokens, 64) if cfg.quick else cfg.tail_max_tokens
     workloads = cfg.workloads.split(",")
     if "fixed" in workloads:
         for B in batch_sizes:
@@ -139,7 +140,7 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
     extra = {"c_peak": c_peak, "c_peak_source": source, "static_tree": [cfg.width, cfg.depth, cfg.n_verify],
              "target": {"preset": cfg.preset, "parameters": sum(p.numel() for p in model.parameters())},
              "sampling": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens},
-             "grpo_tail_tokens": [cfg.tail_min_tokens, min(cfg.tail_max_tokens, 64) if cfg.quick else cfg.tail_max_tokens]}
+             "grpo_tail_tokens": [cfg.tail_min_tokens, tail_max]}
     path = write_results(cfg.out, "concurrency", records, **extra)
     fixed = [r for r in records if r["workload"] == "fixed"]
     if fixed:

@@ -6,6 +6,9 @@ iterations per second in spells of 10-30 s, so two modes timed one after the oth
 engine and the engines take turns step by step, first come first served, so consecutive steps of
 different modes are ~0.1 s apart and see the same machine. A mode's time is the sum of its own
 steps (the machine is its alone meanwhile); everything speculation changes happens inside a step.
+What lockstep cannot remove is noise within a step: with 2 torch threads the same step varies by
++-10-25 % (a parallel region waits for a descheduled vCPU), so identical work still differs by
++-3-7 % per round; with 1 thread by +-1 %.
 """
 from __future__ import annotations
 
