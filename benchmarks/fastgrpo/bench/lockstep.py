@@ -95,6 +95,5 @@ def lockstep_generation(engines: dict[str, object], requests: Callable[[str], li
         raise errors[0]
     wall = time.perf_counter() - t0
     for mode, engine in engines.items():
-        results[mode].pop("cpu_seconds")  # process-wide: every engine's thread at once
         results[mode].update(seconds=lock.seconds[id(engine)], wall_seconds=wall)
     return results
