@@ -90,23 +90,37 @@ def decoder_layer(
     write_pos: torch.Tensor | None,
     key_len: int,
     head_dim: int,
+    query_at: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One pre-norm Llama-family decoder layer over new tokens h (B, Q, H), attending through `cache`.
 
     cos/sin (B, 1, Q, D) rotary tables, mask (B, 1, Q, key_len), write_pos (B, Q) cache positions.
     With cache None the tokens attend only among themselves (mask (B, 1, Q, Q)): the differentiable
     path used to train the draft head. Shared by the target runner and the draft head.
+
+    query_at (B,): every new token's keys and values go to the cache, but only token query_at[b] of
+    row b attends and goes through the MLP; returns (B, 1, H). A one-layer draft catching up on many
+    pairs needs only the last one's output, and the key and value projections are a twentieth of the
+    layer's arithmetic (the rest: query, output projection, MLP).
     """
     B, Q, _ = h.shape
     attn = layer.self_attn
     x = layer.input_layernorm(h)  # (B, Q, H)
-    q = attn.q_proj(x).view(B, Q, -1, head_dim)  # (B, Q, Hq, D)
     k = attn.k_proj(x).view(B, Q, -1, head_dim)  # (B, Q, Hkv, D)
     v = attn.v_proj(x).view(B, Q, -1, head_dim).transpose(1, 2)  # (B, Hkv, Q, D)
+    cos_q, sin_q = cos, sin
+    if query_at is not None:
+        rows = torch.arange(B, device=h.device)
+        h, x = h[rows, query_at][:, None], x[rows, query_at][:, None]  # (B, 1, H)
+        # advanced indices on dims 0 and 2 put the indexed dim first: (B, 1, D) -> (B, 1, 1, D)
+        cos_q, sin_q = cos[rows, :, query_at][:, :, None], sin[rows, :, query_at][:, :, None]
+        mask = mask[rows, :, query_at][:, :, None]  # (B, 1, 1, T)
+    Qa = x.shape[1]  # tokens that attend: Q, or 1 with query_at
+    q = attn.q_proj(x).view(B, Qa, -1, head_dim)  # (B, Qa, Hq, D)
     if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before rotary
         q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H*, Q, D)
-    q = q * cos + _rotate_half(q) * sin
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H*, Qa or Q, D)
+    q = q * cos_q + _rotate_half(q) * sin_q
     k = k * cos + _rotate_half(k) * sin
     if cache is None:
         keys, values = k, v  # (B, Hkv, Q, D)
@@ -116,8 +130,8 @@ def decoder_layer(
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1]
     )  # (B, Hq, Q, D)
-    h = h + attn.o_proj(out.transpose(1, 2).reshape(B, Q, -1))  # (B, Q, H)
-    return h + layer.mlp(layer.post_attention_layernorm(h))  # (B, Q, H)
+    h = h + attn.o_proj(out.transpose(1, 2).reshape(B, Qa, -1))  # (B, Qa, H)
+    return h + layer.mlp(layer.post_attention_layernorm(h))  # (B, Qa, H)
 
 
 class ModelRunner:

@@ -88,15 +88,16 @@ class Drafter:
         param = next(head.parameters())
         self.cache = KVCache(1, num_slots, kv_heads, max_len, self.head_dim, param.dtype, param.device)
 
-    def _layer(self, batch: ForwardBatch, x: torch.Tensor) -> torch.Tensor:
-        """The head's decoder layer over fused inputs x (B, Q, H) -> predicted features (B, Q, H)."""
+    def _layer(self, batch: ForwardBatch, x: torch.Tensor, query_at: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's decoder layer over fused inputs x (B, Q, H) -> predicted features (B, Q, H);
+        with query_at (B,) only that input's of each row (B, 1, H) (decoder_layer)."""
         Q = batch.tokens.shape[1]
         key_len = int(batch.starts.max()) + Q
         cos, sin = self.head.rotary(x, batch.positions)  # (B, Q, D)
         mask = attention_mask(batch, key_len)  # (B, 1, Q, T)
         write_pos = batch.starts[:, None] + torch.arange(Q, device=x.device)[None, :]  # (B, Q)
         return decoder_layer(self.head.layer, x, cos[:, None], sin[:, None], mask, self.cache, 0, batch.slots,
-                             write_pos, key_len, self.head_dim)
+                             write_pos, key_len, self.head_dim, query_at)
 
     @torch.inference_mode()
     def catch_up(self, slots: torch.Tensor, starts: torch.Tensor, tokens: torch.Tensor, features: torch.Tensor,
@@ -106,11 +107,11 @@ class Drafter:
         tokens (B, P) are the next tokens x_{i+1}, features (B, P, H) the target's f_i, right-padded.
         Returns the predicted feature after each row's last pair (B, H): the root's feature.
         """
-        B, P = tokens.shape
+        P = tokens.shape[1]
         positions = starts[:, None] + torch.arange(P, device=tokens.device)[None, :]  # (B, P)
         batch = ForwardBatch(tokens, positions, slots, starts)
-        out = self._layer(batch, self.head.fuse(tokens, features))  # (B, P, H)
-        return out[torch.arange(B, device=out.device), counts - 1]  # (B, H)
+        # every pair's keys and values enter the cache; only the last pair's output is computed
+        return self._layer(batch, self.head.fuse(tokens, features), query_at=counts - 1)[:, 0]  # (B, H)
 
     def _child_logq(self, feat: torch.Tensor, draw: ChildDraw | None) -> torch.Tensor:
         """Predicted features (B, E, H) -> the draft distribution of each node's children (B, E, V)."""
