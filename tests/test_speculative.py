@@ -337,29 +337,37 @@ def test_chi2_detects_a_broken_acceptance_rule(small_vocab_engines, monkeypatch)
     assert p < ALPHA
 
 
+def _fixture_policy_engines(fixture_dir, policy, slots: int, n_prompts: int):
+    """Plain and speculative engines over the fixture policy (its bootstrapped draft under
+    `policy`), and n_prompts task prompts."""
+    from transformers import AutoTokenizer
+
+    from fastgrpo.fixture.draft import build_draft
+    from fastgrpo.learner.tasks import format_prompt, synthetic_math
+
+    model = AutoModelForCausalLM.from_pretrained(str(fixture_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(fixture_dir))
+    head = DraftHead.load(build_draft(fixture_dir), model)
+    runner = ModelRunner(model, slots, headroom=policy.max_nodes())
+    spec = Engine(runner, (tok.eos_token_id,), EngineConfig(max_running=slots),
+                  Drafter(head, slots, runner.cache.max_len + policy.draft_headroom()), policy)
+    plain = Engine(ModelRunner(model, slots), (tok.eos_token_id,), EngineConfig(max_running=slots))
+    prompts = [tok(format_prompt(p.question))["input_ids"] for p in synthetic_math(seed=0).test[:n_prompts]]
+    return plain, spec, prompts
+
+
 def test_adaptive_alpha_follows_acceptance_depth_and_stays_lossless(fixture_dir):
     """The fixture's bootstrapped draft is right deep into most sequences: at B = 1 under C_peak 21
     (N = 21, L = 4) most accepted paths reach the deepest node, so the live alpha halves and trees
     grow to L = 5, and greedy output stays token-identical to plain decoding across the change.
     Requests in static mode never move alpha (their depth is fixed)."""
-    from transformers import AutoTokenizer
-
-    from fastgrpo.fixture.draft import build_draft
-    from fastgrpo.learner.tasks import format_prompt, synthetic_math
     from fastgrpo.rollout.controller import ControllerConfig
     from fastgrpo.rollout.online_calibration import OnlineCalibrator, RefineConfig
 
-    model = AutoModelForCausalLM.from_pretrained(str(fixture_dir)).eval()
-    tok = AutoTokenizer.from_pretrained(str(fixture_dir))
-    head = DraftHead.load(build_draft(fixture_dir), model)
     # C_peak held still (no exploration, no latency updates): only alpha may move
     cal = OnlineCalibrator(21.0, "configured", RefineConfig(explore_every=0, update_every=10**9, alpha_every=8))
     policy = SpecPolicy("adaptive", ControllerConfig(c_peak=21.0), TreeShape(4, 5, 16), calibrator=cal)
-    runner = ModelRunner(model, 1, headroom=policy.max_nodes())
-    spec = Engine(runner, (tok.eos_token_id,), EngineConfig(max_running=1),
-                  Drafter(head, 1, runner.cache.max_len + policy.draft_headroom()), policy)
-    plain = Engine(ModelRunner(model, 1), (tok.eos_token_id,), EngineConfig(max_running=1))
-    prompts = [tok(format_prompt(p.question))["input_ids"] for p in synthetic_math(seed=0).test[:6]]
+    plain, spec, prompts = _fixture_policy_engines(fixture_dir, policy, 1, 6)
     try:
         assert policy.tree_for(1).depth == 4
         static = GenerationRequest("t", tuple(tuple(p) for p in prompts[:3]), 1,
@@ -373,3 +381,27 @@ def test_adaptive_alpha_follows_acceptance_depth_and_stays_lossless(fixture_dir)
         spec.shutdown()
     assert policy.alpha < 0.75 and cal.alpha_updates >= 1 and policy.tree_for(1).depth == 5
     assert [x.token_ids for x in a] == [y.token_ids for y in b]
+
+
+def test_measured_pairs_past_the_cutoff_stay_lossless(fixture_dir):
+    """At B = 8 under C_peak 4 the formula leaves speculation off; the pair gain tries one draft
+    token per sequence every other step, measures both kinds, and greedy output stays
+    token-identical to plain decoding whichever it picks."""
+    from fastgrpo.rollout.controller import ControllerConfig
+    from fastgrpo.rollout.online_calibration import PairConfig, PairGain
+
+    pairs = PairGain(PairConfig(explore_every=2, min_samples=2))
+    policy = SpecPolicy("adaptive", ControllerConfig(c_peak=4.0), TreeShape(4, 5, 16), pairs=pairs)
+    assert policy.tree_for(8) is None
+    plain, spec, prompts = _fixture_policy_engines(fixture_dir, policy, 8, 8)
+    try:
+        a = _run(plain, prompts, temperature=0.0, max_new_tokens=40)
+        b = _run(spec, prompts, temperature=0.0, max_new_tokens=40)
+    finally:
+        plain.shutdown()
+        spec.shutdown()
+    assert [x.token_ids for x in a] == [y.token_ids for y in b]
+    assert sum(y.spec.verify_steps for y in b) > 0  # pairs ran although the formula says off
+    assert pairs.gain(8) is not None  # both kinds measured at B = 8
+    for x, y in zip(a, b):
+        assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) <= 1e-4

@@ -158,3 +158,70 @@ class OnlineCalibrator:
     def snapshot(self) -> tuple[float, str]:
         with self._lock:
             return self.c_peak, self.source
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    enabled: bool = help_field(True, "adaptive: around the formula's cutoff (B from C_peak/3 to reach x C_peak) verify one draft token per sequence or none by the measured throughput of each")
+    explore_every: int = help_field(4, "steps between tries of the other choice in a batch-size bucket that has too few of them")
+    refresh_every: int = help_field(32, "steps between tries of the other choice once a bucket has enough of both")
+    min_samples: int = help_field(3, "steps of each kind a bucket needs before its measurement decides")
+    window: int = help_field(16, "steps of each kind kept per bucket")
+    margin: float = help_field(1.02, "measured gain a pair must show over plain decoding to be chosen")
+    reach: float = help_field(2.0, "largest B in play, as a multiple of C_peak")
+
+
+class PairGain:
+    """Whether verifying one draft token per sequence (N_verify = 2) beats plain decoding at the
+    live batch size B, measured on the steps the engine runs anyway.
+
+    The formula turns speculation off where B > C_peak / 2: with a flat latency curve up to the
+    knee, two tokens per sequence past it cost twice one. A real curve bends gradually (on a CPU
+    t(2B) / t(B) is ~1.45 at B = C_peak and acceptance of the first draft token ~0.75), so a pair
+    still pays somewhat past the cutoff, and may not pay just below it where the draft is poor. Per
+    half-octave bucket of B this keeps the seconds per sequence of plain steps and of pair steps
+    and the tokens a pair step emits per sequence; where both kinds have `min_samples`, the pair is
+    chosen when tokens x plain seconds / pair seconds > margin. A bucket short of either kind tries
+    it every `explore_every` of its steps, and a decided bucket the other choice every
+    `refresh_every` (acceptance and latency drift: the draft keeps learning). In play are the B
+    where the formula says N_verify = 2 or off, up to `reach` x C_peak (SpecPolicy.step_pair).
+    """
+
+    def __init__(self, cfg: PairConfig = PairConfig()):
+        self.cfg = cfg
+        self._plain: dict[int, deque[float]] = {}  # bucket -> seconds per sequence of plain steps
+        self._pair: dict[int, deque[tuple[float, float]]] = {}  # bucket -> (seconds, tokens) per sequence
+        self._tried: dict[int, int] = {}  # bucket -> step of its last try of the other choice
+        self._steps = 0
+
+    def gain(self, batch_size: int) -> float | None:
+        """Measured throughput of pair steps over plain steps at this B's bucket (None: too few)."""
+        b = bucket_of(batch_size)
+        plain, pair = self._plain.get(b, ()), self._pair.get(b, ())
+        if len(plain) < self.cfg.min_samples or len(pair) < self.cfg.min_samples:
+            return None
+        tokens = statistics.fmean(t for _, t in pair)
+        return tokens * statistics.median(plain) / statistics.median(s for s, _ in pair)
+
+    def choose(self, batch_size: int, formula_pair: bool) -> bool:
+        """Whether this step verifies pairs at B (call once per step for B in play); formula_pair:
+        what the formula says (N_verify = 2 rather than off)."""
+        self._steps += 1
+        b = bucket_of(batch_size)
+        g = self.gain(batch_size)
+        choice = formula_pair if g is None else g > self.cfg.margin
+        short = min(len(self._plain.get(b, ())), len(self._pair.get(b, ()))) < self.cfg.min_samples
+        every = self.cfg.explore_every if short else self.cfg.refresh_every
+        if self._steps - self._tried.setdefault(b, self._steps - 1) >= every:  # a new bucket counts from now
+            self._tried[b] = self._steps
+            return not choice
+        return choice
+
+    def observe(self, batch_size: int, seconds: float, tokens: int | None) -> None:
+        """One adaptive decode step over the whole batch: plain (tokens None) or pairs emitting
+        `tokens` in all."""
+        b = bucket_of(batch_size)
+        if tokens is None:
+            self._plain.setdefault(b, deque(maxlen=self.cfg.window)).append(seconds / batch_size)
+        else:
+            self._pair.setdefault(b, deque(maxlen=self.cfg.window)).append((seconds / batch_size, tokens / batch_size))
