@@ -27,9 +27,7 @@ class CalibrateBenchConfig:
 
 
 def run(cfg: CalibrateBenchConfig) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    from fastgrpo.bench.common import plot, write_results
+    from fastgrpo.bench.common import load_target, placement, plot, write_results
     from fastgrpo.fixture import build_fixture
     from fastgrpo.rollout.calibration import DEFAULT_SWEEP, knee, one_sequence_batch, profile
     from fastgrpo.rollout.engine.model_runner import ModelRunner
@@ -37,9 +35,8 @@ def run(cfg: CalibrateBenchConfig) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     fixture = build_fixture(cfg.preset)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(fixture), dtype=dtype).to(device).eval()
+    model = load_target(fixture)
+    where = placement(model)
     runner = ModelRunner(model, 1, headroom=max(DEFAULT_SWEEP))
     points = profile(runner, DEFAULT_SWEEP, context=cfg.context, budget_s=300)
     profiled = knee(points)
@@ -65,10 +62,10 @@ def run(cfg: CalibrateBenchConfig) -> dict:
         series[f"start {factor:g}x"] = (list(range(1, steps + 1)), [c / profiled for c in trace])
         print(f"start {factor:g}x ({profiled * factor:.1f}): final {trace[-1]:.1f} ({trace[-1] / profiled:.2f}x), "
               f"within 25% from step {settled}", flush=True)
-    path = write_results(cfg.out, "calibrate", records, device=device, dtype=str(dtype).removeprefix("torch."),
+    path = write_results(cfg.out, "calibrate", records, **where,
                          profiled_c_peak=profiled, profile_points=points, steps=steps,
                          target={"preset": cfg.preset, "parameters": sum(p.numel() for p in model.parameters())})
-    plot(path.with_suffix(".png"), f"online C_peak from a wrong start (profiled {profiled:.0f}, {device})",
+    plot(path.with_suffix(".png"), f"online C_peak from a wrong start (profiled {profiled:.0f}, {where['device']})",
          "decode step", "C_peak / profiled", series, logx=False, hline=1.0)
     print(f"wrote {path}")
     return {"path": str(path), "records": records}

@@ -1,4 +1,5 @@
-"""What every benchmark writes: machine, commit, records, and a plot beside the JSON."""
+"""What every benchmark shares: the target it times (on the GPU when there is one), and what it
+writes: machine, commit, records, and a plot beside the JSON."""
 from __future__ import annotations
 
 import json
@@ -30,6 +31,22 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def load_target(path: str | Path):
+    """The fixture's causal LM in eval mode: on the GPU in bfloat16 when one is visible (what a
+    rollout server serves), else on the CPU in float32."""
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+
+
+def placement(model: torch.nn.Module) -> dict:
+    """Where a loaded model runs, as a results file records it: {"device": "cuda", "dtype": "bfloat16"}."""
+    param = next(model.parameters())
+    return {"device": param.device.type, "dtype": str(param.dtype).removeprefix("torch.")}
 
 
 def commit() -> str:

@@ -50,9 +50,9 @@ class ConcurrencyBenchConfig:
 
 
 def run(cfg: ConcurrencyBenchConfig) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from fastgrpo.bench.common import median_run, plot, write_results
+    from fastgrpo.bench.common import load_target, median_run, placement, plot, write_results
     from fastgrpo.bench.lockstep import lockstep_generation
     from fastgrpo.bench.spec import timed_generation
     from fastgrpo.fixture import build_fixture
@@ -68,7 +68,7 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
 
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     fixture = build_fixture(cfg.preset)
-    model = AutoModelForCausalLM.from_pretrained(str(fixture)).eval()
+    model = load_target(fixture)
     tok = AutoTokenizer.from_pretrained(str(fixture))
     head = DraftHead.load(build_draft(fixture), model)
     c_peak, source = cfg.c_peak, "configured"
@@ -137,14 +137,15 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
         measure(same_requests(prompts_all[100 : 100 + Q], 8), "grpo", Q * 8)
     if "grpo-tail" in workloads:
         measure(tail_requests(prompts_all[100 : 100 + Q], 8), "grpo-tail", Q * 8)
-    extra = {"c_peak": c_peak, "c_peak_source": source, "static_tree": [cfg.width, cfg.depth, cfg.n_verify],
+    extra = {**placement(model), "c_peak": c_peak, "c_peak_source": source, "static_tree": [cfg.width, cfg.depth, cfg.n_verify],
              "target": {"preset": cfg.preset, "parameters": sum(p.numel() for p in model.parameters())},
              "sampling": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens},
              "grpo_tail_tokens": [cfg.tail_min_tokens, tail_max]}
     path = write_results(cfg.out, "concurrency", records, **extra)
     fixed = [r for r in records if r["workload"] == "fixed"]
     if fixed:
-        plot(path.with_suffix(".png"), f"speculation modes vs batch size (C_peak {c_peak:.0f}, {extra['target']['parameters'] / 1e6:.0f}M target)",
+        plot(path.with_suffix(".png"), f"speculation modes vs batch size (C_peak {c_peak:.0f}, "
+             f"{extra['target']['parameters'] / 1e6:.0f}M target, {extra['device']})",
              "batch size B", "tokens/s relative to off",
              {m: ([r["batch_size"] for r in fixed if r["mode"] == m], [r["speedup_vs_off"] for r in fixed if r["mode"] == m])
               for m in ("adaptive", "static")})

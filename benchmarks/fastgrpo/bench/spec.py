@@ -64,9 +64,9 @@ def timed_requests(engine, requests) -> dict:
 def run(cfg: SpecBenchConfig) -> dict:
     import os
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from fastgrpo.bench.common import median_run, plot, write_results
+    from fastgrpo.bench.common import load_target, median_run, placement, plot, write_results
     from fastgrpo.fixture import build_fixture
     from fastgrpo.fixture.draft import build_draft
     from fastgrpo.learner.tasks import format_prompt, synthetic_math
@@ -79,9 +79,8 @@ def run(cfg: SpecBenchConfig) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     fixture = build_fixture(cfg.preset)
     draft_dir = build_draft(fixture)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(fixture), dtype=dtype).to(device).eval()
+    model = load_target(fixture)
+    where = placement(model)
     tok = AutoTokenizer.from_pretrained(str(fixture))
     head = DraftHead.load(draft_dir, model)
     shape = TreeShape(cfg.width, cfg.depth, cfg.n_verify)
@@ -129,8 +128,7 @@ def run(cfg: SpecBenchConfig) -> dict:
         print(f"B={B:3d}  plain {rec['tokens_per_s_plain']:8.1f} tok/s  spec {rec['tokens_per_s_spec']:8.1f} tok/s  "
               f"speedup {rec['speedup']:.2f}x  acceptance length {rec['acceptance_length']:.2f}", flush=True)
     extra = {
-        "device": device,
-        "dtype": str(dtype).removeprefix("torch."),
+        **where,
         "target": {"preset": cfg.preset, "dir": str(fixture),
                    "parameters": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers},
         "draft": {"dir": str(draft_dir), "parameters": sum(p.numel() for p in head.parameters())},
@@ -139,7 +137,7 @@ def run(cfg: SpecBenchConfig) -> dict:
     }
     path = write_results(cfg.out, "spec", records, **extra)
     if len(records) > 1:
-        plot(path.with_suffix(".png"), f"speculative vs plain decoding ({extra['target']['parameters'] / 1e6:.0f}M target, {device})",
+        plot(path.with_suffix(".png"), f"speculative vs plain decoding ({extra['target']['parameters'] / 1e6:.0f}M target, {where['device']})",
              "batch size B", "speedup (tokens/s spec / plain)",
              {"speedup": ([r["batch_size"] for r in records], [r["speedup"] for r in records])})
     print(f"wrote {path}")
