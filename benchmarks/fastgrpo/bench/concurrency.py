@@ -71,17 +71,37 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
     model = load_target(fixture)
     tok = AutoTokenizer.from_pretrained(str(fixture))
     head = DraftHead.load(build_draft(fixture), model)
-    c_peak, source = cfg.c_peak, "configured"
+    c_peak, source, points = cfg.c_peak, "configured", []
     if c_peak <= 0:
         runner = ModelRunner(model, 1, headroom=max(DEFAULT_SWEEP))
-        c_peak, source = knee(profile(runner, DEFAULT_SWEEP, budget_s=120)), "profile"
+        points = profile(runner, DEFAULT_SWEEP, budget_s=120)
+        c_peak, source = knee(points), "profile"
         del runner
+        print(f"profiled C_peak {c_peak:.1f} from {[(t, round(sec * 1e3, 3)) for t, sec in points]} (tokens, ms)", flush=True)
     policy = SpecPolicy("adaptive", ControllerConfig(c_peak=c_peak), TreeShape(cfg.width, cfg.depth, cfg.n_verify))
     batch_sizes = [1, 8, 64] if cfg.quick else [int(b) for b in cfg.batch_sizes.split(",")]
     problems = synthetic_math(seed=0).test
     prompts_all = [tok(format_prompt(p.question))["input_ids"] for p in problems]
     eos = (tok.eos_token_id,)
     records = []
+    tail_max = min(cfg.tail_max_tokens, 64) if cfg.quick else cfg.tail_max_tokens
+    extra = {**placement(model), "c_peak": c_peak, "c_peak_source": source, "profile_points": points,
+             "static_tree": [cfg.width, cfg.depth, cfg.n_verify],
+             "target": {"preset": cfg.preset, "parameters": sum(p.numel() for p in model.parameters())},
+             "sampling": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens},
+             "grpo_tail_tokens": [cfg.tail_min_tokens, tail_max]}
+
+    def save():
+        """Writes the records so far (after every measurement: a run cut short keeps what it measured)."""
+        path = write_results(cfg.out, "concurrency", records, **extra)
+        fixed = [r for r in records if r["workload"] == "fixed"]
+        if fixed:
+            plot(path.with_suffix(".png"), f"speculation modes vs batch size (C_peak {c_peak:.0f}, "
+                 f"{extra['target']['parameters'] / 1e6:.0f}M target, {extra['device']})",
+                 "batch size B", "tokens/s relative to off",
+                 {m: ([r["batch_size"] for r in fixed if r["mode"] == m], [r["speedup_vs_off"] for r in fixed if r["mode"] == m])
+                  for m in ("adaptive", "static")})
+        return path
 
     def engines_for(slots: int) -> dict[str, Engine]:
         """One engine per mode, run in lockstep (bench/lockstep.py), each warmed up alone."""
@@ -113,6 +133,7 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
             records.append(rec)
             print(f"{workload:5s} B={batch_size:4d} {mode:8s} {rec['tokens_per_s']:8.1f} tok/s  x{rec['speedup_vs_off']:.3f} vs off  "
                   f"(rounds {' '.join(f'{x:.3f}' for x in ratios)})  acceptance {rec['acceptance_length']:.2f}", flush=True)
+        save()
 
     def same_requests(prompts, n):
         sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
@@ -127,7 +148,6 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
         return lambda mode: [GenerationRequest("bench", (p,), 1, SamplingConfig(
             temperature=cfg.temperature, max_new_tokens=length, seed=seed, ignore_eos=True), mode) for p, seed, length in jobs]
 
-    tail_max = min(cfg.tail_max_tokens, 64) if cfg.quick else cfg.tail_max_tokens
     workloads = cfg.workloads.split(",")
     if "fixed" in workloads:
         for B in batch_sizes:
@@ -137,17 +157,6 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
         measure(same_requests(prompts_all[100 : 100 + Q], 8), "grpo", Q * 8)
     if "grpo-tail" in workloads:
         measure(tail_requests(prompts_all[100 : 100 + Q], 8), "grpo-tail", Q * 8)
-    extra = {**placement(model), "c_peak": c_peak, "c_peak_source": source, "static_tree": [cfg.width, cfg.depth, cfg.n_verify],
-             "target": {"preset": cfg.preset, "parameters": sum(p.numel() for p in model.parameters())},
-             "sampling": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens},
-             "grpo_tail_tokens": [cfg.tail_min_tokens, tail_max]}
-    path = write_results(cfg.out, "concurrency", records, **extra)
-    fixed = [r for r in records if r["workload"] == "fixed"]
-    if fixed:
-        plot(path.with_suffix(".png"), f"speculation modes vs batch size (C_peak {c_peak:.0f}, "
-             f"{extra['target']['parameters'] / 1e6:.0f}M target, {extra['device']})",
-             "batch size B", "tokens/s relative to off",
-             {m: ([r["batch_size"] for r in fixed if r["mode"] == m], [r["speedup_vs_off"] for r in fixed if r["mode"] == m])
-              for m in ("adaptive", "static")})
+    path = save()
     print(f"wrote {path}")
     return {"path": str(path), "records": records}

@@ -88,6 +88,14 @@ def run(cfg: SpecBenchConfig) -> dict:
     problems = synthetic_math(seed=0).test
     eos = (tok.eos_token_id,)
     records = []
+    extra = {
+        **where,
+        "target": {"preset": cfg.preset, "dir": str(fixture),
+                   "parameters": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers},
+        "draft": {"dir": str(draft_dir), "parameters": sum(p.numel() for p in head.parameters())},
+        "tree": {"width": shape.width, "depth": shape.depth, "n_verify": shape.n_verify, "verify": cfg.verify},
+        "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+    }
     for B in batch_sizes:
         n = 2 if cfg.quick else max(cfg.min_sequences, cfg.sequences_per_slot * B)
         prompts = [tok(format_prompt(p.question))["input_ids"] for p in problems[:n]]
@@ -127,15 +135,7 @@ def run(cfg: SpecBenchConfig) -> dict:
         records.append(rec)
         print(f"B={B:3d}  plain {rec['tokens_per_s_plain']:8.1f} tok/s  spec {rec['tokens_per_s_spec']:8.1f} tok/s  "
               f"speedup {rec['speedup']:.2f}x  acceptance length {rec['acceptance_length']:.2f}", flush=True)
-    extra = {
-        **where,
-        "target": {"preset": cfg.preset, "dir": str(fixture),
-                   "parameters": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers},
-        "draft": {"dir": str(draft_dir), "parameters": sum(p.numel() for p in head.parameters())},
-        "tree": {"width": shape.width, "depth": shape.depth, "n_verify": shape.n_verify, "verify": cfg.verify},
-        "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
-    }
-    path = write_results(cfg.out, "spec", records, **extra)
+        path = write_results(cfg.out, "spec", records, **extra)  # every B: a run cut short keeps what it measured
     if len(records) > 1:
         plot(path.with_suffix(".png"), f"speculative vs plain decoding ({extra['target']['parameters'] / 1e6:.0f}M target, {where['device']})",
              "batch size B", "speedup (tokens/s spec / plain)",
