@@ -22,9 +22,10 @@ STASH=${STASH:-/root/fxparts}
 export FASTGRPO_CACHE=${FASTGRPO_CACHE:-$HOME/.cache/fastgrpo}
 PY=${PYTHON:-python3}
 QUICK=${QUICK:-0}
-# estimated on an H100 (launch-bound 59M target): ~1, ~1 and ~1.5 min; the timeouts bound the call
-# at ~7.5 min even if all three run out
-T_SPEC=${T_SPEC:-100} T_GRPO=${T_GRPO:-130} T_FIXED=${T_FIXED:-180}
+# estimated on an H100 (a launch-bound 59M target, ~6 ms a plain step, ~25 ms a speculative one):
+# ~50 s, ~1 min and ~1.5 min after ~20 s of unpacking and checks; the timeouts bound the whole run
+# at under 7 min even if all three run out (results are written after every measurement)
+T_SPEC=${T_SPEC:-90} T_GRPO=${T_GRPO:-120} T_FIXED=${T_FIXED:-170}
 
 stash() {
     mkdir -p "$STASH"
