@@ -5,6 +5,7 @@ import contextlib
 import threading
 import time
 
+import pytest
 from conftest import tiny_config
 
 from fastgrpo.bench.lockstep import Lockstep
@@ -82,3 +83,14 @@ def test_lockstep_generation_runs_real_engines_one_step_at_a_time():
         assert 0 < run["seconds"] < run["wall_seconds"]
     # turns never overlap: the engines' own step times add up to no more than the paired run
     assert paired["off"]["seconds"] + paired["static"]["seconds"] <= paired["off"]["wall_seconds"]
+
+
+@pytest.mark.parametrize("suite", ["spec", "concurrency", "calibrate", "drift"])
+def test_every_suite_prints_its_help(suite, capsys):
+    """argparse %-formats help texts: a literal % in one (the concurrency bench's --threads) once
+    made --help crash."""
+    from fastgrpo.bench.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([suite, "--help"])
+    assert exit_.value.code == 0 and "--out" in capsys.readouterr().out

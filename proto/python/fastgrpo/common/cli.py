@@ -41,7 +41,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         help_text = f.metadata.get("help", "")
         if default is not None and default is not dataclasses.MISSING:
             help_text += f" (default: {default})"
-        kwargs: dict[str, Any] = {"dest": prefix.replace("-", "_") + f.name, "help": help_text, "default": default}
+        # argparse %-formats help strings: a literal % in a help text (or a default) must be doubled
+        kwargs: dict[str, Any] = {"dest": prefix.replace("-", "_") + f.name, "help": help_text.replace("%", "%%"),
+                                  "default": default}
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(tp) is typing.Literal:
