@@ -50,6 +50,10 @@ def placement(model: torch.nn.Module) -> dict:
 
 
 def commit() -> str:
+    """HEAD (with -dirty for uncommitted changes to tracked files); FASTGRPO_COMMIT where the tree
+    came without its .git (a device machine gets a copy of the working tree)."""
+    if os.environ.get("FASTGRPO_COMMIT"):
+        return os.environ["FASTGRPO_COMMIT"]
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
