@@ -311,3 +311,12 @@ def test_step_pair_covers_the_formula_cutoff_up_to_reach():
     assert policy.tree_for(17, "static", pair=True) == policy.static_tree
     assert adaptive_tree(16, policy.controller) == PAIR
     assert SpecPolicy("adaptive", ControllerConfig(c_peak=32.0)).step_pair(16) is None  # no PairGain
+
+
+def test_pair_gain_setting_auto_is_on_for_the_cpu_only():
+    from fastgrpo.rollout.online_calibration import pair_gain_enabled
+
+    assert pair_gain_enabled("auto", "cpu") and not pair_gain_enabled("auto", "cuda:0")
+    assert pair_gain_enabled("on", "cuda") and not pair_gain_enabled("off", "cpu")
+    with pytest.raises(ValueError, match="auto, on, off"):
+        pair_gain_enabled("yes", "cpu")

@@ -171,6 +171,23 @@ class PairConfig:
     reach: float = help_field(2.0, "largest B in play, as a multiple of C_peak")
 
 
+PAIR_GAIN_SETTINGS = ("auto", "on", "off")
+
+
+def pair_gain_enabled(setting: str, device: str) -> bool:
+    """--spec-pair-gain: auto is on for the CPU, off on accelerators. On an H100 the bench fixture
+    ran adaptive 3-8x slower per speculative step with pair gain on (benchmarks/results/
+    concurrency-h100-diag.txt), a slowdown not understood yet, while on the CPU it gained."""
+    if setting not in PAIR_GAIN_SETTINGS:
+        raise ValueError(f"--spec-pair-gain must be one of {', '.join(PAIR_GAIN_SETTINGS)}; got {setting!r}")
+    return setting == "on" or (setting == "auto" and torch_device_type(device) == "cpu")
+
+
+def torch_device_type(device: str) -> str:
+    """'cuda:1' -> 'cuda'."""
+    return str(device).split(":", 1)[0]
+
+
 class PairGain:
     """Whether verifying one draft token per sequence (N_verify = 2) beats plain decoding at the
     live batch size B, measured on the steps the engine runs anyway.
