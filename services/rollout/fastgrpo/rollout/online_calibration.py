@@ -198,7 +198,7 @@ class PairGain:
     still pays somewhat past the cutoff, and may not pay just below it where the draft is poor. Per
     half-octave bucket of B this keeps the seconds per sequence of plain steps and of pair steps
     and the tokens a pair step emits per sequence; where both kinds have `min_samples`, the pair is
-    chosen when tokens x plain seconds / pair seconds > margin. A bucket short of either kind tries
+    chosen when mean tokens x mean plain seconds / mean pair seconds > margin. A bucket short of either kind tries
     it every `explore_every` of its steps, and a decided bucket the other choice every
     `refresh_every` (acceptance and latency drift: the draft keeps learning). In play are the B
     where the formula says N_verify = 2 or off, up to `reach` x C_peak (SpecPolicy.step_pair).
@@ -217,8 +217,10 @@ class PairGain:
         plain, pair = self._plain.get(b, ()), self._pair.get(b, ())
         if len(plain) < self.cfg.min_samples or len(pair) < self.cfg.min_samples:
             return None
+        # means, not medians: the pair step that first catches a sequence's draft up on its whole
+        # history is the price of turning pairs on, and medians would leave it out
         tokens = statistics.fmean(t for _, t in pair)
-        return tokens * statistics.median(plain) / statistics.median(s for s, _ in pair)
+        return tokens * statistics.fmean(plain) / statistics.fmean(s for s, _ in pair)
 
     def choose(self, batch_size: int, formula_pair: bool) -> bool:
         """Whether this step verifies pairs at B (call once per step for B in play); formula_pair:
