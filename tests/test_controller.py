@@ -4,9 +4,8 @@ import math
 import pytest
 
 from fastgrpo.rollout.calibration import DEFAULT_SWEEP, knee
-from fastgrpo.rollout.controller import PAIR, ControllerConfig, SpecPolicy, adaptive_tree
-from fastgrpo.rollout.online_calibration import (OnlineCalibrator, PairConfig, PairGain, RefineConfig,
-                                                 refined_depth_shift)
+from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy, adaptive_tree
+from fastgrpo.rollout.online_calibration import OnlineCalibrator, RefineConfig, refined_depth_shift
 from fastgrpo.rollout.speculative.drafter import TreeShape
 
 DEFAULTS = ControllerConfig()  # C_peak 160, N_max 160, K_max 8, L 3..5, alpha 0.75
@@ -261,62 +260,3 @@ def test_refinement_off_keeps_alpha():
     for _ in range(200):
         cal.observe_acceptance([4], [4])
     assert (policy.alpha, cal.alpha_updates) == (0.5, 0)
-
-
-def _pair_steps(gain: PairGain, batch_size: int, formula_pair: bool, n: int, plain_s: float, pair_s: float,
-                tokens: float) -> list[bool]:
-    """n steps at B: each chooses, then observes its own kind at the given per-sequence costs."""
-    choices = []
-    for _ in range(n):
-        pair = gain.choose(batch_size, formula_pair)
-        gain.observe(batch_size, (pair_s if pair else plain_s) * batch_size, round(tokens * batch_size) if pair else None)
-        choices.append(pair)
-    return choices
-
-
-def test_pair_gain_tries_the_other_choice_then_follows_the_measurement():
-    cfg = PairConfig(explore_every=4, refresh_every=32, min_samples=3, margin=1.02)
-    # past the formula's cutoff (off) pairs pay: 1.75 tokens for 1.4x the time -> gain 1.25
-    gain = PairGain(cfg)
-    choices = _pair_steps(gain, 16, False, 12, plain_s=0.010, pair_s=0.014, tokens=1.75)
-    assert choices[:12] == [False, False, False, True] * 3  # the formula's off, a pair every 4th step
-    assert gain.gain(16) == pytest.approx(1.75 / 1.4)
-    choices = _pair_steps(gain, 17, False, 40, plain_s=0.010, pair_s=0.014, tokens=1.75)  # same bucket as 16
-    assert choices.count(True) >= 38  # decided: pairs, with a plain step about every 32 to keep measuring
-    # where pairs do not pay (1.5 tokens for 1.6x the time) the formula's pair is dropped
-    gain = PairGain(cfg)
-    choices = _pair_steps(gain, 8, True, 60, plain_s=0.010, pair_s=0.016, tokens=1.5)
-    assert choices[:12] == [True, True, True, False] * 3 and choices[12:].count(False) >= 46
-    # buckets are kept apart: B = 64 has measured nothing
-    assert gain.gain(64) is None and gain.gain(8) == pytest.approx(1.5 / 1.6)
-
-
-def test_pair_gain_margin_and_off():
-    gain = PairGain(PairConfig(min_samples=1, explore_every=1, margin=1.1))
-    gain.observe(16, 0.16, None)
-    gain.observe(16, 0.16 * 1.5, 16 * 1.6)  # gain 1.067 < 1.1
-    assert gain.gain(16) == pytest.approx(1.6 / 1.5)
-    assert gain.choose(16, formula_pair=True) is False  # measured: below the margin
-    policy = SpecPolicy("adaptive", ControllerConfig(c_peak=32.0), pairs=PairGain(PairConfig(enabled=False)))
-    assert policy.step_pair(16) is None  # disabled: the formula decides
-
-
-def test_step_pair_covers_the_formula_cutoff_up_to_reach():
-    policy = SpecPolicy("adaptive", ControllerConfig(c_peak=32.0), pairs=PairGain(PairConfig(reach=2.0)))
-    assert policy.step_pair(8) is None  # N_verify = 4: the formula's tree stands
-    assert policy.step_pair(16) is True  # N_verify = 2: the formula's pair until measured
-    assert policy.step_pair(17) is False and policy.step_pair(64) is False  # off, in play
-    assert policy.step_pair(65) is None  # past reach x C_peak
-    assert policy.tree_for(17, pair=True) == PAIR and policy.tree_for(16, pair=False) is None
-    assert policy.tree_for(17, "static", pair=True) == policy.static_tree
-    assert adaptive_tree(16, policy.controller) == PAIR
-    assert SpecPolicy("adaptive", ControllerConfig(c_peak=32.0)).step_pair(16) is None  # no PairGain
-
-
-def test_pair_gain_setting_auto_is_on_for_the_cpu_only():
-    from fastgrpo.rollout.online_calibration import pair_gain_enabled
-
-    assert pair_gain_enabled("auto", "cpu") and not pair_gain_enabled("auto", "cuda:0")
-    assert pair_gain_enabled("on", "cuda") and not pair_gain_enabled("off", "cpu")
-    with pytest.raises(ValueError, match="auto, on, off"):
-        pair_gain_enabled("yes", "cpu")

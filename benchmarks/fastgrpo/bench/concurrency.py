@@ -40,8 +40,6 @@ class ConcurrencyBenchConfig:
     tail_min_tokens: int = help_field(16, "grpo-tail workload: shortest completion")
     tail_max_tokens: int = help_field(256, "grpo-tail workload: longest completion")
     workloads: str = help_field("fixed,grpo,grpo-tail", "workloads to run")
-    pair_gain: str = help_field("auto", "adaptive: pair-or-plain by measured throughput around the formula's cutoff "
-                                        "(on, off, auto: as the server's --spec-pair-gain; learned on the engine's steps, so across rounds)")
     width: int = help_field(4, "static tree width K")
     depth: int = help_field(6, "static tree depth L")
     n_verify: int = help_field(20, "static tree N_verify")
@@ -62,7 +60,6 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
     from fastgrpo.learner.tasks import format_prompt, synthetic_math
     from fastgrpo.rollout.calibration import DEFAULT_SWEEP, knee, profile
     from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy
-    from fastgrpo.rollout.online_calibration import PairConfig, PairGain, pair_gain_enabled
     from fastgrpo.rollout.engine.engine import Engine, EngineConfig
     from fastgrpo.rollout.engine.model_runner import ModelRunner
     from fastgrpo.rollout.engine.types import GenerationRequest, SamplingConfig
@@ -81,8 +78,7 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
         c_peak, source = knee(points), "profile"
         del runner
         print(f"profiled C_peak {c_peak:.1f} from {[(t, round(sec * 1e3, 3)) for t, sec in points]} (tokens, ms)", flush=True)
-    policy = SpecPolicy("adaptive", ControllerConfig(c_peak=c_peak), TreeShape(cfg.width, cfg.depth, cfg.n_verify),
-                        pairs=PairGain(PairConfig(enabled=pair_gain_enabled(cfg.pair_gain, str(model.device)))))
+    policy = SpecPolicy("adaptive", ControllerConfig(c_peak=c_peak), TreeShape(cfg.width, cfg.depth, cfg.n_verify))
     batch_sizes = [1, 8, 64] if cfg.quick else [int(b) for b in cfg.batch_sizes.split(",")]
     problems = synthetic_math(seed=0).test
     prompts_all = [tok(format_prompt(p.question))["input_ids"] for p in problems]

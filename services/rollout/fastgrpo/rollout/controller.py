@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fastgrpo.common.cli import help_field
-from fastgrpo.rollout.online_calibration import OnlineCalibrator, PairGain
+from fastgrpo.rollout.online_calibration import OnlineCalibrator
 from fastgrpo.rollout.speculative.drafter import TreeShape
 
 SpecMode = Literal["adaptive", "static", "off"]
-PAIR = TreeShape(width=1, depth=1, n_verify=2)  # one draft token per sequence: the smallest tree
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,6 @@ class SpecPolicy:
     static_tree: TreeShape = TreeShape(width=4, depth=5, n_verify=16)
     verify: str = "rrs"
     calibrator: OnlineCalibrator | None = None  # holds the live C_peak when refined online
-    pairs: PairGain | None = None  # around the formula's cutoff, pair or plain by measured throughput
 
     @property
     def c_peak(self) -> float:
@@ -78,28 +76,12 @@ class SpecPolicy:
         calibrator explores around its estimate on some steps)."""
         return self.calibrator.step_c_peak() if self.calibrator is not None else self.controller.c_peak
 
-    def step_pair(self, batch_size: int) -> bool | None:
-        """Whether this step's adaptive trees are pairs (PAIR) rather than plain decoding, where
-        that is measured (PairGain); None where the formula's tree stands. Call once per step."""
-        pairs = self.pairs
-        if pairs is None or not pairs.cfg.enabled or batch_size > pairs.cfg.reach * self.c_peak:
-            return None
-        live = adaptive_tree(batch_size, self.controller, self.c_peak, self.alpha)
-        if live is not None and live.n_verify > 2:
-            return None
-        return pairs.choose(batch_size, live is not None)
-
-    def tree_for(self, batch_size: int, mode: SpecMode | None = None, c_peak: float | None = None,
-                 pair: bool | None = None) -> TreeShape | None:
-        """The tree of a step at B in `mode` (None: the policy's); c_peak: the step's (exploring)
-        C_peak; pair: the step's measured choice (step_pair), which overrides the formula."""
+    def tree_for(self, batch_size: int, mode: SpecMode | None = None, c_peak: float | None = None) -> TreeShape | None:
         mode = mode or self.mode
         if mode == "off":
             return None
         if mode == "static":
             return self.static_tree
-        if pair is not None:
-            return PAIR if pair else None
         alpha = self.alpha
         live = adaptive_tree(batch_size, self.controller, self.c_peak, alpha)
         if c_peak is None or live is None:

@@ -23,8 +23,7 @@ from fastgrpo.rollout.engine.types import InvalidRequest
 from fastgrpo.rollout.metrics import RolloutMetrics
 from fastgrpo.rollout.calibration import DEFAULT_SWEEP, Calibration, knee, profile
 from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy
-from fastgrpo.rollout.online_calibration import (OnlineCalibrator, PairConfig, PairGain, RefineConfig,
-                                                 pair_gain_enabled)
+from fastgrpo.rollout.online_calibration import OnlineCalibrator, RefineConfig
 from fastgrpo.rollout.draft_learning.online import OnlineConfig, OnlineDraftLearner
 from fastgrpo.rollout.speculative.decode import VERIFY_RULES
 from fastgrpo.rollout.speculative.draft import DraftHead
@@ -63,7 +62,6 @@ class ServeConfig:
     c_peak: float = help_field(160.0, "adaptive: tokens per target forward at the compute knee (160 is the paper's GPU figure; measure yours)")
     calibration: str = help_field("", "adaptive: calibration file from `fastgrpo-rollout profile`; its entry for this model, device and dtype sets C_peak (missing: profiled at start and saved)")
     c_peak_refine: bool = help_field(True, "adaptive: refine C_peak online from the latencies of the decode steps served, and alpha from how deep accepted paths reach (GetStatus shows both beside their start values)")
-    spec_pair_gain: str = help_field("auto", "adaptive: around the formula's cutoff (B from C_peak/3 to 2 C_peak) verify one draft token per sequence or none, whichever the served steps measure faster: on, off, or auto (on for the CPU; off on a GPU, where it slowed speculative steps in the one H100 run so far)")
     c_peak_explore_every: int = help_field(2, "adaptive, online refinement: every n-th step sizes its trees up to 4x above or below C_peak to see both sides of the knee (0 = never)")
     profile_budget_s: float = help_field(60.0, "adaptive: time bound of the start-up profile when the calibration file lacks this model")
     n_max: int = help_field(160, "adaptive: largest N_verify")
@@ -316,7 +314,6 @@ def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics) -> RolloutApp:
             TreeShape(cfg.spec_width, cfg.spec_depth, cfg.spec_n_verify),
             cfg.spec_verify,
             OnlineCalibrator(c_peak, c_peak_source, refine),
-            PairGain(PairConfig(enabled=pair_gain_enabled(cfg.spec_pair_gain, device))),
         )
     tokenizer = AutoTokenizer.from_pretrained(cfg.model) if (Path(cfg.model) / "tokenizer_config.json").exists() else None
     eos = runner.config.eos_token_id

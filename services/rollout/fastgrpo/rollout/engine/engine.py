@@ -302,19 +302,11 @@ class Engine:
         tokens_before = sum(len(s.generated) for s in decoding)
         accept_lengths: list[int] = []
         if decoding:
-            groups, pair = self._trees_for(decoding)
-            for tree, adaptive, group in groups:
-                started = time.perf_counter()
+            for tree, adaptive, group in self._trees_for(decoding):
                 if tree is None:
                     self._decode(group)
-                    emitted = None
                 else:
-                    emitted = self._spec_decode(group, tree, adaptive)
-                    accept_lengths += emitted
-                if pair is not None and adaptive and len(group) == len(decoding):
-                    # the measured pair-or-plain choice learns from steps of the whole batch
-                    self.policy.pairs.observe(len(group), time.perf_counter() - started,
-                                              None if emitted is None else sum(emitted))
+                    accept_lengths += self._spec_decode(group, tree, adaptive)
         self.observer.step_done(StepReport(
             seconds=time.perf_counter() - t0,
             batch_size=len(decoding),
@@ -359,31 +351,28 @@ class Engine:
             for b, s in enumerate(seqs):
                 SpecDecoder.queue_pair(s.spec, out.hidden[b, 0], s.generated[-1])
 
-    def _trees_for(self, seqs: list[Sequence]) -> tuple[list[tuple[TreeShape | None, bool, list[Sequence]]], bool | None]:
+    def _trees_for(self, seqs: list[Sequence]) -> list[tuple[TreeShape | None, bool, list[Sequence]]]:
         """Groups the decoding sequences by the tree each gets this step (None: plain decode) and
-        whether the adaptive controller sized it; and the step's measured pair choice (None where
-        the formula decides, SpecPolicy.step_pair).
+        whether the adaptive controller sized it.
 
         The live batch size B is every decoding sequence: the controller sizes trees so that the
         step's total verified tokens stay near C_peak. Requests may override the server's mode.
         """
         if self.policy is None:
             self.last_tree, self.last_batch_size = None, len(seqs)
-            return [(None, False, seqs)], None
+            return [(None, False, seqs)]
         B = len(seqs)
         self.last_batch_size = B
         c_peak = self.policy.step_c_peak()
-        adaptive = [(s.handle.request.spec_mode or self.policy.mode) == "adaptive" for s in seqs]
-        pair = self.policy.step_pair(B) if any(adaptive) else None
         trees: dict[str | None, TreeShape | None] = {}  # per request mode, computed once per step
         groups: dict[tuple[TreeShape | None, bool], list[Sequence]] = {}
-        for s, is_adaptive in zip(seqs, adaptive):
+        for s in seqs:
             mode = s.handle.request.spec_mode
             if mode not in trees:
-                trees[mode] = self.policy.tree_for(B, mode, c_peak, pair)
-            groups.setdefault((trees[mode], is_adaptive), []).append(s)
-        self.last_tree = trees[None] if None in trees else self.policy.tree_for(B, None, c_peak, pair)
-        return [(tree, is_adaptive, group) for (tree, is_adaptive), group in groups.items()], pair
+                trees[mode] = self.policy.tree_for(B, mode, c_peak)
+            groups.setdefault((trees[mode], (mode or self.policy.mode) == "adaptive"), []).append(s)
+        self.last_tree = trees[None] if None in trees else self.policy.tree_for(B, None, c_peak)
+        return [(tree, adaptive, group) for (tree, adaptive), group in groups.items()]
 
     def _spec_decode(self, seqs: list[Sequence], tree: TreeShape, adaptive: bool) -> list[int]:
         """One draft-and-verify step; returns the tokens each sequence's verify step emitted.
@@ -402,7 +391,7 @@ class Engine:
             s.cached += st.accepted + 1  # the root and the accepted draft tokens are now in the cache
             self._append(s, st.tokens, st.logprobs)
         if adaptive and self.policy.calibrator is not None and tree.n_verify > 2:
-            # (a pair's depth is set by N_verify = 2, not by alpha: it says nothing about alpha)
+            # (a two-node tree is one level deep whatever alpha says: it tells nothing about alpha)
             self.policy.calibrator.observe_acceptance([st.depth for st in steps], [st.accepted for st in steps])
         return [st.accepted + 1 for st in steps]
 
