@@ -129,7 +129,7 @@ def decoder_layer(
         keys, values = cache.read(cache_layer, slots, key_len)  # (B, Hkv, T, D)
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1]
-    )  # (B, Hq, Q, D)
+    )  # (B, Hq, Qa, D)
     h = h + attn.o_proj(out.transpose(1, 2).reshape(B, Qa, -1))  # (B, Qa, H)
     return h + layer.mlp(layer.post_attention_layernorm(h))  # (B, Qa, H)
 

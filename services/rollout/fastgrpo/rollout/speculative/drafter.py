@@ -90,7 +90,7 @@ class Drafter:
 
     def _layer(self, batch: ForwardBatch, x: torch.Tensor, query_at: torch.Tensor | None = None) -> torch.Tensor:
         """The head's decoder layer over fused inputs x (B, Q, H) -> predicted features (B, Q, H);
-        with query_at (B,) only that input's of each row (B, 1, H) (decoder_layer)."""
+        with query_at (B,), only the feature after input query_at[b] of each row: (B, 1, H)."""
         Q = batch.tokens.shape[1]
         key_len = int(batch.starts.max()) + Q
         cos, sin = self.head.rotary(x, batch.positions)  # (B, Q, D)
