@@ -49,7 +49,7 @@ HALF_OCTAVES = (2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256, 362, 5
 
 
 def test_knee_by_hand():
-    from fastgrpo.rollout.calibration import elasticity, knee
+    from fastgrpo.rollout.calibration import elasticity, knee, knee_past_sweep
 
     # a GPU-like roofline, flat at 10 ms, then 0.5 ms per token: the knee is 10 / 0.5 = 20 tokens,
     # and a window centred there is half flat, half proportional: slope 1/2
@@ -68,6 +68,10 @@ def test_knee_by_hand():
     # never leaves the flat level: the largest centre the sweep can read; proportional: the smallest
     assert knee([(t, 0.01) for t in HALF_OCTAVES[:13]]) == pytest.approx(128 / 2**2.5, rel=0.01)
     assert knee([(t, 0.001 * t) for t in HALF_OCTAVES[4:]]) == pytest.approx(8 * 2**2.5, rel=0.01)
+    # ... and only the first of them says that C_peak lies past the sweep
+    flat = [(t, 0.01) for t in HALF_OCTAVES[:13]]
+    assert knee_past_sweep(flat, knee(flat))
+    assert not knee_past_sweep(roof, knee(roof)) and not knee_past_sweep(cpu, knee(cpu))
     with pytest.raises(ValueError):
         knee([(1, 0.01), (2, 0.01), (3, 0.01)])  # one-token forwards never count: 2 points left
 

@@ -58,7 +58,7 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
     from fastgrpo.fixture import build_fixture
     from fastgrpo.fixture.draft import build_draft
     from fastgrpo.learner.tasks import format_prompt, synthetic_math
-    from fastgrpo.rollout.calibration import DEFAULT_SWEEP, knee, profile
+    from fastgrpo.rollout.calibration import DEFAULT_SWEEP, knee, knee_past_sweep, profile
     from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy
     from fastgrpo.rollout.engine.engine import Engine, EngineConfig
     from fastgrpo.rollout.engine.model_runner import ModelRunner
@@ -77,7 +77,9 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
         points = profile(runner, DEFAULT_SWEEP, budget_s=120)
         c_peak, source = knee(points), "profile"
         del runner
-        print(f"profiled C_peak {c_peak:.1f} from {[(t, round(sec * 1e3, 3)) for t, sec in points]} (tokens, ms)", flush=True)
+        print(f"profiled C_peak {c_peak:.1f} from {[(t, round(sec * 1e3, 3)) for t, sec in points]} (tokens, ms)"
+              + (" -- latency never bent within the sweep: C_peak is at least that" if knee_past_sweep(points, c_peak) else ""),
+              flush=True)
     policy = SpecPolicy("adaptive", ControllerConfig(c_peak=c_peak), TreeShape(cfg.width, cfg.depth, cfg.n_verify))
     batch_sizes = [1, 8, 64] if cfg.quick else [int(b) for b in cfg.batch_sizes.split(",")]
     problems = synthetic_math(seed=0).test
@@ -86,6 +88,7 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
     records = []
     tail_max = min(cfg.tail_max_tokens, 64) if cfg.quick else cfg.tail_max_tokens
     extra = {**placement(model), "c_peak": c_peak, "c_peak_source": source, "profile_points": points,
+             "c_peak_past_sweep": bool(points) and knee_past_sweep(points, c_peak),
              "static_tree": [cfg.width, cfg.depth, cfg.n_verify],
              "target": {"preset": cfg.preset, "parameters": sum(p.numel() for p in model.parameters())},
              "sampling": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens},

@@ -126,6 +126,13 @@ def knee(points: list[tuple[int, float]], span: float = SPAN, grid: int = 64) ->
     return 2.0 ** prev[0]
 
 
+def knee_past_sweep(points: list[tuple[int, float]], c_peak: float, span: float = SPAN) -> bool:
+    """Whether `knee` answered with the last centre the sweep can read: latency never bent inside
+    it, so the true C_peak is at least that (a small model on a GPU: sweep further)."""
+    top = math.log2(max(t for t, _ in fit_points(points))) - span
+    return math.log2(c_peak) >= top - 1e-9
+
+
 def one_sequence_batch(runner: ModelRunner, tokens: int, context: int) -> ForwardBatch:
     """One sequence (slot 0) verifying `tokens` random tokens after `context` cached ones."""
     dev = runner.device

@@ -71,7 +71,7 @@ def train_draft(model_dir: str, prompts_path: str, out: str, a: OfflineArgs) -> 
 def run_profile(args) -> int:
     import torch
 
-    from fastgrpo.rollout.calibration import DEFAULT_SWEEP, Calibration, knee, profile
+    from fastgrpo.rollout.calibration import DEFAULT_SWEEP, Calibration, knee, knee_past_sweep, profile
     from fastgrpo.rollout.engine.model_runner import ModelRunner
     from fastgrpo.rollout.server import resolve_device_dtype
     from fastgrpo.wire.tensors import dtype_name
@@ -85,6 +85,9 @@ def run_profile(args) -> int:
     for t, sec in points:
         print(f"{t:5d} tokens  {sec * 1e3:9.2f} ms")
     print(f"C_peak = {cal.c_peak:.1f} tokens per forward ({cal.device}, {cal.dtype}) -> {args.out}", flush=True)
+    if knee_past_sweep(points, cal.c_peak):
+        print(f"latency never bent within {max(sweep)} tokens: C_peak is at least {cal.c_peak:.0f}; "
+              f"profile again with a larger --max-tokens (and --budget-s) to find it", flush=True)
     return 0
 
 

@@ -21,7 +21,7 @@ from fastgrpo.rollout.engine.engine import Engine, EngineConfig
 from fastgrpo.rollout.engine.model_runner import ModelRunner
 from fastgrpo.rollout.engine.types import InvalidRequest
 from fastgrpo.rollout.metrics import RolloutMetrics
-from fastgrpo.rollout.calibration import DEFAULT_SWEEP, Calibration, knee, profile
+from fastgrpo.rollout.calibration import DEFAULT_SWEEP, Calibration, knee, knee_past_sweep, profile
 from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy
 from fastgrpo.rollout.online_calibration import OnlineCalibrator, RefineConfig
 from fastgrpo.rollout.draft_learning.online import OnlineConfig, OnlineDraftLearner
@@ -271,6 +271,10 @@ def calibrated_c_peak(cfg: ServeConfig, runner: ModelRunner, device: str, dtype:
         points = profile(runner, DEFAULT_SWEEP, budget_s=cfg.profile_budget_s)
         cal = Calibration(knee(points), *key, points)
         cal.save(cfg.calibration)
+        if knee_past_sweep(points, cal.c_peak):
+            log.warning("latency never bent within %d tokens: C_peak %.0f is a lower bound (the online refinement "
+                        "raises it; `fastgrpo-rollout profile --max-tokens` measures further)", max(t for t, _ in points),
+                        cal.c_peak)
     return cal.c_peak, "profile"
 
 
