@@ -106,8 +106,7 @@ def knee(points: list[tuple[int, float]], span: float = SPAN, grid: int = 64) ->
     pts = fit_points(points)
     if len(pts) < 3:
         raise ValueError("need at least 3 forwards of 2 or more tokens")
-    lo = math.log2(min(t for t, _ in pts)) + span
-    hi = math.log2(max(t for t, _ in pts)) - span
+    lo, hi = _readable_centres(pts, span)
     if hi < lo:  # a short sweep: read the middle with whatever window it allows
         lo = hi = (lo + hi) / 2
     prev = None
@@ -126,10 +125,15 @@ def knee(points: list[tuple[int, float]], span: float = SPAN, grid: int = 64) ->
     return 2.0 ** prev[0]
 
 
+def _readable_centres(pts: list[tuple[int, float]], span: float) -> tuple[float, float]:
+    """log2 of the first and last window centres whose +-span octaves lie inside the sweep."""
+    return math.log2(min(t for t, _ in pts)) + span, math.log2(max(t for t, _ in pts)) - span
+
+
 def knee_past_sweep(points: list[tuple[int, float]], c_peak: float, span: float = SPAN) -> bool:
     """Whether `knee` answered with the last centre the sweep can read: latency never bent inside
     it, so the true C_peak is at least that (a small model on a GPU: sweep further)."""
-    top = math.log2(max(t for t, _ in fit_points(points))) - span
+    _, top = _readable_centres(fit_points(points), span)
     return math.log2(c_peak) >= top - 1e-9
 
 
