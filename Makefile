@@ -1,10 +1,11 @@
 # Two set-up commands: `make demo` and `make test`. Both bootstrap .venv first.
+# `make test-unit` is the inner loop: the unit tier alone, in well under a minute.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.bootstrap-stamp
 
-.PHONY: demo test venv proto clean
+.PHONY: demo test test-unit test-deps venv proto clean
 
 venv: $(STAMP)
 
@@ -20,8 +21,16 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 demo: venv
 	$(BIN)/fastgrpo-learner demo
 
-test: venv
+# every tier: unit, service, system (tests/conftest.py says which is which)
+test: venv test-deps
 	$(BIN)/python -m pytest -q
+
+test-unit: venv
+	$(BIN)/python -m pytest -q --tier unit
+
+# what the system tests need from Debian (Prometheus, promtool, docker-compose)
+test-deps:
+	scripts/install-test-deps
 
 # Regenerates the Python stubs from proto/ (tests check that the committed ones are current).
 proto: venv

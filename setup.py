@@ -1,7 +1,9 @@
-"""Maps the one import root `fastgrpo` onto the folders that hold its parts (PEP 420 namespace)."""
+"""Maps the one import root `fastgrpo` onto the folders that hold its parts (PEP 420 namespace):
+the wire format (proto/python), helpers both services share (common/python), the two services,
+the client, the fixture builder (which needs both services) and the benchmarks."""
 from setuptools import find_namespace_packages, setup
 
-ROOTS = ["proto/python", "services/rollout", "services/learner", "clients/python", "benchmarks"]
+ROOTS = ["proto/python", "common/python", "services/rollout", "services/learner", "clients/python", "fixture", "benchmarks"]
 
 packages, package_dir = [], {}
 for root in ROOTS:

@@ -10,8 +10,10 @@ COPY constraints.txt ./
 RUN pip install -c constraints.txt torch
 COPY pyproject.toml setup.py README.md ./
 COPY proto/python proto/python
+COPY common/python common/python
 COPY services services
 COPY clients/python clients/python
+COPY fixture fixture
 COPY benchmarks/fastgrpo benchmarks/fastgrpo
 RUN pip install -c constraints.txt .
 COPY docker/learner-entrypoint.sh /usr/local/bin/fastgrpo-learner-entrypoint

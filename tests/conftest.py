@@ -1,12 +1,24 @@
-"""Shared test fixtures: real HF checkpoints and real rollout services on 127.0.0.1."""
+"""Shared test fixtures (real HF checkpoints, real rollout services on 127.0.0.1) and the test tiers.
+
+Every test has a tier, its closest `pytest.mark.unit / service / system` (a module's `pytestmark`, or
+the test's own mark where it differs):
+  unit     seconds each; pure functions, and engines in this process on tiny random models; no
+           subprocess, no trained fixture, no gRPC server (`make test-unit`, the inner loop);
+  service  real rollout services over real gRPC on 127.0.0.1 (in this process or their own), and
+           whatever needs the trained fixture policy;
+  system   a real Prometheus, compose validation, fixture builds, the example and CLI smoke runs.
+`make test` runs all three, `pytest --tier unit` (make test-unit) one of them. A test without a
+tier, or a unit test that asks for a service, the trained fixture or a subprocess, is an error.
+"""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from fastgrpo.rollout.process import ServiceProcess
+from fastgrpo.client.local import ServiceProcess
 
 REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(2)
@@ -61,13 +73,20 @@ def tiny_tied_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def start_service():
-    """Factory: start_service(model_dir, **ServeConfig overrides) -> RolloutApp serving in this process."""
-    from fastgrpo.rollout.server import ServeConfig, build_app
+    """Factory: start_service(model_dir, port=0, interceptors=(), **flags) -> RolloutApp serving in
+    this process. flags are `fastgrpo-rollout serve` flags by name, parsed by its own parser:
+    max_running=4 -> --max-running 4, draft_learning=False -> --no-draft-learning."""
+    from fastgrpo.rollout.service.app import build_app
+    from fastgrpo.rollout.service.cli import serve_config
 
     apps = []
 
-    def start(model_dir, **overrides):
-        app = build_app(ServeConfig(model=str(model_dir), host="127.0.0.1", port=overrides.pop("port", 0), **overrides))
+    def start(model_dir, port: int = 0, interceptors=(), **flags):
+        argv = ["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+        for name, value in flags.items():
+            flag = name.replace("_", "-")
+            argv += [f"--{flag}"] if value is True else [f"--no-{flag}"] if value is False else [f"--{flag}", str(value)]
+        app = build_app(serve_config(argv), interceptors)
         apps.append(app)
         return app
 
@@ -88,3 +107,43 @@ def service_process():
     yield start
     for p in procs:
         p.stop()
+
+
+TIERS = ("unit", "service", "system")
+NOT_FOR_UNIT = {"fixture_dir", "draft_dir", "start_service", "service_process"}  # services, the trained fixture
+
+
+def tier_of(item: pytest.Item) -> str | None:
+    marker = next((m for m in item.iter_markers() if m.name in TIERS), None)  # the closest one
+    return marker.name if marker else None
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tier", action="append", choices=TIERS, default=[],
+                     help="run only the tests of this tier (repeatable; default: every tier)")
+
+
+def pytest_collection_modifyitems(config, items):
+    chosen = set(config.getoption("--tier")) or set(TIERS)
+    keep, drop = [], []
+    for item in items:
+        tier = tier_of(item)
+        if tier is None:
+            raise pytest.UsageError(f"{item.nodeid} has no tier: mark it unit, service or system (tests/conftest.py)")
+        wanted = NOT_FOR_UNIT & set(getattr(item, "fixturenames", ()))
+        if tier == "unit" and wanted:
+            raise pytest.UsageError(f"{item.nodeid} is a unit test but uses {sorted(wanted)}: mark it service")
+        (keep if tier in chosen else drop).append(item)
+    if drop:  # (-m unit would also pick a service test in a unit module: a test's closest tier counts)
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request, monkeypatch):
+    """A unit test that starts a subprocess fails: that test belongs to another tier."""
+    if tier_of(request.node) == "unit":
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"unit test {request.node.nodeid} started a subprocess: mark it service or system")
+
+        monkeypatch.setattr(subprocess, "Popen", refuse)

@@ -24,6 +24,8 @@ from fastgrpo.learner.algo import (
     token_logprobs,
 )
 
+pytestmark = pytest.mark.unit
+
 F64 = torch.float64
 TOL = 1e-12  # float64 implementation vs float64 reference
 

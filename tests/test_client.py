@@ -1,12 +1,22 @@
-"""The blocking RolloutClient against real rollout services on 127.0.0.1 (tiny random Qwen2, CPU).
+"""Both faces of the rollout client against real rollout services on 127.0.0.1 (tiny random Qwen2, CPU).
+
+Every test runs once per face (the `face` fixture): the blocking RolloutClient ("sync"), and the
+asyncio AsyncRolloutClient ("async") driven through BlockingAsyncClient, an adapter that runs it on
+an event loop in a background thread and gives it RolloutClient's blocking surface, so that one
+test body checks both.
 
 Covers: streamed and gathered Generate (indices, shapes, logprobs equal to a local forward, seeded
-determinism), every kind of weight push verified against a WeightMirror, a tampered mirror raising
-ChecksumMismatch, status, error mapping, deadlines, retry across a restart, bearer auth, wait_ready.
-The asyncio client runs the same checks in test_client_async.py.
+determinism), leaving a stream early, status, every kind of weight push verified against a
+WeightMirror, a tampered mirror raising ChecksumMismatch, two replicas pushed alike and a failing one
+leaving the mirror unmoved, error mapping, a deadline that expires while the engine is held (its
+sequences are dropped, not decoded), gRPC's retry policy against injected UNAVAILABLE faults
+(GetStatus and Generate retried, UpdateWeights never), wait_for_ready riding out a restart, bearer
+auth, wait_ready. What only asyncio adds is in test_client_async.py.
 """
 from __future__ import annotations
 
+import asyncio
+import collections
 import math
 import socket
 import threading
@@ -19,6 +29,7 @@ from transformers import AutoModelForCausalLM
 
 from fastgrpo.client import (
     NO_RETRY,
+    AsyncRolloutClient,
     ChecksumMismatch,
     RetryPolicy,
     RolloutClient,
@@ -27,9 +38,12 @@ from fastgrpo.client import (
     WeightMirror,
 )
 
+pytestmark = pytest.mark.service
+
 PROMPTS = [[5, 17, 33], [8, 2], [40, 41, 42, 43]]
 SAMPLING = Sampling(temperature=1.0, max_new_tokens=6, seed=1234, ignore_eos=True)
 LORA_TARGETS = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.05)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -88,11 +102,159 @@ def wait_idle(client, seconds: float = 10.0) -> None:
     raise AssertionError(f"service still busy after {seconds}s: {s}")
 
 
+def finished_sequences(app) -> dict[str, float]:
+    """The service's count of finished sequences by finish reason (its Prometheus counter)."""
+    registry = app.servicer.metrics.registry
+    return {reason: registry.get_sample_value("fastgrpo_rollout_finished_sequences_total", {"reason": reason})
+            for reason in ("stop", "length", "abort")}
+
+
+# ------------------------------------------------------------------------------------------ the two faces
+class BlockingAsyncClient:
+    """AsyncRolloutClient behind RolloutClient's blocking surface (same constructor and methods).
+
+    The client lives on an asyncio event loop of its own, run by a background thread; it is created
+    on that loop (grpc.aio channels belong to the loop they were made on), and every call submits its
+    coroutine there and waits for the result, which re-raises the client's own exceptions here.
+    """
+
+    def __init__(self, address, **kwargs):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="async-face-loop", daemon=True)
+        self._thread.start()
+
+        async def create() -> AsyncRolloutClient:
+            return AsyncRolloutClient(address, **kwargs)
+
+        try:
+            self._client = self._run(create())
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.replicas = self._client.replicas
+
+    def _run(self, awaitable):
+        async def wait():
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(wait(), self._loop).result()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            self._run(self._client.close())
+            self._run(self._loop.shutdown_asyncgens())
+        finally:
+            self._stop_loop()
+
+    def __enter__(self) -> "BlockingAsyncClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def status(self, **kwargs):
+        return self._run(self._client.status(**kwargs))
+
+    def train_draft(self, **kwargs):
+        return self._run(self._client.train_draft(**kwargs))
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        return self._run(self._client.wait_ready(timeout))
+
+    def generate(self, *args, **kwargs) -> "AsyncStream":
+        return AsyncStream(self._run, self._client.generate(*args, **kwargs))
+
+    def generate_batch(self, *args, **kwargs):
+        return self._run(self._client.generate_batch(*args, **kwargs))
+
+    def push_weights(self, *args, **kwargs):
+        return self._run(self._client.push_weights(*args, **kwargs))
+
+
+class AsyncStream:
+    """An async generator of completions as a blocking iterator: each item is pulled through the
+    loop; close() closes the generator there (aclose), which cancels the call."""
+
+    def __init__(self, run, agen):
+        self._run = run
+        self._agen = agen
+
+    def __iter__(self) -> "AsyncStream":
+        return self
+
+    def __next__(self):
+        try:
+            return self._run(self._agen.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        self._run(self._agen.aclose())
+
+
+@pytest.fixture(params=["sync", "async"])
+def face(request):
+    """The client under test, as a class: face(address, **RolloutClient's keyword arguments)."""
+    return {"sync": RolloutClient, "async": BlockingAsyncClient}[request.param]
+
+
+# ------------------------------------------------------------------------------------------ fault injection
+class FaultInjector(grpc.ServerInterceptor):
+    """Aborts the next calls of a method with UNAVAILABLE (what a restarting or overloaded server
+    answers), and counts every call of each method it sees, aborted or not. Methods by short name:
+    "GetStatus", "Generate", "UpdateWeights", "Watch", ..."""
+
+    HANDLERS = {  # (request_streaming, response_streaming) -> the handler factory of that kind
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+
+    def __init__(self):
+        self.calls: collections.Counter[str] = collections.Counter()
+        self._failures: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def fail(self, method: str, times: int) -> None:
+        """The next `times` calls of `method` are aborted with UNAVAILABLE."""
+        with self._lock:
+            self._failures[method] = times
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        with self._lock:
+            self.calls[method] += 1
+            inject = self._failures[method] > 0
+            if inject:
+                self._failures[method] -= 1
+        handler = continuation(handler_call_details)
+        if not inject or handler is None:
+            return handler
+
+        def abort(request_or_iterator, context):
+            if handler.request_streaming:  # read to the end first, as the service does (servicer.py)
+                for _ in request_or_iterator:
+                    pass
+            context.abort(grpc.StatusCode.UNAVAILABLE, "injected")
+
+        make = self.HANDLERS[(handler.request_streaming, handler.response_streaming)]
+        return make(abort, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
 # ------------------------------------------------------------------------------------------ generate
-def test_generate_streamed_and_gathered(tiny_dir, start_service):
+def test_generate_streamed_and_gathered(tiny_dir, start_service, face):
     app = start_service(tiny_dir)
     model = local_model(tiny_dir)
-    with RolloutClient(addr(app), timeout=30) as client:
+    with face(addr(app), timeout=30) as client:
         vocab = client.status().model.vocab_size
         streamed = list(client.generate(PROMPTS, num_samples=4, sampling=SAMPLING, request_id="r1"))
         batch = client.generate_batch(PROMPTS, num_samples=4, sampling=SAMPLING)
@@ -120,10 +282,10 @@ def test_generate_streamed_and_gathered(tiny_dir, start_service):
     assert [c.token_ids for c in other_seed.flat()] != [c.token_ids for c in batch.flat()]
 
 
-def test_leaving_a_stream_early_cancels_it(tiny_dir, start_service):
+def test_leaving_a_stream_early_cancels_it(tiny_dir, start_service, face):
     # one slot: the 40 sequences decode one after another, ~40x as long as the first takes
     app = start_service(tiny_dir, max_running=1)
-    with RolloutClient(addr(app)) as client:
+    with face(addr(app)) as client:
         stream = client.generate([[i] for i in range(40)], 1, Sampling(max_new_tokens=200, ignore_eos=True))
         first = next(stream)
         stream.close()
@@ -131,17 +293,17 @@ def test_leaving_a_stream_early_cancels_it(tiny_dir, start_service):
     assert len(first.token_ids) == 200
 
 
-def test_prompts_must_be_a_list(tiny_dir, start_service):
+def test_prompts_must_be_a_list(tiny_dir, start_service, face):
     app = start_service(tiny_dir)
-    with RolloutClient(addr(app)) as client, pytest.raises(TypeError, match="list of prompts"):
+    with face(addr(app)) as client, pytest.raises(TypeError, match="list of prompts"):
         client.generate_batch("one string")
 
 
 # ------------------------------------------------------------------------------------------ status
-def test_status_describes_the_served_model(tiny_dir, start_service):
+def test_status_describes_the_served_model(tiny_dir, start_service, face):
     app = start_service(tiny_dir)
     model = local_model(tiny_dir)
-    with RolloutClient(addr(app)) as client:
+    with face(addr(app)) as client:
         s = client.status()
     assert (s.policy_version, s.running_sequences, s.queued_sequences) == (0, 0, 0)
     assert s.policy_checksum == WeightMirror.of(model).checksum
@@ -153,10 +315,10 @@ def test_status_describes_the_served_model(tiny_dir, start_service):
 
 
 # ------------------------------------------------------------------------------------------ weights
-def test_push_full_with_and_without_mirror(tiny_dir, start_service):
+def test_push_full_with_and_without_mirror(tiny_dir, start_service, face):
     app = start_service(tiny_dir)
     model = local_model(tiny_dir)
-    with RolloutClient(addr(app)) as client:
+    with face(addr(app)) as client:
         status = client.status()
         mirror = WeightMirror.of(model, status.model.dtype, version=status.policy_version)
         assert mirror.checksum == status.policy_checksum
@@ -178,10 +340,10 @@ def test_push_full_with_and_without_mirror(tiny_dir, start_service):
                                atol=1e-4, rtol=0)
 
 
-def test_push_dense_delta_with_mirror(tiny_dir, start_service):
+def test_push_dense_delta_with_mirror(tiny_dir, start_service, face):
     app = start_service(tiny_dir)
     model = local_model(tiny_dir)
-    with RolloutClient(addr(app)) as client:
+    with face(addr(app)) as client:
         mirror = WeightMirror.of(model, client.status().model.dtype)
         for step in (1, 2):
             delta = mirror.dense_delta(perturbed(model, seed=step))
@@ -196,28 +358,29 @@ def test_push_dense_delta_with_mirror(tiny_dir, start_service):
         torch.testing.assert_close(mirror.state[name], t, atol=1e-6, rtol=0)
 
 
-def test_push_lora_delta_with_mirror(tiny_dir, start_service):
+def test_push_lora_delta_with_mirror(tiny_dir, start_service, face):
     app = start_service(tiny_dir)
     model = local_model(tiny_dir)
-    with RolloutClient(addr(app)) as client:
+    with face(addr(app)) as client:
         mirror = WeightMirror.of(model, client.status().model.dtype)
-        before = {n: mirror.state[n].clone() for n in LORA_TARGETS}
-        factors = lora_factors(model)
-        [r] = client.push_weights(factors, "lora_delta", lora_scale=0.5, mirror=mirror)
-        assert r.version == mirror.version == 1
-        assert r.checksum == mirror.checksum == client.status().policy_checksum
-    for name in LORA_TARGETS:
-        expected = before[name] + 0.5 * factors[f"{name}.lora_B"] @ factors[f"{name}.lora_A"]
-        torch.testing.assert_close(mirror.state[name], expected, atol=1e-6, rtol=0)
+        for version, (seed, scale) in enumerate([(0, 0.5), (1, 2.0)], start=1):
+            before = {n: mirror.state[n].clone() for n in LORA_TARGETS}
+            factors = lora_factors(model, seed=seed)
+            [r] = client.push_weights(factors, "lora_delta", lora_scale=scale, mirror=mirror)
+            assert r.version == mirror.version == version
+            assert r.checksum == mirror.checksum == client.status().policy_checksum
+            for name in LORA_TARGETS:
+                expected = before[name] + scale * factors[f"{name}.lora_B"] @ factors[f"{name}.lora_A"]
+                torch.testing.assert_close(mirror.state[name], expected, atol=1e-6, rtol=0)
 
 
-def test_push_to_the_draft_bases_on_the_draft_version(tiny_dir, start_service, tmp_path):
-    from fastgrpo.rollout.speculative.draft import DraftHead
+def test_push_to_the_draft_bases_on_the_draft_version(tiny_dir, start_service, tmp_path, face):
+    from fastgrpo.rollout.speculative.draft_head import DraftHead
 
     head = DraftHead.for_target(local_model(tiny_dir))
     head.save(tmp_path / "draft")
     app = start_service(tiny_dir, draft=str(tmp_path / "draft"), draft_learning=False)
-    with RolloutClient(addr(app)) as client:
+    with face(addr(app)) as client:
         for version in (1, 2):  # the second push must base on draft version 1, not policy version 0
             [r] = client.push_weights(perturbed(head, seed=version), "full", target="draft")
             assert r.version == version and r.checksum == WeightMirror.of(head).checksum
@@ -225,10 +388,10 @@ def test_push_to_the_draft_bases_on_the_draft_version(tiny_dir, start_service, t
     assert (s.policy_version, s.draft_version) == (0, 2)
 
 
-def test_tampered_mirror_raises_checksum_mismatch(tiny_dir, start_service):
+def test_tampered_mirror_raises_checksum_mismatch(tiny_dir, start_service, face):
     app = start_service(tiny_dir)
     model = local_model(tiny_dir)
-    with RolloutClient(addr(app)) as client:
+    with face(addr(app)) as client:
         mirror = WeightMirror.of(model)
         mirror.state["model.norm.weight"] += 1.0  # the mirror no longer matches what is served
         delta = mirror.dense_delta(perturbed(model, seed=3))
@@ -240,10 +403,10 @@ def test_tampered_mirror_raises_checksum_mismatch(tiny_dir, start_service):
     assert served.policy_version == 1 and mirror.version == 0  # the server applied it; the mirror did not move
 
 
-def test_push_errors_map_to_status_codes(tiny_dir, start_service):
+def test_push_errors_map_to_status_codes(tiny_dir, start_service, face):
     app = start_service(tiny_dir)
     model = local_model(tiny_dir)
-    with RolloutClient(addr(app)) as client:
+    with face(addr(app)) as client:
         with pytest.raises(RolloutError) as info:
             client.push_weights({"no.such.weight": torch.zeros(3)}, "full", verify=False)
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "no.such.weight" in info.value.details
@@ -253,6 +416,36 @@ def test_push_errors_map_to_status_codes(tiny_dir, start_service):
         assert client.status().policy_version == 0  # nothing changed
 
 
+def test_two_replicas_are_pushed_alike(tiny_dir, start_service, face):
+    apps = [start_service(tiny_dir), start_service(tiny_dir)]
+    model = local_model(tiny_dir)
+    with face([addr(a) for a in apps]) as client:
+        mirror = WeightMirror.of(model)
+        results = client.push_weights(mirror.dense_delta(perturbed(model, seed=4)), "dense_delta", mirror=mirror)
+        assert [r.address for r in results] == [addr(a) for a in apps]
+        checksums = [client.status(replica=i).policy_checksum for i in (0, 1)]
+        assert [r.checksum for r in results] == checksums == [mirror.checksum] * 2
+        # Generate goes round-robin: two calls reach both replicas, and both serve version 1
+        versions = {c.policy_version for _ in range(2) for c in client.generate_batch(PROMPTS, 1, SAMPLING).flat()}
+        assert versions == {1}
+
+
+def test_a_failing_replica_leaves_the_mirror_unmoved(tiny_dir, start_service, face):
+    good, stale = start_service(tiny_dir), start_service(tiny_dir)
+    model = local_model(tiny_dir)
+    with face(addr(stale)) as client:  # `stale` is one version ahead of the mirror
+        client.push_weights(model, "full")
+    with face([addr(good), addr(stale)]) as client:
+        mirror = WeightMirror.of(model)
+        before = mirror.checksum
+        with pytest.raises(RolloutError) as info:
+            client.push_weights(mirror.dense_delta(perturbed(model, seed=5)), "dense_delta", mirror=mirror)
+        good_version = client.status(replica=0).policy_version
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION and "base_version" in info.value.details
+    assert good_version == 1  # the replica that accepted the update has moved on ...
+    assert (mirror.version, mirror.checksum) == (0, before)  # ... but the mirror has not
+
+
 # ------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize(
     "prompts, sampling, field",
@@ -260,78 +453,157 @@ def test_push_errors_map_to_status_codes(tiny_dir, start_service):
         ([[5, 1000]], SAMPLING, "prompts[0].token_ids"),
         ([[5]], Sampling(top_p=1.5), "sampling.top_p"),
         ([[5]], Sampling(max_new_tokens=0), "sampling.max_new_tokens"),
+        ([[5]], Sampling(temperature=-1.0), "sampling.temperature"),
+        ([[5]], Sampling(top_k=-3), "sampling.top_k"),
         (["text prompt"], SAMPLING, "prompts.text"),  # the tiny model has no tokenizer
     ],
 )
-def test_invalid_request_names_the_field(tiny_dir, start_service, prompts, sampling, field):
+def test_invalid_request_names_the_field(tiny_dir, start_service, face, prompts, sampling, field):
     app = start_service(tiny_dir)
-    with RolloutClient(addr(app)) as client, pytest.raises(RolloutError) as info:
+    with face(addr(app)) as client, pytest.raises(RolloutError) as info:
         client.generate_batch(prompts, 1, sampling)
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert field in info.value.details and info.value.method == "Generate"
 
 
-def test_deadline_exceeded_frees_the_service(tiny_dir, start_service):
+def test_deadline_exceeded_frees_the_service(tiny_dir, start_service, face):
     app = start_service(tiny_dir)
-    with RolloutClient(addr(app)) as client:
+    held, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:  # on the engine thread, between two steps: nothing decodes until the gate opens
+        held.set()
+        gate.wait()
+
+    holder = threading.Thread(target=app.engine.run_exclusive, args=(hold,), daemon=True)
+    holder.start()
+    try:
+        assert held.wait(timeout=30), "the engine never ran the held function"
+        with face(addr(app)) as client:
+            with pytest.raises(RolloutError) as info:
+                client.generate_batch(PROMPTS, 8, Sampling(max_new_tokens=240, ignore_eos=True), timeout=0.5)
+            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert client.status().queued_sequences == 3 * 8  # the expired call's sequences still wait
+            gate.set()
+            holder.join(timeout=30)
+            assert not holder.is_alive()
+            wait_idle(client)
+        # the expired call's sequences were dropped, not decoded (each would need 240 steps to finish)
+        assert finished_sequences(app) == {"stop": 0, "length": 0, "abort": 3 * 8}
+    finally:
+        gate.set()
+
+
+# ------------------------------------------------------------------------------------------ retries
+def test_status_is_retried_on_unavailable(tiny_dir, start_service, face):
+    injector = FaultInjector()
+    app = start_service(tiny_dir, interceptors=[injector])
+    with face(addr(app), retry=FAST_RETRY) as client:
+        injector.fail("GetStatus", 2)
+        assert client.status().policy_version == 0
+        assert injector.calls["GetStatus"] == 3  # two injected failures, then the answer
+
+        injector.calls.clear()
+        injector.fail("GetStatus", 3)  # as many failures as the policy's attempts
         with pytest.raises(RolloutError) as info:
-            client.generate_batch(PROMPTS, 8, Sampling(max_new_tokens=240, ignore_eos=True), timeout=0.05)
-        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        wait_idle(client)  # the expired call's sequences were dropped, not left decoding
+            client.status()
+        assert (info.value.code, info.value.details) == (grpc.StatusCode.UNAVAILABLE, "injected")
+        assert injector.calls["GetStatus"] == 3
+
+    injector.calls.clear()
+    with face(addr(app), retry=NO_RETRY) as client:
+        injector.fail("GetStatus", 2)
+        with pytest.raises(RolloutError) as info:
+            client.status()
+        assert (info.value.code, info.value.details) == (grpc.StatusCode.UNAVAILABLE, "injected")
+        assert injector.calls["GetStatus"] == 1
 
 
-def test_retry_succeeds_once_the_service_is_back(tiny_dir, start_service):
+def test_generate_is_retried_before_its_first_completion(tiny_dir, start_service, face):
+    injector = FaultInjector()
+    app = start_service(tiny_dir, interceptors=[injector])
+    tokens = lambda batch: [c.token_ids for c in batch.flat()]  # noqa: E731
+    with face(addr(app), retry=FAST_RETRY) as client:
+        clean = client.generate_batch(PROMPTS, 2, SAMPLING)
+        injector.calls.clear()
+        injector.fail("Generate", 1)
+        retried = client.generate_batch(PROMPTS, 2, SAMPLING)
+        assert injector.calls["Generate"] == 2
+    assert len(retried.flat()) == 6 and tokens(retried) == tokens(clean)  # fixed seed: the same tokens
+
+    injector.calls.clear()
+    with face(addr(app), retry=NO_RETRY) as client:
+        injector.fail("Generate", 1)
+        with pytest.raises(RolloutError) as info:
+            client.generate_batch(PROMPTS, 2, SAMPLING)
+        assert (info.value.code, info.value.method) == (grpc.StatusCode.UNAVAILABLE, "Generate")
+        assert injector.calls["Generate"] == 1
+
+
+def test_update_weights_is_never_retried(tiny_dir, start_service, face):
+    injector = FaultInjector()
+    app = start_service(tiny_dir, interceptors=[injector])
+    model = local_model(tiny_dir)
+    with face(addr(app), retry=FAST_RETRY) as client:
+        mirror = WeightMirror.of(model, client.status().model.dtype)
+        before = mirror.checksum
+        injector.fail("UpdateWeights", 1)
+        with pytest.raises(RolloutError) as info:
+            client.push_weights(perturbed(model, seed=6), "full", mirror=mirror)
+        assert (info.value.code, info.value.method) == (grpc.StatusCode.UNAVAILABLE, "UpdateWeights")
+        assert injector.calls["UpdateWeights"] == 1
+        served = client.status()
+    assert (served.policy_version, served.policy_checksum) == (0, before)  # nothing was applied
+    assert (mirror.version, mirror.checksum) == (0, before)  # and the mirror did not move
+
+
+def test_wait_for_ready_rides_out_a_restart(tiny_dir, start_service, face):
     app = start_service(tiny_dir)
     address = addr(app)
-    retry = RetryPolicy(max_attempts=60, initial_backoff_s=0.05, max_backoff_s=0.5)
-    for call in ("generate", "status"):
-        app.stop(grace=0)
-        with RolloutClient(address, retry=NO_RETRY) as probe, pytest.raises(RolloutError) as info:
-            probe.status()
-        assert info.value.code == grpc.StatusCode.UNAVAILABLE  # down when the call below starts
-        restarted = []
-        restart = threading.Timer(1.0, lambda: restarted.append(start_service(tiny_dir, port=app.port)))
-        restart.start()
-        with RolloutClient(address, timeout=10, retry=retry) as client:
-            if call == "generate":
-                assert len(client.generate_batch(PROMPTS, 2, SAMPLING).flat()) == 6
-            else:
-                assert client.status().policy_version == 0
-        restart.join()
-        app = restarted[0]
+    app.stop(grace=0)
+    with face(address, retry=NO_RETRY) as probe, pytest.raises(RolloutError) as info:
+        probe.status()
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE  # down when the call below starts
+
+    outcome = {}
+
+    def call() -> None:
+        # one attempt: only wait_for_ready can keep it from failing at once while the service is down
+        try:
+            with face(address, timeout=30, retry=RetryPolicy(max_attempts=1, wait_for_ready=True)) as client:
+                outcome["status"] = client.status()
+        except BaseException as exc:  # noqa: BLE001  (reported by the assertions below)
+            outcome["error"] = exc
+
+    waiter = threading.Thread(target=call, daemon=True)
+    waiter.start()
+    waiter.join(timeout=0.5)
+    assert waiter.is_alive(), f"the call did not wait for the service: {outcome}"
+    start_service(tiny_dir, port=app.port)
+    waiter.join(timeout=60)
+    assert not waiter.is_alive()
+    assert "error" not in outcome, outcome["error"]
+    assert outcome["status"].policy_version == 0
 
 
-def test_bearer_token(tiny_dir, start_service):
+# ------------------------------------------------------------------------------------------ auth, readiness
+def test_bearer_token(tiny_dir, start_service, face):
     app = start_service(tiny_dir, auth_token="s3cret")
     for token in (None, "wrong"):
-        with RolloutClient(addr(app), token=token) as client:
+        with face(addr(app), token=token) as client:
             client.wait_ready(timeout=10)  # health checks stay open to probes
             for call in (client.status, lambda: client.generate_batch(PROMPTS, 1, SAMPLING)):
                 with pytest.raises(RolloutError) as info:
                     call()
                 assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
-    with RolloutClient(addr(app), token="s3cret") as client:
+    with face(addr(app), token="s3cret") as client:
         assert client.status().policy_version == 0
         assert len(client.generate_batch(PROMPTS, 1, SAMPLING).flat()) == 3
 
 
-def test_wait_ready(tiny_dir, start_service):
+def test_wait_ready(tiny_dir, start_service, face):
     app = start_service(tiny_dir)
-    with RolloutClient(addr(app)) as client:
+    with face(addr(app)) as client:
         client.wait_ready(timeout=10)
-    with RolloutClient(f"127.0.0.1:{free_port()}") as client, pytest.raises(RolloutError) as info:
+    with face(f"127.0.0.1:{free_port()}") as client, pytest.raises(RolloutError) as info:
         client.wait_ready(timeout=0.5)
     assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-def test_two_replicas_are_pushed_alike(tiny_dir, start_service):
-    apps = [start_service(tiny_dir), start_service(tiny_dir)]
-    model = local_model(tiny_dir)
-    with RolloutClient([addr(a) for a in apps]) as client:
-        mirror = WeightMirror.of(model)
-        results = client.push_weights(mirror.dense_delta(perturbed(model, seed=4)), "dense_delta", mirror=mirror)
-        assert [r.address for r in results] == [addr(a) for a in apps]
-        assert {r.checksum for r in results} == {mirror.checksum}
-        assert [client.status(replica=i).policy_checksum for i in (0, 1)] == [mirror.checksum] * 2
-        versions = {c.policy_version for _ in range(2) for c in client.generate_batch(PROMPTS, 1, SAMPLING).flat()}
-        assert versions == {1}

@@ -3,10 +3,13 @@ import math
 
 import pytest
 
-from fastgrpo.rollout.calibration import DEFAULT_SWEEP, knee
-from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy, adaptive_tree
-from fastgrpo.rollout.online_calibration import OnlineCalibrator, RefineConfig, refined_depth_shift
-from fastgrpo.rollout.speculative.drafter import TreeShape
+from fastgrpo.rollout.speculative.calibration import DEFAULT_SWEEP
+from fastgrpo.rollout.speculative.controller import ControllerConfig, SpecController, adaptive_tree
+from fastgrpo.rollout.speculative.knee import knee
+from fastgrpo.rollout.speculative.online_calibration import OnlineCalibrator, OnlineCalibrationConfig, refined_depth_shift
+from fastgrpo.rollout.speculative.tree import TreeShape
+
+pytestmark = pytest.mark.unit
 
 DEFAULTS = ControllerConfig()  # C_peak 160, N_max 160, K_max 8, L 3..5, alpha 0.75
 
@@ -37,19 +40,19 @@ def test_tree_capped_by_what_k_and_l_hold():
 
 
 def test_modes():
-    policy = SpecPolicy("adaptive", DEFAULTS, TreeShape(4, 5, 16))
-    assert policy.tree_for(8) == TreeShape(8, 4, 20)
-    assert policy.tree_for(8, "static") == TreeShape(4, 5, 16)
-    assert policy.tree_for(8, "off") is None
-    assert SpecPolicy("static", DEFAULTS, TreeShape(4, 5, 16)).tree_for(500) == TreeShape(4, 5, 16)
-    assert policy.max_nodes() == 160
+    controller = SpecController("adaptive", DEFAULTS, TreeShape(4, 5, 16))
+    assert controller.tree_for(8) == TreeShape(8, 4, 20)
+    assert controller.tree_for(8, "static") == TreeShape(4, 5, 16)
+    assert controller.tree_for(8, "off") is None
+    assert SpecController("static", DEFAULTS, TreeShape(4, 5, 16)).tree_for(500) == TreeShape(4, 5, 16)
+    assert controller.max_nodes() == 160
 
 
 HALF_OCTAVES = (2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256, 362, 512, 724, 1024)
 
 
 def test_knee_by_hand():
-    from fastgrpo.rollout.calibration import elasticity, knee, knee_past_sweep
+    from fastgrpo.rollout.speculative.knee import elasticity, knee_past_sweep
 
     # a GPU-like roofline, flat at 10 ms, then 0.5 ms per token: the knee is 10 / 0.5 = 20 tokens,
     # and a window centred there is half flat, half proportional: slope 1/2
@@ -77,8 +80,8 @@ def test_knee_by_hand():
 
 
 def test_profile_cli_writes_a_keyed_calibration(tiny_dir, tmp_path):
-    from fastgrpo.rollout.calibration import Calibration
-    from fastgrpo.rollout.cli import main
+    from fastgrpo.rollout.speculative.calibration import Calibration
+    from fastgrpo.rollout.service.cli import main
 
     out = tmp_path / "cal.json"
     assert main(["profile", "--model", str(tiny_dir), "--out", str(out), "--max-tokens", "16", "--budget-s", "20"]) == 0
@@ -93,8 +96,8 @@ def _adaptive_client(tiny_dir, tmp_path, start_service, profiled_c_peak: float):
     from transformers import AutoModelForCausalLM
 
     from fastgrpo.client import RolloutClient
-    from fastgrpo.rollout.calibration import Calibration
-    from fastgrpo.rollout.speculative.draft import DraftHead
+    from fastgrpo.rollout.speculative.calibration import Calibration
+    from fastgrpo.rollout.speculative.draft_head import DraftHead
 
     cal = tmp_path / "cal.json"
     Calibration(profiled_c_peak, str(tiny_dir), "cpu", "float32", [(1, 0.01), (2, 0.01), (64, 0.03)]).save(cal)
@@ -104,6 +107,7 @@ def _adaptive_client(tiny_dir, tmp_path, start_service, profiled_c_peak: float):
     return RolloutClient(f"127.0.0.1:{app.port}")
 
 
+@pytest.mark.service
 def test_status_reports_profiled_c_peak_and_the_live_tree(tiny_dir, tmp_path, start_service):
     from fastgrpo.client import Sampling
 
@@ -117,6 +121,7 @@ def test_status_reports_profiled_c_peak_and_the_live_tree(tiny_dir, tmp_path, st
     assert (spec.alpha, spec.alpha_start, spec.alpha_updates) == (0.75, 0.75, 0)  # 5 verify steps: too few to move
 
 
+@pytest.mark.service
 def test_status_shows_the_online_estimate_beside_the_profile(tiny_dir, tmp_path, start_service):
     """A real server refines C_peak from its own decode steps: after enough of them GetStatus
     reports the online value with its source, and still the profile's value it started from."""
@@ -129,13 +134,14 @@ def test_status_shows_the_online_estimate_beside_the_profile(tiny_dir, tmp_path,
     assert spec.c_peak_source == "online" and spec.c_peak_updates >= 1 and spec.c_peak != 96.0
 
 
+@pytest.mark.service
 def test_missing_calibration_is_profiled_at_start_and_saved(tiny_dir, tmp_path, start_service):
     import torch
     from transformers import AutoModelForCausalLM
 
     from fastgrpo.client import RolloutClient
-    from fastgrpo.rollout.calibration import Calibration
-    from fastgrpo.rollout.speculative.draft import DraftHead
+    from fastgrpo.rollout.speculative.calibration import Calibration
+    from fastgrpo.rollout.speculative.draft_head import DraftHead
 
     torch.manual_seed(0)
     DraftHead.for_target(AutoModelForCausalLM.from_pretrained(str(tiny_dir))).save(tmp_path / "draft")
@@ -159,7 +165,7 @@ def _roofline_ms(tokens: int, knee_tokens: float = 24.0, noise: float = 0.05) ->
 def _run_online(start: float, steps: int, batch_size: int = 1) -> list[float]:
     """Drives the calibrator the way the engine does: each step's trees are sized from
     step_c_peak() (N = C / B per sequence), and the forward's tokens and latency are observed."""
-    cal = OnlineCalibrator(start, "configured", RefineConfig())
+    cal = OnlineCalibrator(start, "configured", OnlineCalibrationConfig())
     trace = []
     for _ in range(steps):
         n = max(1, math.floor(cal.step_c_peak() / batch_size))
@@ -178,15 +184,15 @@ def test_online_c_peak_converges_from_a_wrong_start(factor, batch_size):
     assert abs(profiled / 24.0 - 1) < 0.1
     trace = _run_online(profiled * factor, 200, batch_size)
     within = [abs(c / profiled - 1) <= 0.25 for c in trace]
-    first = within.index(True)
+    first = next((step for step, ok in enumerate(within) if ok), None)
+    assert first is not None, f"not within 25% of {profiled:.1f} in 200 steps: {trace[::10]}"
     assert all(within[first:]), f"left the 25% band after step {first}: {trace[first:]}"
-    assert first < 200
 
 
 def test_online_refinement_waits_for_three_usable_token_counts():
     """Plain one-token steps (B = 1, speculation off) are observed but never fitted: no update, and
     above all no error inside the engine's forward."""
-    cal = OnlineCalibrator(2.5, "configured", RefineConfig())
+    cal = OnlineCalibrator(2.5, "configured", OnlineCalibrationConfig())
     for i in range(100):
         cal.observe(1 + i % 3, 0.02)  # token counts 1, 2, 3: three buckets, two of them fit
     assert (cal.c_peak, cal.updates) == (2.5, 0)
@@ -200,7 +206,7 @@ def test_online_refinement_climbs_from_below_two_token_explorations():
 
 
 def test_online_refinement_off_keeps_c_peak():
-    cal = OnlineCalibrator(96.0, "profile", RefineConfig(enabled=False))
+    cal = OnlineCalibrator(96.0, "profile", OnlineCalibrationConfig(enabled=False))
     for _ in range(100):
         cal.observe(int(cal.step_c_peak()), 0.5)
     assert (cal.c_peak, cal.source, cal.updates) == (96.0, "profile", 0)
@@ -213,7 +219,7 @@ def test_depth_never_exceeds_what_n_verify_can_hold():
 
 
 def test_exploration_backs_off_once_c_peak_settles():
-    cal = OnlineCalibrator(24.0, "profile", RefineConfig())
+    cal = OnlineCalibrator(24.0, "profile", OnlineCalibrationConfig())
     explored = []
     for _ in range(600):
         c = cal.step_c_peak()
@@ -226,14 +232,14 @@ def test_exploration_backs_off_once_c_peak_settles():
 def test_exploration_never_turns_speculation_on():
     """At B = 64 under C_peak 34 speculation is off (N_verify 0); a step exploring 4x C_peak would
     verify 2 tokens per sequence, a loss at that load, so it stays off."""
-    policy = SpecPolicy("adaptive", ControllerConfig(c_peak=34.0), TreeShape(4, 5, 16),
-                        OnlineCalibrator(34.0, "profile", RefineConfig()))
-    assert policy.tree_for(64) is None and policy.tree_for(64, c_peak=136.0) is None
-    assert policy.tree_for(8, c_peak=136.0) == adaptive_tree(8, ControllerConfig(c_peak=136.0))
+    controller = SpecController("adaptive", ControllerConfig(c_peak=34.0), TreeShape(4, 5, 16),
+                        OnlineCalibrator(34.0, "profile", OnlineCalibrationConfig()))
+    assert controller.tree_for(64) is None and controller.tree_for(64, c_peak=136.0) is None
+    assert controller.tree_for(8, c_peak=136.0) == adaptive_tree(8, ControllerConfig(c_peak=136.0))
 
 
 def test_alpha_moves_one_level_outside_the_target_band_by_hand():
-    cfg = RefineConfig()  # a quarter of verify steps should reach the deepest node: band [1/8, 1/2]
+    cfg = OnlineCalibrationConfig()  # a quarter of verify steps should reach the deepest node: band [1/8, 1/2]
     assert refined_depth_shift(0, 40, 64, cfg) == 1  # 62 % cut short by the depth: one level deeper
     assert refined_depth_shift(0, 7, 64, cfg) == -1  # 11 %: the deepest level is rarely used
     assert refined_depth_shift(2, 16, 64, cfg) == refined_depth_shift(2, 32, 64, cfg) == 2  # in band
@@ -241,26 +247,26 @@ def test_alpha_moves_one_level_outside_the_target_band_by_hand():
 
 
 def test_saturated_trees_grow_deeper_and_unused_depth_shrinks_them():
-    cal = OnlineCalibrator(21.0, "profile", RefineConfig())
-    policy = SpecPolicy("adaptive", ControllerConfig(c_peak=21.0, alpha=0.75), TreeShape(4, 5, 16), calibrator=cal)
+    cal = OnlineCalibrator(21.0, "profile", OnlineCalibrationConfig())
+    controller = SpecController("adaptive", ControllerConfig(c_peak=21.0, alpha=0.75), TreeShape(4, 5, 16), calibrator=cal)
     # B = 1: N = 21, K = 8, L = floor(log2(21 / 0.75) = 4.8) = 4
-    assert policy.tree_for(1) == TreeShape(8, 4, 21)
+    assert controller.tree_for(1) == TreeShape(8, 4, 21)
     for _ in range(63):
         cal.observe_acceptance([4], [4])  # every accepted path reaches the deepest node
-    assert policy.alpha == 0.75  # not yet 64 verify steps
+    assert controller.alpha == 0.75  # not yet 64 verify steps
     cal.observe_acceptance([4], [4])
-    assert (policy.alpha, cal.alpha_updates) == (0.375, 1)
-    assert policy.tree_for(1) == TreeShape(8, 5, 21)  # L = floor(log2(56)) = 5
+    assert (controller.alpha, cal.alpha_updates) == (0.375, 1)
+    assert controller.tree_for(1) == TreeShape(8, 5, 21)  # L = floor(log2(56)) = 5
     for _ in range(32):
         cal.observe_acceptance([5, 5], [1, 0])  # never past depth 1
-    assert (policy.alpha, cal.alpha_updates) == (0.75, 2) and policy.tree_for(1).depth == 4
+    assert (controller.alpha, cal.alpha_updates) == (0.75, 2) and controller.tree_for(1).depth == 4
     # the cache headroom covers the deepest tree alpha may reach: N_max 160 nodes at L_max
-    assert policy.max_nodes() == 160
+    assert controller.max_nodes() == 160
 
 
 def test_refinement_off_keeps_alpha():
-    cal = OnlineCalibrator(21.0, "profile", RefineConfig(enabled=False))
-    policy = SpecPolicy("adaptive", ControllerConfig(c_peak=21.0, alpha=0.5), calibrator=cal)
+    cal = OnlineCalibrator(21.0, "profile", OnlineCalibrationConfig(enabled=False))
+    controller = SpecController("adaptive", ControllerConfig(c_peak=21.0, alpha=0.5), calibrator=cal)
     for _ in range(200):
         cal.observe_acceptance([4], [4])
-    assert (policy.alpha, cal.alpha_updates) == (0.5, 0)
+    assert (controller.alpha, cal.alpha_updates) == (0.5, 0)

@@ -8,9 +8,12 @@ from transformers import AutoModelForCausalLM
 from conftest import tiny_config
 from fastgrpo.rollout.draft_learning.loss import draft_loss
 from fastgrpo.rollout.draft_learning.offline import capture_features
-from fastgrpo.rollout.draft_learning.trainer import DraftTrainConfig, DraftTrainer, FeatureSequence, batch_sequences, windows
-from fastgrpo.rollout.speculative.draft import DraftHead
-from fastgrpo.rollout.speculative.drafter import Drafter
+from fastgrpo.rollout.draft_learning.trainer import DraftTrainConfig, DraftTrainer, batch_sequences, windows
+from fastgrpo.rollout.speculative.pairs import FeatureSequence
+from fastgrpo.rollout.speculative.draft_head import DraftHead
+from fastgrpo.rollout.speculative.draft_runner import Drafter
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +92,7 @@ def test_prompt_pairs_are_context_not_targets():
 
 
 def test_engine_captures_start_the_loss_at_the_prompts_last_pair():
-    from fastgrpo.rollout.speculative.decode import SpecDecoder, SpecState
+    from fastgrpo.rollout.speculative.spec_step import SpecDecoder, SpecState
 
     st = SpecState()
     SpecDecoder.after_prefill(st, (5, 6, 7, 8), 9, torch.randn(4, 3))
@@ -138,8 +141,9 @@ def test_warmup_ramps_the_learning_rate_and_softens_the_first_steps(target):
     assert warm == pytest.approx(cold / 4, rel=0.05)
 
 
+@pytest.mark.system
 def test_train_draft_cli_writes_a_loadable_head(tiny_dir, tmp_path):
-    from fastgrpo.rollout.cli import main
+    from fastgrpo.rollout.service.cli import main
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"token_ids": [1, 2, 3]}\n{"token_ids": [4, 5]}\n\n{"token_ids": [9, 9, 9, 9]}\n')

@@ -11,12 +11,15 @@ from safetensors.torch import load_file
 from fastgrpo.client import RolloutClient, Sampling, WeightMirror
 from fastgrpo.learner.tasks import format_prompt, synthetic_math
 from fastgrpo.rollout.draft_learning.buffer import CaptureBuffer
-from fastgrpo.rollout.draft_learning.trainer import FeatureSequence
-from fastgrpo.rollout.speculative.draft import DraftHead
+from fastgrpo.rollout.speculative.pairs import FeatureSequence
+from fastgrpo.rollout.speculative.draft_head import DraftHead
 from fastgrpo.v1 import rollout_pb2 as pb
 from fastgrpo.v1 import rollout_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.service
 
+
+@pytest.mark.unit
 def test_capture_buffer_is_bounded_oldest_first():
     seq = lambda n: FeatureSequence(torch.zeros(n, dtype=torch.long), torch.zeros(n, 4))  # noqa: E731
     one = seq(10).nbytes()
@@ -28,17 +31,18 @@ def test_capture_buffer_is_bounded_oldest_first():
     assert len(buf.since(3)) == 2 and len(buf.since(0)) == 3
 
 
+@pytest.mark.unit
 def test_scheduled_rounds_stay_within_their_time_budget(tiny_dir):
     """time_fraction bounds scheduled training by the serving time the engine credits; forced
     (TrainDraft) rounds are not bounded. Real optimiser steps on the tiny model's draft."""
     from transformers import AutoModelForCausalLM
 
-    from fastgrpo.rollout.draft_learning.online import OnlineConfig, OnlineDraftLearner
-    from fastgrpo.rollout.weights import WeightStore
+    from fastgrpo.rollout.draft_learning.online import DraftLearningConfig, OnlineDraftLearner
+    from fastgrpo.rollout.service.weights import WeightStore
 
     target = AutoModelForCausalLM.from_pretrained(str(tiny_dir)).requires_grad_(False)
     head = DraftHead.for_target(target)
-    learner = OnlineDraftLearner(head, WeightStore(head), OnlineConfig(batch_size=1, max_steps_per_round=8,
+    learner = OnlineDraftLearner(head, WeightStore(head), DraftLearningConfig(batch_size=1, max_steps=8,
                                                                        time_fraction=0.25))
     H = target.config.hidden_size
 
@@ -98,7 +102,7 @@ def learning_service(fixture_dir, start_service, tmp_path):
     # no warm-up: it protects a trained head from a cold AdamW's first steps, and this one is random;
     # the test's three short rounds (8 steps each) would spend most of their steps warming up
     app = start_service(fixture_dir, draft=str(tmp_path / "draft"), max_running=32, draft_every_n_batches=0,
-                        draft_lr=1e-3, draft_max_steps=32, draft_warmup_steps=0, spec_width=4, spec_depth=4,
+                        draft_lr=1e-3, draft_max_steps=32, draft_warmup_steps=0, spec_mode="static", spec_width=4, spec_depth=4,
                         spec_n_verify=12)
     channel = grpc.insecure_channel(f"127.0.0.1:{app.port}")
     yield app, RolloutClient(f"127.0.0.1:{app.port}"), pb_grpc.RolloutServiceStub(channel)

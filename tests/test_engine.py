@@ -8,10 +8,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config
-from fastgrpo.rollout.engine import sampler
-from fastgrpo.rollout.engine.engine import Engine, EngineConfig
-from fastgrpo.rollout.engine.model_runner import ForwardBatch, ModelRunner, attention_mask
-from fastgrpo.rollout.engine.types import GenerationRequest, SamplingConfig
+from fastgrpo.rollout.runtime import sampler
+from fastgrpo.rollout.scheduler.engine import Engine, EngineConfig
+from fastgrpo.rollout.runtime.batch import ForwardBatch
+from fastgrpo.rollout.runtime.layers import attention_mask
+from fastgrpo.rollout.runtime.model_runner import ModelRunner
+from fastgrpo.rollout.scheduler.requests import GenerationRequest
+from fastgrpo.wire.records import Sampling
+
+pytestmark = pytest.mark.unit
 
 
 def _params(t, k, p):
@@ -108,7 +113,7 @@ def tiny_engine():
 
 
 def _run(engine, prompts, n=1, **sampling):
-    req = GenerationRequest("t", tuple(tuple(p) for p in prompts), n, SamplingConfig(**sampling))
+    req = GenerationRequest("t", tuple(tuple(p) for p in prompts), n, Sampling(**sampling))
     return sorted(engine.submit(req), key=lambda r: (r.prompt_index, r.sample_index))
 
 
@@ -150,8 +155,8 @@ def test_engine_logprobs_equal_fresh_forward(tiny_engine):
 def test_stop_tokens_and_length(tiny_engine):
     engine, _ = tiny_engine
     free = _run(engine, [[1, 2, 3]], temperature=0.0, max_new_tokens=6, ignore_eos=True)[0]
-    assert free.finish_reason.value == "length" and len(free.token_ids) == 6
+    assert free.finish_reason == "length" and len(free.token_ids) == 6
     stop_at = free.token_ids[2]
     stopped = _run(engine, [[1, 2, 3]], temperature=0.0, max_new_tokens=6, ignore_eos=True, stop_token_ids=(stop_at,))[0]
     first = free.token_ids.index(stop_at)
-    assert stopped.finish_reason.value == "stop" and stopped.token_ids == free.token_ids[: first + 1]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[: first + 1]

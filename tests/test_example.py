@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fastgrpo.client import RolloutClient
+
+pytestmark = pytest.mark.system
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "clients" / "examples" / "grpo_loop.py"
 

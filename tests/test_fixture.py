@@ -39,6 +39,8 @@ TINY = FixtureRecipe(
     eval=EvalConfig(n_entropy=8, n_accuracy=4, max_new_tokens=8, batch_size=4),
 )
 
+pytestmark = pytest.mark.system
+
 
 @pytest.fixture(scope="module")
 def default_dir() -> Path:
@@ -107,6 +109,7 @@ def test_cli_prints_the_cached_directory_last(default_dir):
     assert Path(out.stdout.strip().splitlines()[-1]) == default_dir
 
 
+@pytest.mark.unit
 def test_recipe_hash_tracks_every_setting():
     base = PRESETS["default"]
     assert recipe_hash(base) == recipe_hash(dataclasses.replace(base))
@@ -123,6 +126,7 @@ def test_recipe_hash_tracks_every_setting():
     assert fixture_name("default", base).startswith("default-")
 
 
+@pytest.mark.unit
 def test_bench_preset_is_big():
     bench = PRESETS["bench"].model
     assert bench.num_hidden_layers >= 12
@@ -131,6 +135,7 @@ def test_bench_preset_is_big():
     assert per_layer * bench.num_hidden_layers >= 50e6
 
 
+@pytest.mark.unit
 def test_unknown_preset_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown fixture preset 'huge'"):
         build_fixture("huge", cache_dir=tmp_path)

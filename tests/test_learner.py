@@ -16,6 +16,8 @@ from fastgrpo.learner.push import served_names_state
 from fastgrpo.learner.tasks import format_prompt, synthetic_math
 from fastgrpo.wire.tensors import state_checksum
 
+pytestmark = pytest.mark.service
+
 SMALL = dict(prompts_per_step=4, group_size=4, max_new_tokens=40, eval_size=0, micro_batch=16, lr=2e-4)
 
 
@@ -92,6 +94,7 @@ def test_learner_refuses_a_service_with_other_weights(fixture_dir, tiny_dir, sta
         GRPOLearner(_config(f"127.0.0.1:{app.port}", fixture_dir))
 
 
+@pytest.mark.unit
 def test_fresh_groups_drops_stale_groups_whole():
     def c(v):
         return Completion("r", 0, 0, [1], [0.0], "stop", v, SpecStats(), "")

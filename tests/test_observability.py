@@ -24,13 +24,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 
 from conftest import REPO
-from debian_tools import ensure_commands
+from debian_tools import require_commands
 from fastgrpo.client import RolloutClient, Sampling
+from fastgrpo.client.local import ServiceProcess
 from fastgrpo.common.http import HttpSide
-from fastgrpo.learner.cli import run_training
 from fastgrpo.learner.config import LearnerConfig
 from fastgrpo.learner.metrics import exported
-from fastgrpo.rollout.process import ServiceProcess
+from fastgrpo.learner.run import run_training
+
+pytestmark = pytest.mark.system
 
 DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "fastgrpo.json"
 
@@ -65,6 +67,7 @@ def draft_dir(fixture_dir) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ HTTP side
+@pytest.mark.service
 def test_http_side_probes_and_port_release():
     registry = CollectorRegistry()
     Counter("fastgrpo_test_events", "events", registry=registry).inc(3)
@@ -87,7 +90,7 @@ def test_http_side_probes_and_port_release():
         socket.create_connection(("127.0.0.1", side.port), timeout=2).close()
 
 
-@pytest.mark.parametrize("argv", [["fastgrpo.rollout.cli", "serve"], ["fastgrpo.learner.cli", "train"],
+@pytest.mark.parametrize("argv", [["fastgrpo.rollout", "serve"], ["fastgrpo.learner.cli", "train"],
                                   ["fastgrpo.learner.cli", "demo"]])
 def test_help_documents_the_http_port(argv):
     done = subprocess.run([sys.executable, "-m", *argv, "--help"], capture_output=True, text=True, timeout=60)
@@ -95,9 +98,11 @@ def test_help_documents_the_http_port(argv):
 
 
 # ------------------------------------------------------------------------------------------ rollout metrics
+@pytest.mark.service
 def test_rollout_metrics_agree_with_completions_and_status(fixture_dir, draft_dir, start_service):
     """Counters equal the sums of what the client received; scrape-time gauges equal GetStatus."""
-    app = start_service(fixture_dir, draft=str(draft_dir), max_running=8, http_port=0, draft_every_n_batches=0)
+    app = start_service(fixture_dir, draft=str(draft_dir), max_running=8, http_port=0, draft_every_n_batches=0,
+                        spec_mode="static")
     base = f"http://127.0.0.1:{app.http.port}"
     assert http_get(base + "/healthz")[0] == 200 and http_get(base + "/readyz")[0] == 200
     client = RolloutClient(f"127.0.0.1:{app.port}")
@@ -215,7 +220,7 @@ def scraped_run(fixture_dir, draft_dir, tmp_path_factory):
     """Rollout service (own process, adaptive trees, online draft learning) and learner (two GRPO
     steps, its HTTP side exactly as `fastgrpo-learner train --http-port` runs it), both scraped by
     Prometheus every second; yields once Prometheus holds the final step."""
-    ensure_commands("prometheus", "prometheus", "promtool")
+    require_commands("prometheus", "promtool")
     steps = 2
     cfg = LearnerConfig(model=str(fixture_dir), steps=steps, prompts_per_step=6, group_size=4, max_new_tokens=40,
                         eval_size=0, micro_batch=24, lr=2e-4, http_port=0)

@@ -1,18 +1,19 @@
 """The committed Python stubs are what the proto generates, and the contract is documented."""
-import subprocess
-import sys
 from pathlib import Path
+
+import pytest
+from grpc_tools import protoc
+
+pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATED = ["rollout_pb2.py", "rollout_pb2.pyi", "rollout_pb2_grpc.py"]
 
 
 def test_stubs_match_proto(tmp_path):
-    subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-I", str(REPO / "proto"), f"--python_out={tmp_path}",
-         f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", str(REPO / "proto/fastgrpo/v1/rollout.proto")],
-        check=True,
-    )
+    # protoc in-process, exactly as `make proto` runs it (its first argument is the program name)
+    assert protoc.main(["protoc", "-I", str(REPO / "proto"), f"--python_out={tmp_path}", f"--pyi_out={tmp_path}",
+                        f"--grpc_python_out={tmp_path}", str(REPO / "proto/fastgrpo/v1/rollout.proto")]) == 0
     for name in GENERATED:
         fresh = (tmp_path / "fastgrpo/v1" / name).read_text()
         committed = (REPO / "proto/python/fastgrpo/v1" / name).read_text()

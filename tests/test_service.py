@@ -17,6 +17,8 @@ from fastgrpo.v1 import rollout_pb2 as pb
 from fastgrpo.v1 import rollout_pb2_grpc as pb_grpc
 from fastgrpo.wire.tensors import tensor_bytes
 
+pytestmark = pytest.mark.service
+
 
 @pytest.fixture
 def service(tiny_dir, start_service):

@@ -8,18 +8,23 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config
-from fastgrpo.rollout.controller import SpecPolicy
-from fastgrpo.rollout.engine import sampler
-from fastgrpo.rollout.engine.engine import Engine, EngineConfig
-from fastgrpo.rollout.engine.model_runner import ModelRunner
-from fastgrpo.rollout.engine.types import GenerationRequest, SamplingConfig
-from fastgrpo.rollout.speculative import decode as spec_decode
-from fastgrpo.rollout.speculative.draft import DraftHead
-from fastgrpo.rollout.speculative.drafter import Drafter, TreeShape
-from fastgrpo.rollout.speculative import drafter as spec_drafter
+from fastgrpo.rollout.speculative.controller import SpecController
+from fastgrpo.rollout.runtime import sampler
+from fastgrpo.rollout.scheduler.engine import Engine, EngineConfig
+from fastgrpo.rollout.runtime.model_runner import ModelRunner
+from fastgrpo.rollout.scheduler.requests import GenerationRequest
+from fastgrpo.wire.records import Sampling
+from fastgrpo.rollout.speculative import spec_step as spec_decode
+from fastgrpo.rollout.speculative.draft_head import DraftHead
+from fastgrpo.rollout.speculative.draft_runner import Drafter
+from fastgrpo.rollout.speculative.tree import TreeShape
+from fastgrpo.rollout.speculative import draft_runner as spec_drafter
 from fastgrpo.rollout.speculative.tree import (ancestor_mask, children_table, draw_without_replacement, expand_level,
                                                pick_children, select_tree)
-from fastgrpo.rollout.speculative.verify import accept_path, sample_inverse_cdf, verify_rrs
+from fastgrpo.rollout.runtime.sampler import sample_inverse_cdf
+from fastgrpo.rollout.speculative.verify import accept_path, verify_rrs
+
+pytestmark = pytest.mark.unit
 
 
 # ------------------------------------------------------------------ tree math by hand
@@ -164,24 +169,25 @@ def test_accept_path_by_hand(targets, accepted, emitted):
 
 
 def test_inverse_cdf_sampling_hits_only_positive_mass():
-    logp = torch.log(torch.tensor([[0.0, 0.5, 0.0, 0.5]]))
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5]], dtype=torch.float64)
     u = torch.tensor([0.0, 0.25, 0.4999, 0.5, 0.99])
-    toks = sample_inverse_cdf(logp.expand(5, 4), u)
-    assert toks.tolist() == [1, 1, 1, 3, 3]
+    assert sample_inverse_cdf(probs.expand(5, 4), u).tolist() == [1, 1, 1, 3, 3]
+    # unnormalised mass (a residual) is drawn from alike: u is a fraction of the row's total
+    assert sample_inverse_cdf(3 * probs.expand(5, 4), u).tolist() == [1, 1, 1, 3, 3]
 
 
 # ------------------------------------------------------------------ end to end
 def _engines(model, shape, slots=8, head=None, verify="rrs"):
     plain = Engine(ModelRunner(model, slots), (0,), EngineConfig(max_running=slots))
-    policy = SpecPolicy("static", static_tree=shape, verify=verify)
-    runner = ModelRunner(model, slots, headroom=policy.max_nodes())
+    controller = SpecController("static", static_tree=shape, verify=verify)
+    runner = ModelRunner(model, slots, headroom=controller.max_nodes())
     head = head or DraftHead.for_target(model)
-    drafter = Drafter(head, slots, runner.cache.max_len + policy.draft_headroom())
-    return plain, Engine(runner, (0,), EngineConfig(max_running=slots), drafter, policy)
+    drafter = Drafter(head, slots, runner.cache.max_len + controller.draft_headroom())
+    return plain, Engine(runner, (0,), EngineConfig(max_running=slots), drafter, controller)
 
 
 def _run(engine, prompts, n=1, **s):
-    req = GenerationRequest("t", tuple(tuple(p) for p in prompts), n, SamplingConfig(**s))
+    req = GenerationRequest("t", tuple(tuple(p) for p in prompts), n, Sampling(**s))
     return sorted(engine.submit(req), key=lambda r: (r.prompt_index, r.sample_index))
 
 
@@ -202,6 +208,7 @@ def test_greedy_sd_is_token_identical_random_models(arch):
     spec.shutdown()
 
 
+@pytest.mark.service
 def test_greedy_sd_is_token_identical_on_the_fixture(fixture_dir):
     """The trained fixture policy with its bootstrapped draft (so most drafts are accepted, deep
     paths included): 50 task prompts, greedy, token-identical to plain decoding."""
@@ -220,7 +227,7 @@ def test_greedy_sd_is_token_identical_on_the_fixture(fixture_dir):
     plain.shutdown()
     spec.shutdown()
     assert [x.token_ids for x in a] == [y.token_ids for y in b]
-    accepted, steps = sum(y.spec.accepted for y in b), sum(y.spec.verify_steps for y in b)
+    accepted, steps = sum(y.spec.accepted_tokens for y in b), sum(y.spec.verify_steps for y in b)
     assert (accepted + steps) / steps > 2.5  # the draft really carried most tokens
     for x, y in zip(a, b):
         assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) <= 1e-4
@@ -291,7 +298,7 @@ def _sd_first3_counts(spec, temperature, top_p):
     counts = {}
     for r in res:
         counts[tuple(r.token_ids)] = counts.get(tuple(r.token_ids), 0) + 1
-    return counts, sum(r.spec.accepted for r in res)
+    return counts, sum(r.spec.accepted_tokens for r in res)
 
 
 @pytest.fixture(scope="module", params=["rrs", "match"])
@@ -337,9 +344,9 @@ def test_chi2_detects_a_broken_acceptance_rule(small_vocab_engines, monkeypatch)
     assert p < ALPHA
 
 
-def _fixture_policy_engines(fixture_dir, policy, slots: int, n_prompts: int):
+def _fixture_engines(fixture_dir, controller, slots: int, n_prompts: int):
     """Plain and speculative engines over the fixture policy (its bootstrapped draft under
-    `policy`), and n_prompts task prompts."""
+    `controller`), and n_prompts task prompts."""
     from transformers import AutoTokenizer
 
     from fastgrpo.fixture.draft import build_draft
@@ -348,55 +355,57 @@ def _fixture_policy_engines(fixture_dir, policy, slots: int, n_prompts: int):
     model = AutoModelForCausalLM.from_pretrained(str(fixture_dir)).eval()
     tok = AutoTokenizer.from_pretrained(str(fixture_dir))
     head = DraftHead.load(build_draft(fixture_dir), model)
-    runner = ModelRunner(model, slots, headroom=policy.max_nodes())
+    runner = ModelRunner(model, slots, headroom=controller.max_nodes())
     spec = Engine(runner, (tok.eos_token_id,), EngineConfig(max_running=slots),
-                  Drafter(head, slots, runner.cache.max_len + policy.draft_headroom()), policy)
+                  Drafter(head, slots, runner.cache.max_len + controller.draft_headroom()), controller)
     plain = Engine(ModelRunner(model, slots), (tok.eos_token_id,), EngineConfig(max_running=slots))
     prompts = [tok(format_prompt(p.question))["input_ids"] for p in synthetic_math(seed=0).test[:n_prompts]]
     return plain, spec, prompts
 
 
+@pytest.mark.service
 def test_adaptive_alpha_follows_acceptance_depth_and_stays_lossless(fixture_dir):
     """The fixture's bootstrapped draft is right deep into most sequences: at B = 1 under C_peak 21
     (N = 21, L = 4) most accepted paths reach the deepest node, so the live alpha halves and trees
     grow to L = 5, and greedy output stays token-identical to plain decoding across the change.
     Requests in static mode never move alpha (their depth is fixed)."""
-    from fastgrpo.rollout.controller import ControllerConfig
-    from fastgrpo.rollout.online_calibration import OnlineCalibrator, RefineConfig
+    from fastgrpo.rollout.speculative.controller import ControllerConfig
+    from fastgrpo.rollout.speculative.online_calibration import OnlineCalibrator, OnlineCalibrationConfig
 
     # C_peak held still (no exploration, no latency updates): only alpha may move
-    cal = OnlineCalibrator(21.0, "configured", RefineConfig(explore_every=0, update_every=10**9, alpha_every=8))
-    policy = SpecPolicy("adaptive", ControllerConfig(c_peak=21.0), TreeShape(4, 5, 16), calibrator=cal)
-    plain, spec, prompts = _fixture_policy_engines(fixture_dir, policy, 1, 6)
+    cal = OnlineCalibrator(21.0, "configured", OnlineCalibrationConfig(explore_every=0, update_every=10**9, alpha_every=8))
+    controller = SpecController("adaptive", ControllerConfig(c_peak=21.0), TreeShape(4, 5, 16), calibrator=cal)
+    plain, spec, prompts = _fixture_engines(fixture_dir, controller, 1, 6)
     try:
-        assert policy.tree_for(1).depth == 4
+        assert controller.tree_for(1).depth == 4
         static = GenerationRequest("t", tuple(tuple(p) for p in prompts[:3]), 1,
-                                   SamplingConfig(temperature=0.0, max_new_tokens=48), "static")
+                                   Sampling(temperature=0.0, max_new_tokens=48), "static")
         assert all(r.spec.verify_steps > 0 for r in spec.submit(static))
-        assert (policy.alpha, cal.alpha_updates) == (0.75, 0)
+        assert (controller.alpha, cal.alpha_updates) == (0.75, 0)
         a = _run(plain, prompts, temperature=0.0, max_new_tokens=48)
         b = _run(spec, prompts, temperature=0.0, max_new_tokens=48)
     finally:
         plain.shutdown()
         spec.shutdown()
-    assert policy.alpha < 0.75 and cal.alpha_updates >= 1 and policy.tree_for(1).depth == 5
+    assert controller.alpha < 0.75 and cal.alpha_updates >= 1 and controller.tree_for(1).depth == 5
     assert [x.token_ids for x in a] == [y.token_ids for y in b]
 
 
+@pytest.mark.service
 def test_two_node_trees_leave_alpha_alone(fixture_dir):
     """Under C_peak 2 at B = 1 every adaptive tree is two nodes, one level deep whatever alpha
     says: its accepted paths reach the deepest node most of the time, which must not deepen alpha."""
-    from fastgrpo.rollout.controller import ControllerConfig
-    from fastgrpo.rollout.online_calibration import OnlineCalibrator, RefineConfig
+    from fastgrpo.rollout.speculative.controller import ControllerConfig
+    from fastgrpo.rollout.speculative.online_calibration import OnlineCalibrator, OnlineCalibrationConfig
 
-    cal = OnlineCalibrator(2.0, "configured", RefineConfig(explore_every=0, update_every=10**9, alpha_every=8))
-    policy = SpecPolicy("adaptive", ControllerConfig(c_peak=2.0), calibrator=cal)
-    assert policy.tree_for(1).n_verify == 2
-    plain, spec, prompts = _fixture_policy_engines(fixture_dir, policy, 1, 3)
+    cal = OnlineCalibrator(2.0, "configured", OnlineCalibrationConfig(explore_every=0, update_every=10**9, alpha_every=8))
+    controller = SpecController("adaptive", ControllerConfig(c_peak=2.0), calibrator=cal)
+    assert controller.tree_for(1).n_verify == 2
+    plain, spec, prompts = _fixture_engines(fixture_dir, controller, 1, 3)
     try:
         b = _run(spec, prompts, temperature=0.0, max_new_tokens=48)
     finally:
         plain.shutdown()
         spec.shutdown()
-    assert sum(y.spec.accepted for y in b) > 0.5 * sum(y.spec.verify_steps for y in b)  # mostly saturated
-    assert (policy.alpha, cal.alpha_updates) == (0.75, 0)
+    assert sum(y.spec.accepted_tokens for y in b) > 0.5 * sum(y.spec.verify_steps for y in b)  # mostly saturated
+    assert (controller.alpha, cal.alpha_updates) == (0.75, 0)

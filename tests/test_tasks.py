@@ -20,6 +20,8 @@ from fastgrpo.learner.tasks import (
     synthetic_math,
 )
 
+pytestmark = pytest.mark.unit
+
 STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
 

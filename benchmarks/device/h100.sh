@@ -50,7 +50,7 @@ from fastgrpo.bench.common import load_target, placement
 from fastgrpo.fixture import cache_root, fixture_name, get_recipe
 from fastgrpo.fixture.build import is_complete
 from fastgrpo.fixture.draft import PRESET_RECIPES, draft_hash
-from fastgrpo.rollout.speculative.draft import DraftHead
+from fastgrpo.rollout.speculative.draft_head import DraftHead
 
 fixture = cache_root() / fixture_name("bench", get_recipe("bench"))
 draft = fixture / f"draft-{draft_hash(PRESET_RECIPES['bench'])}"
@@ -97,7 +97,7 @@ EOF
 run() {
     export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 MPLBACKEND=Agg
     # no install on the device: `fastgrpo` is a namespace package spread over these roots (setup.py ROOTS)
-    export PYTHONPATH="$ROOT/proto/python:$ROOT/services/rollout:$ROOT/services/learner:$ROOT/clients/python:$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$ROOT/proto/python:$ROOT/common/python:$ROOT/services/rollout:$ROOT/services/learner:$ROOT/clients/python:$ROOT/fixture:$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
     nvidia-smi || echo "(no nvidia-smi)"
     "$PY" -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), 'transformers', transformers.__version__)"
     git rev-parse HEAD 2>/dev/null || echo "(no .git here: the results' commit reads unknown)"

@@ -1,8 +1,8 @@
 """`fastgrpo-bench calibrate`: does online refinement find the profiled C_peak from a wrong start?
 
 On the benchmark target: the offline profile's knee first, then for each wrong start (4x too high,
-4x too low) a fresh OnlineCalibrator wired to the runner exactly as the server wires it
-(`runner.on_decode_forward`), driving one sequence whose every step verifies as many tokens as the
+4x too low) a fresh OnlineCalibrator wired to a runner exactly as the server wires it
+(`runner.observe_decode_forwards`), driving one sequence whose every step verifies as many tokens as the
 calibrator's step C_peak allows (B = 1: N_verify = C_peak). Records the estimate after every step.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastgrpo.common.cli import help_field
+from fastgrpo.common.config import help_field
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,10 @@ class CalibrateBenchConfig:
 def run(cfg: CalibrateBenchConfig) -> dict:
     from fastgrpo.bench.common import load_target, placement, plot, write_results
     from fastgrpo.fixture import build_fixture
-    from fastgrpo.rollout.calibration import DEFAULT_SWEEP, knee, one_sequence_batch, profile
-    from fastgrpo.rollout.engine.model_runner import ModelRunner
-    from fastgrpo.rollout.online_calibration import OnlineCalibrator
+    from fastgrpo.rollout.runtime.model_runner import ModelRunner
+    from fastgrpo.rollout.speculative.calibration import DEFAULT_SWEEP, one_sequence_batch, profile
+    from fastgrpo.rollout.speculative.knee import knee
+    from fastgrpo.rollout.speculative.online_calibration import OnlineCalibrator
 
     torch.set_num_threads(os.cpu_count() or 1)
     fixture = build_fixture(cfg.preset)
@@ -46,13 +47,13 @@ def run(cfg: CalibrateBenchConfig) -> dict:
     records, series = [], {}
     for factor in (float(f) for f in cfg.factors.split(",")):
         cal = OnlineCalibrator(profiled * factor, "configured")
-        runner.on_decode_forward = cal.observe
+        runner = ModelRunner(model, 1, headroom=max(DEFAULT_SWEEP))
+        runner.observe_decode_forwards(cal.observe)
         trace = []
         for _ in range(steps):
             T = min(max(1, math.floor(cal.step_c_peak())), limit)
             runner.forward(one_sequence_batch(runner, T, cfg.context))
             trace.append(cal.c_peak)
-        runner.on_decode_forward = None
         within = [abs(c / profiled - 1) <= 0.25 for c in trace]
         settled = next((i + 1 for i in range(steps) if all(within[i:])), None)  # steps until it stays within 25%
         rec = {"start_factor": factor, "start": profiled * factor, "final": trace[-1],

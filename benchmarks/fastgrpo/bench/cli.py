@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from fastgrpo.common.cli import add_dataclass_args, from_args
+from fastgrpo.common.config import add_dataclass_args, from_args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastgrpo.common.cli import help_field
+from fastgrpo.common.config import help_field
 
 MODES = ("off", "static", "adaptive")
 
@@ -58,13 +58,16 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
     from fastgrpo.fixture import build_fixture
     from fastgrpo.fixture.draft import build_draft
     from fastgrpo.learner.tasks import format_prompt, synthetic_math
-    from fastgrpo.rollout.calibration import DEFAULT_SWEEP, knee, knee_past_sweep, profile
-    from fastgrpo.rollout.controller import ControllerConfig, SpecPolicy
-    from fastgrpo.rollout.engine.engine import Engine, EngineConfig
-    from fastgrpo.rollout.engine.model_runner import ModelRunner
-    from fastgrpo.rollout.engine.types import GenerationRequest, SamplingConfig
-    from fastgrpo.rollout.speculative.draft import DraftHead
-    from fastgrpo.rollout.speculative.drafter import Drafter, TreeShape
+    from fastgrpo.rollout.speculative.calibration import DEFAULT_SWEEP, profile
+    from fastgrpo.rollout.speculative.knee import knee, knee_past_sweep
+    from fastgrpo.rollout.speculative.controller import ControllerConfig, SpecController
+    from fastgrpo.rollout.scheduler.engine import Engine, EngineConfig
+    from fastgrpo.rollout.runtime.model_runner import ModelRunner
+    from fastgrpo.rollout.scheduler.requests import GenerationRequest
+    from fastgrpo.wire.records import Sampling
+    from fastgrpo.rollout.speculative.draft_head import DraftHead
+    from fastgrpo.rollout.speculative.draft_runner import Drafter
+    from fastgrpo.rollout.speculative.tree import TreeShape
 
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     fixture = build_fixture(cfg.preset)
@@ -80,7 +83,7 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
         print(f"profiled C_peak {c_peak:.1f} from {[(t, round(sec * 1e3, 3)) for t, sec in points]} (tokens, ms)"
               + (" -- latency never bent within the sweep: C_peak is at least that" if knee_past_sweep(points, c_peak) else ""),
               flush=True)
-    policy = SpecPolicy("adaptive", ControllerConfig(c_peak=c_peak), TreeShape(cfg.width, cfg.depth, cfg.n_verify))
+    controller = SpecController("adaptive", ControllerConfig(c_peak=c_peak), TreeShape(cfg.width, cfg.depth, cfg.n_verify))
     batch_sizes = [1, 8, 64] if cfg.quick else [int(b) for b in cfg.batch_sizes.split(",")]
     problems = synthetic_math(seed=0).test
     prompts_all = [tok(format_prompt(p.question))["input_ids"] for p in problems]
@@ -110,9 +113,9 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
         """One engine per mode, run in lockstep (bench/lockstep.py), each warmed up alone."""
         engines = {}
         for mode in MODES:
-            runner = ModelRunner(model, slots, headroom=policy.max_nodes())
-            drafter = Drafter(head, slots, runner.cache.max_len + policy.draft_headroom())
-            engines[mode] = Engine(runner, eos, EngineConfig(max_running=slots), drafter, policy)
+            runner = ModelRunner(model, slots, headroom=controller.max_nodes())
+            drafter = Drafter(head, slots, runner.cache.max_len + controller.draft_headroom())
+            engines[mode] = Engine(runner, eos, EngineConfig(max_running=slots), drafter, controller)
             timed_generation(engines[mode], prompts_all[:2], 1, cfg.temperature, 16, cfg.seed, mode)
         return engines
 
@@ -139,7 +142,7 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
         save()
 
     def same_requests(prompts, n):
-        sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        sampling = Sampling(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         return lambda mode: [GenerationRequest("bench", tuple(tuple(p) for p in prompts), n, sampling, mode)]
 
     def tail_requests(prompts, n):
@@ -148,7 +151,7 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
         lo, hi = math.log(cfg.tail_min_tokens), math.log(tail_max)
         lengths = torch.exp(lo + (hi - lo) * torch.rand(len(prompts) * n, generator=g)).round().long().tolist()
         jobs = [(tuple(p), cfg.seed + 1000 * q + i, lengths[q * n + i]) for q, p in enumerate(prompts) for i in range(n)]
-        return lambda mode: [GenerationRequest("bench", (p,), 1, SamplingConfig(
+        return lambda mode: [GenerationRequest("bench", (p,), 1, Sampling(
             temperature=cfg.temperature, max_new_tokens=length, seed=seed, ignore_eos=True), mode) for p, seed, length in jobs]
 
     workloads = cfg.workloads.split(",")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from fastgrpo.common.cli import help_field
+from fastgrpo.common.config import help_field
 
 REPLICAS = ("online", "frozen", "scratch")
 
@@ -96,8 +96,12 @@ def run(cfg: DriftBenchConfig) -> dict:
     from fastgrpo.fixture.draft import build_draft
     from fastgrpo.learner.config import LearnerConfig
     from fastgrpo.learner.loop import GRPOLearner
-    from fastgrpo.rollout.server import ServeConfig, build_app
-    from fastgrpo.rollout.speculative.draft import DraftHead
+    from fastgrpo.rollout.draft_learning.online import DraftLearningConfig
+    from fastgrpo.rollout.scheduler.engine import EngineConfig
+    from fastgrpo.rollout.service.app import build_app
+    from fastgrpo.rollout.service.config import ServeConfig
+    from fastgrpo.rollout.speculative.controller import SpecConfig
+    from fastgrpo.rollout.speculative.draft_head import DraftHead
 
     torch.set_num_threads(os.cpu_count() or 1)
     fixture = build_fixture(cfg.preset)
@@ -111,11 +115,12 @@ def run(cfg: DriftBenchConfig) -> dict:
     try:
         for name in REPLICAS:
             apps[name] = build_app(ServeConfig(
-                model=str(fixture), port=0, max_running=Q * cfg.group_size, draft=str(drafts[name]),
-                spec_mode="static", spec_width=cfg.spec_width, spec_depth=cfg.spec_depth,
-                spec_n_verify=cfg.spec_n_verify, draft_learning=name != "frozen", draft_max_steps=cfg.draft_max_steps,
-                draft_batch_size=cfg.draft_batch_size, draft_lr=cfg.draft_lr, draft_warmup_steps=cfg.draft_warmup_steps,
-                draft_time_fraction=cfg.scratch_time_fraction if name == "scratch" else cfg.draft_time_fraction))
+                model=str(fixture), port=0, draft=str(drafts[name]), engine=EngineConfig(max_running=Q * cfg.group_size),
+                spec=SpecConfig("static", width=cfg.spec_width, depth=cfg.spec_depth, n_verify=cfg.spec_n_verify),
+                draft_learning=DraftLearningConfig(
+                    enabled=name != "frozen", max_steps=cfg.draft_max_steps, batch_size=cfg.draft_batch_size,
+                    lr=cfg.draft_lr, warmup_steps=cfg.draft_warmup_steps,
+                    time_fraction=cfg.scratch_time_fraction if name == "scratch" else cfg.draft_time_fraction)))
         address = {name: f"127.0.0.1:{app.port}" for name, app in apps.items()}
         everyone = RolloutClient([address[n] for n in REPLICAS])
         client = _MirroredClient(everyone, {n: RolloutClient(address[n]) for n in REPLICAS}, "frozen")

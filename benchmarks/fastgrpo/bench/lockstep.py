@@ -22,8 +22,10 @@ class Lockstep:
     """A first-come-first-served turn (a ticket lock): engines waiting for the machine get it in
     the order they asked, so engines with work alternate step by step."""
 
-    def __init__(self):
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        """clock: what a step's seconds are read from (a test steps a clock of its own)."""
         self._cv = threading.Condition()
+        self._clock = clock
         self._issued = 0
         self._serving = 0
         self.seconds: dict[int, float] = {}  # id(engine) -> seconds of its steps
@@ -36,7 +38,7 @@ class Lockstep:
     def attach(self, engine) -> None:
         key = id(engine)
         self.seconds[key] = 0.0
-        engine.step_turn = lambda: self._turn(key)
+        engine.set_step_turn(lambda: self._turn(key))
 
     @contextlib.contextmanager
     def _turn(self, key: int) -> Iterator[None]:
@@ -46,11 +48,11 @@ class Lockstep:
             self._cv.notify_all()
             while self._serving != ticket:
                 self._cv.wait()
-        t0 = time.perf_counter()
+        t0 = self._clock()
         try:
             yield
         finally:
-            self.seconds[key] += time.perf_counter() - t0
+            self.seconds[key] += self._clock() - t0
             with self._cv:
                 self._serving += 1
                 self._cv.notify_all()
@@ -90,7 +92,7 @@ def lockstep_generation(engines: dict[str, object], requests: Callable[[str], li
             t.join()
     finally:
         for engine in engines.values():
-            engine.step_turn = contextlib.nullcontext
+            engine.set_step_turn(contextlib.nullcontext)
     if errors:
         raise errors[0]
     wall = time.perf_counter() - t0

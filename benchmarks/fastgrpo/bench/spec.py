@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastgrpo.common.cli import help_field
+from fastgrpo.common.config import help_field
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,11 @@ class SpecBenchConfig:
 def timed_generation(engine, prompts, num_samples: int, temperature: float, max_new_tokens: int, seed: int,
                      spec_mode: str | None = None, top_p: float = 1.0) -> dict:
     """Runs one request through the engine; tokens, wall seconds and speculation counts."""
-    from fastgrpo.rollout.engine.types import GenerationRequest, SamplingConfig
+    from fastgrpo.rollout.scheduler.requests import GenerationRequest
+    from fastgrpo.wire.records import Sampling
 
     req = GenerationRequest("bench", tuple(tuple(p) for p in prompts), num_samples,
-                            SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
+                            Sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
                             spec_mode)
     return timed_requests(engine, [req])
 
@@ -55,10 +56,10 @@ def timed_requests(engine, requests) -> dict:
     tokens = sum(len(r.token_ids) for r in results)
     steps = sum(r.spec.verify_steps for r in results)
     # each verify step emits its accepted draft tokens plus one token drawn from the target
-    emitted_by_verify = sum(r.spec.accepted + r.spec.verify_steps for r in results)
+    emitted_by_verify = sum(r.spec.accepted_tokens + r.spec.verify_steps for r in results)
     return {"tokens": tokens, "seconds": seconds, "verify_steps": steps,
             "acceptance_length": emitted_by_verify / steps if steps else 0.0,
-            "drafted": sum(r.spec.drafted for r in results), "accepted": sum(r.spec.accepted for r in results)}
+            "drafted": sum(r.spec.drafted_tokens for r in results), "accepted": sum(r.spec.accepted_tokens for r in results)}
 
 
 def run(cfg: SpecBenchConfig) -> dict:
@@ -70,11 +71,12 @@ def run(cfg: SpecBenchConfig) -> dict:
     from fastgrpo.fixture import build_fixture
     from fastgrpo.fixture.draft import build_draft
     from fastgrpo.learner.tasks import format_prompt, synthetic_math
-    from fastgrpo.rollout.controller import SpecPolicy
-    from fastgrpo.rollout.engine.engine import Engine, EngineConfig
-    from fastgrpo.rollout.engine.model_runner import ModelRunner
-    from fastgrpo.rollout.speculative.draft import DraftHead
-    from fastgrpo.rollout.speculative.drafter import Drafter, TreeShape
+    from fastgrpo.rollout.speculative.controller import SpecController
+    from fastgrpo.rollout.scheduler.engine import Engine, EngineConfig
+    from fastgrpo.rollout.runtime.model_runner import ModelRunner
+    from fastgrpo.rollout.speculative.draft_head import DraftHead
+    from fastgrpo.rollout.speculative.draft_runner import Drafter
+    from fastgrpo.rollout.speculative.tree import TreeShape
 
     torch.set_num_threads(os.cpu_count() or 1)
     fixture = build_fixture(cfg.preset)
@@ -101,9 +103,9 @@ def run(cfg: SpecBenchConfig) -> dict:
         prompts = [tok(format_prompt(p.question))["input_ids"] for p in problems[:n]]
         warm = prompts[: min(B, 2)]
         plain = Engine(ModelRunner(model, B), eos, EngineConfig(max_running=B))
-        policy = SpecPolicy("static", static_tree=shape, verify=cfg.verify)
-        runner = ModelRunner(model, B, headroom=policy.max_nodes())
-        spec = Engine(runner, eos, EngineConfig(max_running=B), Drafter(head, B, runner.cache.max_len + policy.draft_headroom()), policy)
+        controller = SpecController("static", static_tree=shape, verify=cfg.verify)
+        runner = ModelRunner(model, B, headroom=controller.max_nodes())
+        spec = Engine(runner, eos, EngineConfig(max_running=B), Drafter(head, B, runner.cache.max_len + controller.draft_headroom()), controller)
         try:
             for engine in (plain, spec):
                 timed_generation(engine, warm, 1, cfg.temperature, cfg.max_new_tokens, cfg.seed)  # warm-up: allocator, kernels

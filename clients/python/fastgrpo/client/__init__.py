@@ -1,6 +1,6 @@
-"""Python clients of the fastgrpo rollout service (blocking and asyncio)."""
+"""Python clients of the fastgrpo rollout service (blocking and asyncio), over one core."""
 from fastgrpo.client.aio import AsyncRolloutClient
-from fastgrpo.client.common import NO_RETRY, RetryPolicy
+from fastgrpo.client.core import NO_RETRY, RetryPolicy
 from fastgrpo.client.sync import RolloutClient
 from fastgrpo.client.types import (
     ChecksumMismatch,
@@ -10,6 +10,7 @@ from fastgrpo.client.types import (
     ModelInfo,
     RolloutError,
     Sampling,
+    Speculation,
     SpecStats,
     Status,
     UpdateResult,
@@ -28,6 +29,7 @@ __all__ = [
     "ModelInfo",
     "RolloutError",
     "Sampling",
+    "Speculation",
     "SpecStats",
     "Status",
     "UpdateResult",

@@ -1,43 +1,26 @@
-"""asyncio client of the rollout service (grpc.aio): the surface and semantics of RolloutClient.
+"""asyncio client of the rollout service (grpc.aio): the surface and semantics of RolloutClient, a
+thin face over the same ClientCore (core.py).
 
 Create it inside the event loop that uses it (grpc.aio channels belong to one loop), and close it
-there: `async with AsyncRolloutClient(address) as client: ...`. Everything that is not transport
-(request building, retry delays, push planning and checksums) comes from `common` and `weights`,
-so the two clients cannot drift apart. CPU-heavy steps of a push (casting, hashing, encoding) run
-in a worker thread so that they do not stall the event loop.
+there: `async with AsyncRolloutClient(address) as client: ...`. CPU-heavy steps of a push (casting,
+hashing, encoding) run in a worker thread so that they do not stall the event loop.
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 import uuid
-from typing import AsyncIterator, Awaitable, Callable, Mapping, Sequence, TypeVar
+from typing import AsyncIterator, Mapping, Sequence
 
-import grpc
-import grpc.aio
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from fastgrpo.client import common
-from fastgrpo.client.common import PushPlan, Prompt, RetryPolicy
-from fastgrpo.client.types import Completion, DraftTraining, GroupedBatch, RolloutError, Sampling, Status, UpdateResult
-from fastgrpo.client.weights import Kind, Target, WeightMirror, update_stream
+from fastgrpo.client.core import (ClientCore, Prompt, Replica, RetryPolicy, errors, generate_request,
+                                  group_completions, not_serving, train_draft_request)
+from fastgrpo.client.types import Completion, DraftTraining, GroupedBatch, Sampling, Status, UpdateResult
+from fastgrpo.client.weights import Kind, PushPlan, Target, WeightMirror, plan_push
 from fastgrpo.v1 import rollout_pb2 as pb
-from fastgrpo.v1 import rollout_pb2_grpc as pb_grpc
-
-T = TypeVar("T")
-
-
-class _Replica:
-    def __init__(self, address: str, creds: grpc.ChannelCredentials | None):
-        self.address = address
-        if creds is None:
-            self.channel = grpc.aio.insecure_channel(address, options=common.CHANNEL_OPTIONS)
-        else:
-            self.channel = grpc.aio.secure_channel(address, creds, options=common.CHANNEL_OPTIONS)
-        self.stub = pb_grpc.RolloutServiceStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
+from fastgrpo.wire.convert import from_pb
 
 
 class AsyncRolloutClient:
@@ -45,7 +28,7 @@ class AsyncRolloutClient:
 
     Same contract as RolloutClient: every call has a deadline (`timeout` seconds, per call or the
     client default); GetStatus, health checks and Generate before its first completion are retried
-    on UNAVAILABLE with exponential backoff and jitter; failures raise RolloutError carrying the gRPC
+    on UNAVAILABLE by gRPC's own retry policy (`retry`); failures raise RolloutError carrying the gRPC
     status code and the server's message. Generate spreads requests over the replicas round-robin;
     push_weights updates every replica, all of them concurrently.
     """
@@ -60,12 +43,9 @@ class AsyncRolloutClient:
         timeout: float = 600.0,
         retry: RetryPolicy = RetryPolicy(),
     ):
-        creds = common.credentials(tls, root_certificates)
-        self.replicas = [_Replica(a, creds) for a in common.addresses_of(address)]
-        self.timeout = timeout
-        self.retry = retry
-        self._metadata = common.metadata(token)
-        self._next = itertools.cycle(range(len(self.replicas)))
+        self._core = ClientCore(address, token=token, tls=tls, root_certificates=root_certificates, timeout=timeout,
+                                retry=retry, aio=True)
+        self.replicas = self._core.replicas
 
     async def close(self) -> None:
         await asyncio.gather(*(r.channel.close() for r in self.replicas))
@@ -77,55 +57,36 @@ class AsyncRolloutClient:
         await self.close()
 
     # ---------------------------------------------------------------- calls
-    async def _retrying(self, method: str, call: Callable[[], Awaitable[T]], policy: RetryPolicy) -> T:
-        attempt = 1
-        while True:
-            try:
-                return await call()
-            except grpc.RpcError as exc:
-                if not common.retryable(exc) or attempt >= policy.max_attempts:
-                    raise common.to_error(exc, method) from None
-                await asyncio.sleep(policy.delay(attempt))
-                attempt += 1
-
     async def status(self, *, replica: int = 0, timeout: float | None = None) -> Status:
-        r = self.replicas[replica]
-        reply = await self._retrying(
-            "GetStatus",
-            lambda: r.stub.GetStatus(pb.GetStatusRequest(), timeout=timeout or self.timeout, metadata=self._metadata),
-            self.retry,
-        )
-        return Status.from_pb(reply)
+        with errors("GetStatus"):
+            reply = await self.replicas[replica].stub.GetStatus(pb.GetStatusRequest(), **self._core.options(timeout))
+        return from_pb(Status, reply)
 
     async def train_draft(self, *, run_now: bool = False, every_n_batches: int | None = None, replica: int = 0,
-                    timeout: float | None = None) -> DraftTraining:
+                          timeout: float | None = None) -> DraftTraining:
         """Online draft learning: run a round now (returns once it is served) and/or set the schedule
         (a round after every N finished Generate requests; 0 = off); reports the learner's state."""
-        r = self.replicas[replica]
-        req = common.train_draft_request(run_now, every_n_batches)
-        try:
-            reply = await r.stub.TrainDraft(req, timeout=timeout or self.timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise common.to_error(exc, "TrainDraft") from None
-        return DraftTraining.from_pb(reply)
+        request = train_draft_request(run_now, every_n_batches)
+        with errors("TrainDraft"):
+            reply = await self.replicas[replica].stub.TrainDraft(request, **self._core.options(timeout))
+        return from_pb(DraftTraining, reply)
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
-        """Returns once every replica's health check answers SERVING; RolloutError(DEADLINE_EXCEEDED) otherwise."""
+        """Returns once every replica's health check answers SERVING; RolloutError(DEADLINE_EXCEEDED)
+        otherwise. Waits for a replica that cannot be reached yet (it may still be starting)."""
         deadline = time.monotonic() + timeout
         for r in self.replicas:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RolloutError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{r.address} not ready within {timeout}s", "Check")
-                try:
-                    reply = await r.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=min(left, 5.0),
-                                                 metadata=self._metadata)
+            with errors("Health.Watch"):
+                watch = r.health.Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True,
+                                       **self._core.options(max(deadline - time.monotonic(), 1e-3)))
+                serving = False
+                async for reply in watch:
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        serving = True
                         break
-                except grpc.RpcError as exc:
-                    if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                        raise common.to_error(exc, "Check") from None
-                await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+                watch.cancel()
+                if not serving:
+                    raise not_serving(r.address)
 
     async def generate(
         self,
@@ -141,23 +102,12 @@ class AsyncRolloutClient:
         Leaving the `async for` early cancels the call once the generator is closed; wrap it in
         `contextlib.aclosing(...)` to cancel at once rather than when it is garbage-collected.
         """
-        request = common.generate_request(prompts, num_samples, sampling, request_id or uuid.uuid4().hex)
-        r = self.replicas[next(self._next)]
-        attempt = 1
-        while True:
-            received = 0
-            call = r.stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        request = generate_request(prompts, num_samples, sampling, request_id or uuid.uuid4().hex)
+        with errors("Generate"):
+            call = self._core.next_replica().stub.Generate(request, **self._core.options(timeout))
             try:
                 async for msg in call:
-                    received += 1
-                    yield Completion.from_pb(msg)
-                return
-            except grpc.RpcError as exc:
-                # before any completion arrived nothing was consumed, so the call may be repeated
-                if received or not common.retryable(exc) or attempt >= self.retry.max_attempts:
-                    raise common.to_error(exc, "Generate") from None
-                await asyncio.sleep(self.retry.delay(attempt))
-                attempt += 1
+                    yield from_pb(Completion, msg)
             finally:
                 call.cancel()
 
@@ -172,8 +122,7 @@ class AsyncRolloutClient:
     ) -> GroupedBatch:
         """Gathers a whole GRPO batch: result.completions[i][j] is sample j of prompt i."""
         stream = self.generate(prompts, num_samples, sampling, request_id=request_id, timeout=timeout)
-        completions = [c async for c in stream]
-        return common.group_completions(completions, len(prompts), num_samples)
+        return group_completions([c async for c in stream], len(prompts), num_samples)
 
     async def push_weights(
         self,
@@ -198,26 +147,19 @@ class AsyncRolloutClient:
         """
         served = await self.status(timeout=timeout)
         plan = await asyncio.to_thread(
-            common.plan_push, weights, kind, served, target=target, base_version=base_version,
+            plan_push, weights, kind, served, target=target, base_version=base_version,
             new_version=new_version, lora_scale=lora_scale, mirror=mirror, verify=verify,
         )
-        outcomes = await asyncio.gather(
-            *(self._push_one(r, plan, kind, target, lora_scale, timeout) for r in self.replicas),
-            return_exceptions=True,
-        )
+        outcomes = await asyncio.gather(*(self._push_one(r, plan, timeout) for r in self.replicas),
+                                        return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
         await asyncio.to_thread(plan.commit)
         return list(outcomes)
 
-    async def _push_one(self, r: _Replica, plan: PushPlan, kind: Kind, target: Target, lora_scale: float,
-                        timeout: float | None) -> UpdateResult:
-        total, messages = await asyncio.to_thread(
-            update_stream, plan.tensors, kind, plan.base_version, plan.new_version, target, lora_scale
-        )
-        try:
-            reply = await r.stub.UpdateWeights(messages, timeout=timeout or self.timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise common.to_error(exc, "UpdateWeights") from None
-        return plan.result(reply, r.address, total)
+    async def _push_one(self, r: Replica, plan: PushPlan, timeout: float | None) -> UpdateResult:
+        _, messages = await asyncio.to_thread(plan.stream)
+        with errors("UpdateWeights"):
+            reply = await r.stub.UpdateWeights(messages, **self._core.options(timeout))
+        return plan.result(reply, r.address)

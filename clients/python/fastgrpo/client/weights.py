@@ -1,31 +1,36 @@
-"""Encoding weight updates for UpdateWeights, and a mirror of the served weights to verify them.
+"""Weight pushes: encoding an update for UpdateWeights, planning one (versions, dtype, the checksum
+to expect), and a mirror of the served weights to verify it.
 
 A trainer that pushes deltas keeps a `WeightMirror`: a copy of exactly what the rollout serves. The
-mirror applies each update with the same function the server uses (fastgrpo.wire.updated_values),
-so after a push its checksum must equal the one the server returns, bit for bit.
+mirror applies each update with the same function the server uses
+(fastgrpo.common.weight_updates.updated_values), so after a push its checksum must equal the one
+the server returns, bit for bit.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Iterator, Literal, Mapping
 
 import torch
 
+from fastgrpo.client.types import ChecksumMismatch, Status, UpdateResult
+from fastgrpo.common.weight_updates import UpdateKind, updated_values
 from fastgrpo.v1 import rollout_pb2 as pb
+from fastgrpo.wire.convert import TARGETS, UPDATE_KINDS, from_pb
+from fastgrpo.wire.dtypes import dtype_from_name
 from fastgrpo.wire.tensors import (
     MAX_CHUNK_BYTES,
     chunk_bytes,
     combine_digests,
     encode_tensor,
+    state_checksum,
     tensor_digest,
     unique_state,
-    updated_values,
 )
 
-Kind = Literal["full", "dense_delta", "lora_delta"]
+Kind = UpdateKind
 Target = Literal["policy", "draft"]
-KINDS = {"full": pb.UPDATE_KIND_FULL, "dense_delta": pb.UPDATE_KIND_DENSE_DELTA, "lora_delta": pb.UPDATE_KIND_LORA_DELTA}
-TARGETS = {"policy": pb.MODEL_TARGET_POLICY, "draft": pb.MODEL_TARGET_DRAFT}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def as_state(weights: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -45,14 +50,14 @@ def update_stream(
     chunk_size: int = MAX_CHUNK_BYTES,
 ) -> tuple[int, Iterator[pb.WeightChunk]]:
     """(total bytes, the UpdateWeights messages: header, then data chunks of <= chunk_size bytes)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    if kind not in UPDATE_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(UPDATE_KINDS)}; got {kind!r}")
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
     encoded = [encode_tensor(name, t) for name, t in tensors.items()]
     header = pb.WeightHeader(
         target=TARGETS[target],
-        kind=KINDS[kind],
+        kind=UPDATE_KINDS[kind],
         base_version=base_version,
         new_version=new_version,
         tensors=[meta.to_pb() for meta, _ in encoded],
@@ -87,7 +92,7 @@ class WeightMirror:
         """Mirror of weights served in `dtype` (e.g. Status.model.dtype); None keeps their dtype."""
         state = as_state(weights)
         if dtype is not None:
-            dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+            dt = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
             state = {n: t.detach().to(dt) for n, t in state.items()}
         return WeightMirror(state, version)
 
@@ -105,7 +110,7 @@ class WeightMirror:
 
     def preview(self, kind: Kind, tensors: Mapping[str, torch.Tensor], lora_scale: float = 1.0) -> dict[str, torch.Tensor]:
         """New values the update would give, without changing the mirror (raises like the server would)."""
-        return updated_values(self.state, KINDS[kind], tensors, lora_scale)
+        return updated_values(self.state, kind, tensors, lora_scale)
 
     def digests_after(self, new_values: Mapping[str, torch.Tensor]) -> dict[str, str]:
         """Per-tensor digests of the served weights once `new_values` are applied."""
@@ -122,3 +127,75 @@ class WeightMirror:
         self._digests = dict(digests) if digests is not None else self.digests_after(new_values)
         self.version = version
         self.checksum = combine_digests(self._digests)
+
+
+@dataclass(frozen=True)
+class PushPlan:
+    """One weight push, decided before any byte is sent: what goes out, and what must come back."""
+
+    tensors: dict[str, torch.Tensor]  # on the CPU, cast to the served dtype
+    kind: Kind
+    target: Target
+    lora_scale: float
+    base_version: int
+    new_version: int
+    expected_checksum: str | None  # None: the reply is not verified
+    mirror: WeightMirror | None
+    new_values: dict[str, torch.Tensor] | None  # the mirror's values after the update (with a mirror)
+    new_digests: dict[str, str] | None = None  # the mirror's per-tensor digests after the update
+
+    def stream(self) -> tuple[int, Iterator[pb.WeightChunk]]:
+        """(total bytes, a fresh UpdateWeights message stream) for one replica."""
+        return update_stream(self.tensors, self.kind, self.base_version, self.new_version, self.target, self.lora_scale)
+
+    def result(self, reply: pb.UpdateWeightsReply, address: str) -> UpdateResult:
+        """The reply of one replica as an UpdateResult; ChecksumMismatch if it serves other weights."""
+        if self.expected_checksum is not None and reply.checksum != self.expected_checksum:
+            raise ChecksumMismatch(self.expected_checksum, reply.checksum, address)
+        return dataclasses.replace(from_pb(UpdateResult, reply), address=address)
+
+    def commit(self) -> None:
+        """Advances the mirror; call once every replica has accepted the update."""
+        if self.mirror is not None:
+            self.mirror.commit(self.new_values, self.new_version, self.new_digests)
+
+
+def plan_push(
+    weights: torch.nn.Module | Mapping[str, torch.Tensor],
+    kind: Kind,
+    served: Status,
+    *,
+    target: Target,
+    base_version: int | None,
+    new_version: int | None,
+    lora_scale: float,
+    mirror: WeightMirror | None,
+    verify: bool,
+) -> PushPlan:
+    """Versions, tensors and expected checksum of a push (see RolloutClient.push_weights).
+
+    `served` is the status of the first replica: its version of `target` is the default base (unless
+    a mirror says otherwise) and its dtype the one tensors are cast to.
+    """
+    if mirror is not None:
+        base = mirror.version if base_version is None else base_version
+    else:
+        served_version = served.draft_version if target == "draft" else served.policy_version
+        base = served_version if base_version is None else base_version
+    new = base + 1 if new_version is None else new_version
+    try:
+        dtype = dtype_from_name(served.model.dtype)
+    except ValueError:
+        raise ValueError(f"the service reports dtype {served.model.dtype!r}, which the client cannot encode") from None
+    tensors = {n: t.detach().to("cpu", dtype) for n, t in as_state(weights).items()}
+    expected = None
+    new_values = new_digests = None
+    if mirror is not None:
+        new_values = mirror.preview(kind, tensors, lora_scale)
+        new_digests = mirror.digests_after(new_values)
+        expected = combine_digests(new_digests)
+    elif verify and kind == "full":
+        expected = state_checksum(unique_state(tensors))
+    elif verify:
+        raise ValueError(f"a {kind} update can only be verified against a mirror: pass mirror= or verify=False")
+    return PushPlan(tensors, kind, target, lora_scale, base, new, expected, mirror, new_values, new_digests)

@@ -15,30 +15,14 @@ from typing import Iterable, Iterator, Mapping
 import torch
 
 from fastgrpo.v1 import rollout_pb2 as pb
+from fastgrpo.wire.dtypes import DTYPES, dtype_name
+from fastgrpo.wire.errors import WireError
 
 MAX_CHUNK_BYTES = 4 * 1024 * 1024  # gRPC's default message limit is 4 MiB; chunks stay below it
 
-_TORCH_TO_PB = {
-    torch.float32: pb.DTYPE_FLOAT32,
-    torch.float16: pb.DTYPE_FLOAT16,
-    torch.bfloat16: pb.DTYPE_BFLOAT16,
-    torch.float64: pb.DTYPE_FLOAT64,
-}
+# proto enum DTYPE_<NAME> for every dtype of the shared table
+_TORCH_TO_PB = {dtype: pb.DType.Value(f"DTYPE_{name.upper()}") for name, dtype in DTYPES.items()}
 _PB_TO_TORCH = {v: k for k, v in _TORCH_TO_PB.items()}
-_DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float64: "float64",
-}
-
-
-class WireError(ValueError):
-    """A tensor on the wire does not match its declaration. `code` names the gRPC status it maps to."""
-
-    def __init__(self, message: str, code: str = "INVALID_ARGUMENT"):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -71,7 +55,7 @@ class TensorMeta:
         if spec.byte_length != expected:
             raise WireError(
                 f"tensors[{spec.name!r}].byte_length: {spec.byte_length} does not match "
-                f"shape {list(spec.shape)} x {_DTYPE_NAMES[dtype]} = {expected} bytes"
+                f"shape {list(spec.shape)} x {dtype_name(dtype)} = {expected} bytes"
             )
         return TensorMeta(spec.name, dtype, tuple(int(d) for d in spec.shape), spec.byte_length, spec.sha256.lower())
 
@@ -157,81 +141,6 @@ def combine_digests(digests: Mapping[str, str]) -> str:
 def state_checksum(state: Mapping[str, torch.Tensor]) -> str:
     """Checksum of a state dict (use `unique_state` first so tied weights count once)."""
     return combine_digests({name: tensor_digest(t) for name, t in state.items()})
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Applying an update. Both sides call these so the learner's mirror of the served weights is
-# bit-identical to what the rollout serves after every push (old + delta is not exactly new in float).
-
-def lora_product(a: torch.Tensor, b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """scale * B @ A, computed in float32, as a delta for a weight of dtype out_dtype."""
-    assert a.dim() == 2 and b.dim() == 2 and b.shape[1] == a.shape[0], (a.shape, b.shape)
-    return (scale * (b.to(torch.float32) @ a.to(torch.float32))).to(out_dtype)  # (out, in)
-
-
-def lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
-    """Maps weight name -> (A name, B name) for names "<W>.lora_A" / "<W>.lora_B"; raises on orphans."""
-    names = list(names)
-    pairs: dict[str, tuple[str, str]] = {}
-    for n in names:
-        if n.endswith(".lora_A"):
-            base = n[: -len(".lora_A")]
-            if base + ".lora_B" not in names:
-                raise WireError(f"tensors[{n!r}]: LoRA factor without its {base + '.lora_B'!r}")
-            pairs[base] = (n, base + ".lora_B")
-        elif n.endswith(".lora_B"):
-            if n[: -len(".lora_B")] + ".lora_A" not in names:
-                raise WireError(f"tensors[{n!r}]: LoRA factor without its lora_A")
-        else:
-            raise WireError(f"tensors[{n!r}]: a lora_delta update holds only '<weight>.lora_A' / '.lora_B' tensors")
-    return pairs
-
-
-def updated_values(
-    current: Mapping[str, torch.Tensor],
-    kind: int,
-    tensors: Mapping[str, torch.Tensor],
-    lora_scale: float = 1.0,
-) -> dict[str, torch.Tensor]:
-    """New values of the weights an update touches (current is not modified).
-
-    kind is a pb.UpdateKind. Every name and shape is checked before anything is computed, so a bad
-    update raises WireError with nothing half-applied.
-    """
-    if kind == pb.UPDATE_KIND_LORA_DELTA:
-        pairs = lora_pairs(tensors)
-        for base, (an, bn) in pairs.items():
-            if base not in current:
-                raise WireError(f"tensors[{an!r}]: no weight named {base!r} in the model")
-            a, b = tensors[an], tensors[bn]
-            w = current[base]
-            if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != tuple(w.shape):
-                raise WireError(
-                    f"tensors[{an!r}]: LoRA factors A {list(a.shape)} and B {list(b.shape)} do not make a "
-                    f"delta of shape {list(w.shape)}"
-                )
-        return {base: current[base] + _like(lora_product(tensors[an], tensors[bn], lora_scale, torch.float32), current[base])
-                for base, (an, bn) in pairs.items()}
-    if kind not in (pb.UPDATE_KIND_FULL, pb.UPDATE_KIND_DENSE_DELTA):
-        raise WireError(f"header.kind: unknown update kind {kind}")
-    for name, t in tensors.items():
-        if name not in current:
-            raise WireError(f"tensors[{name!r}]: no tensor of that name in the model")
-        if tuple(t.shape) != tuple(current[name].shape):
-            raise WireError(
-                f"tensors[{name!r}].shape: {list(t.shape)} but the model's is {list(current[name].shape)}"
-            )
-    if kind == pb.UPDATE_KIND_FULL:
-        return {name: _like(t, current[name]) for name, t in tensors.items()}
-    return {name: current[name] + _like(t, current[name]) for name, t in tensors.items()}
-
-
-def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    return t.to(device=ref.device, dtype=ref.dtype)
 
 
 def unique_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ Checkpoints are local files the learner wrote itself; nothing here reads data fr
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 

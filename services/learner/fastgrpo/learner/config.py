@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from fastgrpo.common.cli import help_field
+from fastgrpo.common.config import help_field
 
 
 @dataclass(frozen=True)

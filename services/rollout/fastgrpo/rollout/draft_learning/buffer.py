@@ -11,7 +11,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from fastgrpo.rollout.draft_learning.trainer import FeatureSequence
+from fastgrpo.rollout.speculative.pairs import FeatureSequence
 
 
 @dataclass(frozen=True)

@@ -12,24 +12,29 @@ from dataclasses import dataclass
 
 import torch
 
-from fastgrpo.rollout.draft_learning.trainer import DraftTrainConfig, DraftTrainer, FeatureSequence
-from fastgrpo.rollout.engine.engine import Engine, EngineConfig
-from fastgrpo.rollout.engine.model_runner import ModelRunner
-from fastgrpo.rollout.engine.types import GenerationRequest, SamplingConfig
-from fastgrpo.rollout.speculative.draft import DraftHead
+from fastgrpo.common.config import help_field
+from fastgrpo.rollout.draft_learning.trainer import DraftTrainConfig, DraftTrainer
+from fastgrpo.rollout.runtime.model_runner import ModelRunner
+from fastgrpo.rollout.scheduler.engine import Engine, EngineConfig
+from fastgrpo.rollout.scheduler.requests import GenerationRequest
+from fastgrpo.rollout.speculative.draft_head import DraftHead
+from fastgrpo.rollout.speculative.pairs import FeatureSequence
+from fastgrpo.wire.records import Sampling
 
 log = logging.getLogger("fastgrpo.draft")
 
 
 @dataclass(frozen=True)
 class OfflineConfig:
-    samples_per_prompt: int = 2
-    temperature: float = 1.0
-    max_new_tokens: int = 64
-    epochs: int = 2
-    batch_size: int = 16
-    seed: int = 0
-    train: DraftTrainConfig = DraftTrainConfig(lr=1e-3)
+    """Bootstrapping a draft head offline (`fastgrpo-rollout train-draft` flags)."""
+
+    samples_per_prompt: int = help_field(2, "rollouts per prompt")
+    temperature: float = help_field(1.0, "sampling temperature of the rollouts")
+    max_new_tokens: int = help_field(128, "tokens per rollout at most")
+    epochs: int = help_field(3, "passes over the captured sequences")
+    batch_size: int = help_field(32, "sequences per optimiser step")
+    lr: float = help_field(1e-3, "AdamW learning rate of the head")
+    seed: int = help_field(0, "seed of rollouts, initialisation and batch order")
 
 
 @torch.inference_mode()
@@ -57,7 +62,7 @@ def rollouts(runner: ModelRunner, eos: tuple[int, ...], prompts: list[list[int]]
     engine = Engine(runner, eos, EngineConfig(max_running=runner.num_slots))
     try:
         req = GenerationRequest("draft-data", tuple(tuple(p) for p in prompts), cfg.samples_per_prompt,
-                                SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
+                                Sampling(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
         return [list(prompts[r.prompt_index]) + r.token_ids for r in engine.submit(req)]
     finally:
         engine.shutdown()
@@ -74,7 +79,7 @@ def train_offline(model: torch.nn.Module, eos: tuple[int, ...], prompts: list[li
     t1 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     head = head or DraftHead.for_target(model)
-    trainer = DraftTrainer(head, cfg.train)
+    trainer = DraftTrainer(head, DraftTrainConfig(lr=cfg.lr))
     rng = random.Random(cfg.seed)
     last = None
     history = []

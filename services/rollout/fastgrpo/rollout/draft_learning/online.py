@@ -5,7 +5,10 @@ a bounded CaptureBuffer. A *round* trains a shadow copy of the draft head on the
 since the previous round (one optimiser step at a time, run by the engine thread when it has no
 decode work, or interleaved one step per decode step when a round was asked for explicitly), then
 copies the shadow into the served head between two decode steps and bumps the draft version.
-Rounds start after every N finished Generate requests (the policy), or on TrainDraft.
+Rounds start after every N finished Generate requests (the schedule), or on TrainDraft.
+
+The learner is one of the engine's observers (it receives finished sequences' pairs, finished
+requests and step times) and one of its pieces of background work (it trains between steps).
 
 Scheduled rounds are also bounded in time: training may spend at most `time_fraction` of the time
 the engine spends serving (a budget credited by every engine step and spent by every optimiser
@@ -20,45 +23,48 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Mapping, Protocol
 
 import torch
 
-from fastgrpo.common.cli import help_field
+from fastgrpo.common.config import help_field
 from fastgrpo.rollout.draft_learning.buffer import CaptureBuffer
-from fastgrpo.rollout.draft_learning.trainer import DraftTrainConfig, DraftTrainer, FeatureSequence
-from fastgrpo.rollout.speculative.draft import DraftHead
-from fastgrpo.rollout.weights import WeightStore
+from fastgrpo.rollout.draft_learning.trainer import DraftTrainConfig, DraftTrainer
+from fastgrpo.rollout.scheduler.observer import EngineObserver
+from fastgrpo.rollout.scheduler.requests import GenerationRequest, StepReport
+from fastgrpo.rollout.speculative.draft_head import DraftHead
+from fastgrpo.rollout.speculative.pairs import FeatureSequence
+from fastgrpo.wire.records import Completion, DraftTraining
 
 
 @dataclass(frozen=True)
-class OnlineConfig:
-    every_n_batches: int = help_field(1, "train the draft after every N finished Generate requests (0 = off)")
+class DraftLearningConfig:
+    """Online draft learning while serving (flags --draft-*)."""
+
+    enabled: bool = help_field(True, "with --draft: keep training the draft online on the pairs verification captures", flag="draft-learning")
+    every_n_batches: int = help_field(1, "a round after every N finished Generate requests (0 = only on TrainDraft)")
     buffer_bytes: int = help_field(256 * 1024 * 1024, "capture buffer bound in bytes (oldest sequences dropped first)")
     batch_size: int = help_field(16, "sequences per draft optimiser step")
-    max_steps_per_round: int = help_field(64, "optimiser steps per round at most")
+    max_steps: int = help_field(64, "optimiser steps per round at most")
     lr: float = help_field(3e-4, "AdamW learning rate of the draft head")
     warmup_steps: int = help_field(16, "optimiser steps over which the learning rate ramps up from 0")
-    time_fraction: float = help_field(0.05, "scheduled rounds use at most this fraction of the engine's serving time (0 = unbounded)")
-    seed: int = help_field(0, "seed of batch order")
+    time_fraction: float = help_field(0.05, "scheduled rounds use at most this fraction of the engine's serving time (0 = unbounded; TrainDraft rounds are not bounded)")
+    seed: int = help_field(0, "seed of the batch order")
 
 
-@dataclass(frozen=True)
-class DraftLearningStats:
-    draft_version: int
-    every_n_batches: int
-    rounds: int
-    steps: int
-    last_loss: float
-    last_top1: float
-    samples_seen: int  # pairs trained on, over all rounds
-    seconds: float  # time spent in draft training
-    buffer_sequences: int
-    buffer_bytes: int
-    dropped_sequences: int
+class DraftPublisher(Protocol):
+    """Where a trained draft is served from: its version, and a versioned swap of its weights
+    (the service's WeightStore of the draft)."""
+
+    version: int
+
+    def replace(self, values: Mapping[str, torch.Tensor], version: int) -> None: ...
 
 
-class OnlineDraftLearner:
-    def __init__(self, live: DraftHead, store: WeightStore, config: OnlineConfig = OnlineConfig()):
+class OnlineDraftLearner(EngineObserver):
+    wants_pairs = True
+
+    def __init__(self, live: DraftHead, store: DraftPublisher, config: DraftLearningConfig = DraftLearningConfig()):
         self.live = live
         self.store = store
         self.config = config
@@ -83,6 +89,18 @@ class OnlineDraftLearner:
         self._budget_s = 0.0  # training seconds scheduled rounds may still spend
         self._step_s = 0.0  # running mean of one optimiser step's seconds (0: none measured yet)
 
+    # ---------------------------------------------------------------- engine observer (engine thread)
+    def step_done(self, report: StepReport) -> None:
+        if report.batch_size or report.first_token_seconds:
+            self.credit(report.seconds)  # serving time buys draft-training time
+
+    def sequence_done(self, result: Completion, seconds: float, pairs: FeatureSequence | None) -> None:
+        if pairs is not None:
+            self.capture(pairs)
+
+    def request_done(self, request: GenerationRequest) -> None:
+        self.on_batch_done()
+
     # ---------------------------------------------------------------- called from any thread
     def on_batch_done(self) -> None:
         with self._lock:
@@ -102,7 +120,7 @@ class OnlineDraftLearner:
                 self._next_serial = self.buffer.serial
                 self._rng.shuffle(data)
                 bs = self.config.batch_size
-                steps = self.config.max_steps_per_round if force else self._affordable_steps()
+                steps = self.config.max_steps if force else self._affordable_steps()
                 self._queue = [data[i : i + bs] for i in range(0, len(data), bs)][:steps]
             if not self._queue:  # nothing new to learn from
                 self._resolve()
@@ -112,35 +130,40 @@ class OnlineDraftLearner:
         """Optimiser steps the time budget pays for now (the first round runs one, to measure)."""
         cfg = self.config
         if cfg.time_fraction <= 0:
-            return cfg.max_steps_per_round
+            return cfg.max_steps
         if not self._step_s:
             return 1
         # a long serving stretch must not buy an unbounded burst: at most one full round
-        self._budget_s = min(self._budget_s, cfg.max_steps_per_round * self._step_s)
-        return max(0, min(cfg.max_steps_per_round, int(self._budget_s / self._step_s)))
+        self._budget_s = min(self._budget_s, cfg.max_steps * self._step_s)
+        return max(0, min(cfg.max_steps, int(self._budget_s / self._step_s)))
 
     def credit(self, serving_seconds: float) -> None:
         """The engine spent `serving_seconds` on one step: time_fraction of it goes to the budget."""
         self._budget_s += self.config.time_fraction * serving_seconds
 
-    def set_policy(self, every_n_batches: int) -> None:
+    def set_schedule(self, every_n_batches: int) -> None:
+        """A round after every `every_n_batches` finished Generate requests (0: only when asked)."""
         if every_n_batches < 0:
             raise ValueError(f"every_n_batches must be >= 0, got {every_n_batches}")
         with self._lock:
             self.every_n_batches = every_n_batches
 
-    def stats(self) -> DraftLearningStats:
+    def stats(self) -> DraftTraining:
         b = self.buffer.stats()
-        return DraftLearningStats(self.store.version, self.every_n_batches, self.rounds, self.trainer.steps,
+        return DraftTraining(self.store.version, self.every_n_batches, self.rounds, self.trainer.steps,
                                   self.last_loss, self.last_top1, self.samples_seen, self.seconds,
                                   b.sequences, b.bytes, b.dropped_sequences)
 
-    # ---------------------------------------------------------------- engine thread only
+    # ---------------------------------------------------------------- background work (engine thread)
     def has_work(self) -> bool:
         return bool(self._queue)
 
-    def forced(self) -> bool:
+    def urgent(self) -> bool:
+        """A round asked for with TrainDraft interleaves with decoding; scheduled ones wait for idle."""
         return self._forced and bool(self._queue)
+
+    def run_step(self) -> None:
+        self.step()
 
     def capture(self, seq: FeatureSequence) -> None:
         if len(seq.tokens) >= 2:  # one pair has no next feature to learn from

@@ -1,9 +1,9 @@
 """Training the draft head on (target feature, next token) sequences.
 
-A FeatureSequence is exactly what the draft reads at inference: pair i = (f_i, x_{i+1}) at absolute
-position start + i. The head learns to predict f_{i+1} (and through lm_head the target's next-token
-distribution) from pairs 0..i, so the same sequences come from offline rollouts or, online, from
-the pairs the target computed while verifying.
+A FeatureSequence (speculative.pairs) is exactly what the draft reads at inference. The head
+learns to predict f_{i+1} (and through lm_head the target's next-token distribution) from pairs
+0..i, so the same sequences come from offline rollouts or, online, from the pairs the target
+computed while verifying.
 """
 from __future__ import annotations
 
@@ -12,24 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from fastgrpo.rollout.draft_learning.loss import DraftLoss, draft_loss
-from fastgrpo.rollout.speculative.draft import DraftHead
-
-
-@dataclass(frozen=True)
-class FeatureSequence:
-    tokens: torch.Tensor  # (S,) long: x_{i+1}, the token after position start + i
-    features: torch.Tensor  # (S, H): f_i, the target's final-norm hidden state at position start + i
-    start: int = 0
-    # pairs before this one are context only, never trained on: online captures start the loss at the
-    # prompt's last pair, whose prediction is the first token the draft ever proposes (the prompt's
-    # own next tokens are text the policy did not choose, and the draft never drafts inside a prompt)
-    loss_from: int = 0
-
-    def __post_init__(self):
-        assert self.tokens.dim() == 1 and self.features.shape[0] == self.tokens.shape[0]
-
-    def nbytes(self) -> int:
-        return self.tokens.numel() * self.tokens.element_size() + self.features.numel() * self.features.element_size()
+from fastgrpo.rollout.speculative.draft_head import DraftHead
+from fastgrpo.rollout.speculative.pairs import FeatureSequence
 
 
 @dataclass(frozen=True)

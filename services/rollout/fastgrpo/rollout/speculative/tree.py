@@ -1,4 +1,5 @@
-"""Draft trees as tensors, and the pure functions that build them.
+"""Draft trees: their shape (K, L, N_verify), the tree itself as tensors, and the pure functions
+that build it.
 
 A tree of one sequence has N nodes; node 0 is the root (the token the target emitted last, not yet
 in its cache), every other node is a draft token whose parent has a smaller index (topological
@@ -10,6 +11,49 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from fastgrpo.rollout.runtime.sampler import sample_inverse_cdf
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """Width K (children per node, nodes expanded per level), depth L, N_verify (nodes incl. root).
+
+    Deterministic (top-K) trees: the candidate pool holds K nodes at depth 1 and K*K at every
+    deeper level; the best N_verify - 1 of them by cumulative draft log-prob are verified.
+    Sampled trees (see `sampled_layout`) keep every child they draw.
+    """
+
+    width: int
+    depth: int
+    n_verify: int
+
+    def __post_init__(self):
+        if not (self.width >= 1 and self.depth >= 1 and 2 <= self.n_verify <= self.pool_size + 1):
+            raise ValueError(f"{self}: need K, L >= 1 and 2 <= N_verify <= K + (L-1)K^2 + 1 = {self.pool_size + 1}")
+
+    @property
+    def pool_size(self) -> int:
+        return self.width + (self.depth - 1) * self.width * self.width
+
+    def sampled_layout(self) -> tuple[int, int, int]:
+        """(k, E, L') of a sampled tree within N_verify: k children per expanded node, E nodes
+        expanded per level below the root, L' levels, so that k + (L'-1) E k <= N_verify - 1.
+
+        Recursive rejection sampling needs every drawn child of a node (dropping a child because
+        of its own draft score would bias acceptance), so the budget is met by choosing how many
+        nodes to expand rather than which children to keep. Depth comes first: the first drawn
+        child is accepted whenever the draft agrees with the target, so a further level adds far
+        more than a further sibling; width takes what L levels leave.
+        """
+        budget = self.n_verify - 1
+        depth = min(self.depth, budget)
+        k = max(1, min(self.width, budget // depth))
+        if depth == 1:
+            return k, 1, 1
+        per_level = (budget - k) // (depth - 1)  # nodes each deeper level may add
+        expand = min(max(per_level // k, 1), k)
+        return k, expand, min(depth, 1 + (budget - k) // (expand * k))
 
 
 @dataclass(frozen=True)
@@ -82,11 +126,9 @@ def draw_without_replacement(logq: torch.Tensor, k: int, uniforms: torch.Tensor)
     probs = logq.double().exp()  # (..., V)
     out = []
     for i in range(k):
-        cdf = probs.cumsum(-1)  # (..., V)
-        target = uniforms[..., i : i + 1].double() * cdf[..., -1:]  # (..., 1)
-        tok = torch.searchsorted(cdf, target, right=True).clamp(max=logq.shape[-1] - 1)  # (..., 1)
+        tok = sample_inverse_cdf(probs, uniforms[..., i])[..., None]  # (..., 1)
         if i:  # an exhausted row (all mass drawn) keeps its previous token
-            tok = torch.where(cdf[..., -1:] > 0, tok, out[-1])
+            tok = torch.where(probs.sum(-1, keepdim=True) > 0, tok, out[-1])
         out.append(tok)
         probs = probs.scatter(-1, tok, 0.0)
     return torch.cat(out, dim=-1)  # (..., k)

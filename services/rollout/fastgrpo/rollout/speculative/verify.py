@@ -32,7 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
+from fastgrpo.rollout.runtime.sampler import sample_inverse_cdf
 from fastgrpo.rollout.speculative.tree import DraftTree, children_table
+
+VERIFY_RULES = ("rrs", "match")  # how sampled sequences verify (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -80,26 +83,10 @@ def verify_greedy(tree: DraftTree, target_logits: torch.Tensor) -> VerifyResult:
     return accept_path(tree, target_logits.argmax(-1))
 
 
-def sample_inverse_cdf(logp: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row from the distribution exp(logp), by inverse CDF. logp (..., V), uniforms (...)."""
-    probs = logp.double().exp()  # (..., V)
-    cdf = probs.cumsum(-1)  # (..., V)
-    target = uniforms.double()[..., None] * cdf[..., -1:]  # (..., 1)
-    # the first index whose cdf exceeds u has positive probability (cdf only rises there)
-    return torch.searchsorted(cdf, target, right=True).clamp(max=logp.shape[-1] - 1)[..., 0]
-
-
 def verify_sampled(tree: DraftTree, sampling_logp: torch.Tensor, uniforms: torch.Tensor) -> VerifyResult:
     """Sample-matching. sampling_logp (B, N, V): the target's sampling distribution at each node
     (sampler.sampling_logprobs); uniforms (B, N) i.i.d. U[0, 1) from each sequence's generator."""
-    return accept_path(tree, sample_inverse_cdf(sampling_logp, uniforms))
-
-
-def sample_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row from (unnormalised) probabilities, by inverse CDF. probs (B, V), uniforms (B,)."""
-    cdf = probs.cumsum(-1)  # (B, V)
-    target = uniforms.double()[:, None] * cdf[:, -1:]  # (B, 1)
-    return torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[-1] - 1)[:, 0]
+    return accept_path(tree, sample_inverse_cdf(sampling_logp.double().exp(), uniforms))
 
 
 def verify_rrs(tree: DraftTree, sampling_logp: torch.Tensor, draft_logq: torch.Tensor, candidate: torch.Tensor,
@@ -139,7 +126,7 @@ def verify_rrs(tree: DraftTree, sampling_logp: torch.Tensor, draft_logq: torch.T
             p = torch.where(reject & (mass > 0), residual / mass.clamp(min=1e-300), p)
             rest = q.scatter(1, x, 0.0)
             q = torch.where(reject, rest / rest.sum(-1, keepdim=True).clamp(min=1e-300), q)
-        bonus = sample_probs(p, uniforms[:, depth, -1])  # (B,) from the last residual
+        bonus = sample_inverse_cdf(p, uniforms[:, depth, -1])  # (B,) from the last residual
         stop = ~done & (nxt < 0)
         last = emitted[-1] if emitted else bonus
         emitted.append(torch.where(stop, bonus, torch.where(done, last, tree.tokens[rows, nxt.clamp(min=0)])))

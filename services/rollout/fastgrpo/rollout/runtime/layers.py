@@ -1,0 +1,88 @@
+"""The pieces of a Llama-family decoder forward that the target runner and the draft head share:
+the attention mask of a ForwardBatch, and one pre-norm decoder layer run over HF modules through
+our KV cache (or, without a cache, differentiably among the new tokens only)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastgrpo.rollout.runtime.batch import ForwardBatch
+from fastgrpo.rollout.runtime.kv_cache import KVCache
+
+
+def attention_mask(batch: ForwardBatch, key_len: int) -> torch.Tensor:
+    """(B, 1, Q, key_len) bool: True where new token q of row b may attend to cache position j."""
+    B, Q = batch.tokens.shape
+    device = batch.tokens.device
+    start = batch.starts if batch.region_start is None else batch.region_start  # (B,)
+    region = batch.region_mask
+    if region is None:
+        region = torch.ones(Q, Q, dtype=torch.bool, device=device).tril().expand(B, Q, Q)  # (B, Q, Q)
+    R = region.shape[-1]
+    j = torch.arange(key_len, device=device)  # (T,)
+    past = j[None, None, :] < start[:, None, None]  # (B, 1, T)
+    rel = j[None, :] - start[:, None]  # (B, T) offset of key j inside the region
+    in_region = (rel >= 0) & (rel < R)  # (B, T)
+    region_ok = region.gather(2, rel.clamp(0, R - 1)[:, None, :].expand(B, Q, key_len))  # (B, Q, T)
+    return (past | (in_region[:, None, :] & region_ok))[:, None]  # (B, 1, Q, T)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def decoder_layer(
+    layer: torch.nn.Module,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+    cache: KVCache | None,
+    cache_layer: int,
+    slots: torch.Tensor | None,
+    write_pos: torch.Tensor | None,
+    key_len: int,
+    head_dim: int,
+    query_at: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One pre-norm Llama-family decoder layer over new tokens h (B, Q, H), attending through `cache`.
+
+    cos/sin (B, 1, Q, D) rotary tables, mask (B, 1, Q, key_len), write_pos (B, Q) cache positions.
+    With cache None the tokens attend only among themselves (mask (B, 1, Q, Q)): the differentiable
+    path used to train the draft head. Shared by the target runner and the draft head.
+
+    query_at (B,): every new token's keys and values go to the cache, but only token query_at[b] of
+    row b attends and goes through the MLP; returns (B, 1, H). A one-layer draft catching up on many
+    pairs needs only the last one's output, and the key and value projections are a twentieth of the
+    layer's arithmetic (the rest: query, output projection, MLP).
+    """
+    B, Q, _ = h.shape
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)  # (B, Q, H)
+    k = attn.k_proj(x).view(B, Q, -1, head_dim)  # (B, Q, Hkv, D)
+    v = attn.v_proj(x).view(B, Q, -1, head_dim).transpose(1, 2)  # (B, Hkv, Q, D)
+    cos_q, sin_q = cos, sin
+    if query_at is not None:
+        rows = torch.arange(B, device=h.device)
+        h, x = h[rows, query_at][:, None], x[rows, query_at][:, None]  # (B, 1, H)
+        # advanced indices on dims 0 and 2 put the indexed dim first: (B, 1, D) -> (B, 1, 1, D)
+        cos_q, sin_q = cos[rows, :, query_at][:, :, None], sin[rows, :, query_at][:, :, None]
+        mask = mask[rows, :, query_at][:, :, None]  # (B, 1, 1, T)
+    Qa = x.shape[1]  # tokens that attend: Q, or 1 with query_at
+    q = attn.q_proj(x).view(B, Qa, -1, head_dim)  # (B, Qa, Hq, D)
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before rotary
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H*, Qa or Q, D)
+    q = q * cos_q + _rotate_half(q) * sin_q
+    k = k * cos + _rotate_half(k) * sin
+    if cache is None:
+        keys, values = k, v  # (B, Hkv, Q, D)
+    else:
+        cache.write(cache_layer, slots, write_pos, k, v)
+        keys, values = cache.read(cache_layer, slots, key_len)  # (B, Hkv, T, D)
+    out = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1]
+    )  # (B, Hq, Qa, D)
+    h = h + attn.o_proj(out.transpose(1, 2).reshape(B, Qa, -1))  # (B, Qa, H)
+    return h + layer.mlp(layer.post_attention_layernorm(h))  # (B, Qa, H)

@@ -1,0 +1,108 @@
+"""Sampling: logits -> the target's sampling distribution -> tokens, and exact logprobs.
+
+Pure tensor functions. The order of processing is the one vLLM and HF apply: temperature, then
+top-k, then top-p. Two distributions matter and are kept apart:
+  * the *sampling* distribution (temperature, top-k, top-p applied), from which tokens are drawn;
+  * the *policy* distribution softmax(logits / temperature), untruncated, whose log-probability of
+    each emitted token is returned to the trainer (what a GRPO learner's importance ratio uses).
+Greedy rows (temperature 0) take the argmax; their policy logprob is under softmax(logits).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Per-row sampling parameters of a batch of sequences, as tensors."""
+
+    temperature: torch.Tensor  # (B,) float; 0 = greedy
+    top_k: torch.Tensor  # (B,) long; <= 0 = off
+    top_p: torch.Tensor  # (B,) float in (0, 1]
+
+    def __post_init__(self):
+        assert self.temperature.dim() == 1 and self.temperature.shape == self.top_k.shape == self.top_p.shape
+
+    @property
+    def greedy(self) -> torch.Tensor:
+        return self.temperature == 0  # (B,) bool
+
+    def repeat_rows(self, n: int) -> "SamplingBatch":
+        """Each row repeated n times in place (row b -> rows b*n .. b*n+n-1), for per-node tree logits."""
+        return SamplingBatch(
+            self.temperature.repeat_interleave(n), self.top_k.repeat_interleave(n), self.top_p.repeat_interleave(n)
+        )
+
+
+def policy_logprobs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits / T) per row, T = 1 for greedy rows. logits (B, V), temperature (B,) -> (B, V)."""
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))  # (B,)
+    return torch.log_softmax(logits.float() / t[:, None], dim=-1)  # (B, V)
+
+
+def sampling_logprobs(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
+    """Log-probs of the distribution tokens are drawn from: temperature, top-k, top-p; -inf outside.
+
+    logits (B, V) -> (B, V). Greedy rows get a one-hot at the argmax (log 1 = 0, -inf elsewhere), so
+    that verification code can treat greedy as the degenerate case of sampling.
+    """
+    assert logits.dim() == 2 and logits.shape[0] == params.temperature.shape[0]
+    logp = policy_logprobs(logits, params.temperature)  # (B, V)
+    truncated = (params.top_k > 0) | (params.top_p < 1)  # (B,)
+    out = _truncate(logp, params) if bool(truncated.any()) else logp  # no row truncates: skip the sort
+    greedy = params.greedy
+    if bool(greedy.any()):
+        onehot = torch.full_like(out, float("-inf"))
+        onehot.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 0.0)
+        out = torch.where(greedy[:, None], onehot, out)
+    return out
+
+
+def _truncate(logp: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
+    """Top-k, then top-p over what top-k kept, renormalised. logp (B, V) -> (B, V), -inf outside."""
+    V = logp.shape[-1]
+    # top-k: drop everything below the k-th largest value of the row
+    k = torch.where(params.top_k > 0, params.top_k.clamp(max=V), torch.full_like(params.top_k, V))  # (B,)
+    sorted_logp, sorted_idx = torch.sort(logp, dim=-1, descending=True)  # (B, V)
+    ranks = torch.arange(V, device=logp.device)[None, :]  # (1, V)
+    keep_sorted = ranks < k[:, None]  # (B, V)
+    # top-p over what top-k kept: keep the smallest prefix whose mass reaches top_p (the first always)
+    probs_sorted = torch.softmax(sorted_logp.masked_fill(~keep_sorted, float("-inf")), dim=-1)  # (B, V)
+    mass_before = torch.cumsum(probs_sorted, dim=-1) - probs_sorted  # (B, V)
+    keep_sorted &= mass_before < params.top_p[:, None]
+    keep_sorted[:, 0] = True
+    keep = torch.zeros_like(keep_sorted).scatter(-1, sorted_idx, keep_sorted)  # (B, V)
+    return torch.log_softmax(logp.masked_fill(~keep, float("-inf")), dim=-1)  # (B, V)
+
+
+def exponential_noise(generators: list[torch.Generator], n: int, device: torch.device) -> torch.Tensor:
+    """(B, n) i.i.d. Exp(1) noise, row b drawn from generators[b] so each sequence's draws depend only
+    on its own seed, never on which other sequences share the batch."""
+    rows = [torch.rand(n, generator=g, dtype=torch.float64) for g in generators]  # B x (n,)
+    u = torch.stack(rows).clamp_(min=1e-300).to(device)  # (B, n)
+    return -torch.log(u)  # (B, n)
+
+
+def sample_from_logprobs(logp: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Exponential race: argmax p / E with E ~ Exp(1) draws token i with probability p_i exactly.
+
+    logp (B, V) log-probs (rows may hold -inf), noise (B, V) Exp(1) -> (B,) token ids.
+    """
+    assert logp.shape == noise.shape
+    return torch.argmax(logp.double() - torch.log(noise), dim=-1)  # (B,)
+
+
+def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row from unnormalised probabilities, by inverse CDF: the first index whose
+    cumulative mass exceeds u times the row's total (it has positive probability: the cdf only
+    rises there). probs (..., V) float64, uniforms (...) U[0, 1) -> (...) token ids."""
+    cdf = probs.cumsum(-1)  # (..., V)
+    target = uniforms.double()[..., None] * cdf[..., -1:]  # (..., 1)
+    return torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[-1] - 1)[..., 0]  # (...)
+
+
+def gather_rows(values: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """values (B, V), tokens (B,) -> (B,) values[b, tokens[b]]."""
+    return values.gather(-1, tokens[:, None]).squeeze(-1)

@@ -1,0 +1,170 @@
+"""RolloutService over gRPC: each method validates, converts (fastgrpo.wire.convert) and delegates
+to the engine, the weight stores or the draft learner."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from typing import Callable
+
+import grpc
+
+from fastgrpo.rollout.draft_learning.online import OnlineDraftLearner
+from fastgrpo.rollout.scheduler.engine import Engine
+from fastgrpo.rollout.scheduler.requests import GenerationRequest, InvalidRequest
+from fastgrpo.rollout.service.metrics import RolloutMetrics
+from fastgrpo.rollout.service.weights import WeightStore
+from fastgrpo.v1 import rollout_pb2 as pb
+from fastgrpo.v1 import rollout_pb2_grpc as pb_grpc
+from fastgrpo.wire.convert import from_pb, to_pb
+from fastgrpo.wire.errors import WireError
+from fastgrpo.wire.records import ModelInfo, Sampling, Speculation, Status
+
+log = logging.getLogger("fastgrpo.rollout")
+
+
+def request_from_pb(req: pb.GenerateRequest, request_id: str, tokenize: Callable[[str], list[int]]) -> GenerationRequest:
+    """A GenerateRequest as the engine takes it: text prompts tokenized, sampling as a record."""
+    prompts = []
+    for i, p in enumerate(req.prompts):
+        which = p.WhichOneof("input")
+        if which == "token_ids":
+            prompts.append(tuple(p.token_ids.ids))
+        elif which == "text":
+            prompts.append(tuple(tokenize(p.text)))
+        else:
+            raise InvalidRequest(f"prompts[{i}]", "prompt is empty (set token_ids or text)")
+    return GenerationRequest(request_id=request_id, prompts=tuple(prompts), num_samples=req.num_samples,
+                             sampling=from_pb(Sampling, req.sampling))
+
+
+class RolloutServicer(pb_grpc.RolloutServiceServicer):
+    def __init__(self, engine: Engine, policy: WeightStore, tokenizer, model_info: ModelInfo,
+                 draft: WeightStore | None = None, metrics: RolloutMetrics | None = None,
+                 draft_learner: OnlineDraftLearner | None = None):
+        """policy: the served model weights; draft: the draft head's, when one is served."""
+        self.engine = engine
+        self.metrics = metrics or RolloutMetrics()
+        self.policy = policy
+        self.draft = draft
+        self.draft_learner = draft_learner
+        self.tokenizer = tokenizer
+        self.model_info = model_info
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            handle = self.engine.submit(request_from_pb(request, request_id, self._tokenize))
+        except InvalidRequest as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except OverflowError as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        self.metrics.requests.inc()
+        # client gone or deadline hit: free its slots (at once when the call ended before this line)
+        if not context.add_callback(handle.cancel):
+            handle.cancel()
+        for result in handle:
+            text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True) if self.tokenizer else ""
+            yield to_pb(dataclasses.replace(result, text=text))
+
+    def _tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequest("prompts.text", "this model has no tokenizer; send token_ids")
+        return self.tokenizer(text)["input_ids"]
+
+    def UpdateWeights(self, request_iterator, context: grpc.ServicerContext):
+        try:
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("payload") != "header":
+                raise WireError("the first message of the stream must carry the header")
+            header = first.header
+            store = self._store(header.target)
+            pending = store.begin(header)
+            for msg in request_iterator:
+                if msg.WhichOneof("payload") != "data":
+                    raise WireError("only data chunks may follow the header")
+                pending.receive(msg.data)
+            pending.finish()
+            result = self.engine.run_exclusive(lambda: self._commit(store, pending))
+        except WireError as exc:
+            log.warning("weight update refused: %s", exc)
+            # the rest of the stream is read and dropped before the refusal: a status sent while the
+            # client still writes reaches grpc.aio clients as INTERNAL half the time (grpc/grpc#36066)
+            for _ in request_iterator:
+                pass
+            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        log.info("weights updated to version %d in %.3fs (%d bytes)", result.version, result.seconds, result.bytes_received)
+        self.metrics.weights_updated("policy" if store is self.policy else "draft", result.seconds, result.bytes_received)
+        reply = to_pb(result)
+        reply.target = header.target
+        return reply
+
+    def _commit(self, store: WeightStore, pending):
+        # runs on the engine thread, so sequences admitted from the next step on carry the new version
+        result = store.commit(pending)
+        if store is self.policy:
+            self.engine.policy_version = result.version
+        elif self.draft_learner is not None:  # a draft pushed from outside replaces the shadow too
+            self.draft_learner.sync_from_live()
+        return result
+
+    def _store(self, target: int) -> WeightStore:
+        if target == pb.MODEL_TARGET_POLICY:
+            return self.policy
+        if target == pb.MODEL_TARGET_DRAFT:
+            if self.draft is None:
+                raise WireError("header.target: this server hosts no draft model (start it with --draft)",
+                                "FAILED_PRECONDITION")
+            return self.draft
+        raise WireError(f"header.target: unknown target {target}")
+
+    def TrainDraft(self, request: pb.TrainDraftRequest, context: grpc.ServicerContext):
+        learner = self.draft_learner
+        if learner is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "draft learning is not enabled (start the server with --draft and --draft-learning)")
+        if request.set_policy:  # (the proto's name for the schedule)
+            if request.every_n_batches < 0:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"every_n_batches: must be >= 0, got {request.every_n_batches}")
+            learner.set_schedule(request.every_n_batches)
+        if request.run_now:
+            fut = learner.schedule(force=True)
+            self.engine.wake()
+            try:
+                fut.result(timeout=context.time_remaining())
+            except TimeoutError:
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the draft round did not finish before the deadline")
+        return to_pb(learner.stats())
+
+    def GetStatus(self, request, context):
+        return to_pb(self.status())
+
+    def status(self) -> Status:
+        """What GetStatus answers; the metrics layer reads it at every scrape."""
+        snap = self.engine.snapshot()
+        return Status(
+            policy_version=self.policy.version,
+            policy_checksum=self.policy.checksum,
+            running_sequences=snap["running"],
+            queued_sequences=snap["queued"],
+            max_running_sequences=self.engine.config.max_running,
+            draft_version=self.draft.version if self.draft is not None else 0,
+            model=self.model_info,
+            speculation=self._speculation(),
+        )
+
+    def _speculation(self) -> Speculation:
+        controller = self.engine.controller
+        if controller is None:
+            return Speculation()
+        tree = self.engine.last_tree
+        cal = controller.calibrator
+        c_peak, source = cal.snapshot()
+        return Speculation(
+            mode=controller.mode, c_peak=c_peak, c_peak_source=source,
+            batch_size=self.engine.last_batch_size, n_verify=tree.n_verify if tree else 0,
+            width=tree.width if tree else 0, depth=tree.depth if tree else 0,
+            c_peak_start=cal.initial[0], c_peak_start_source=cal.initial[1], c_peak_updates=cal.updates,
+            alpha=controller.alpha, alpha_start=controller.controller.alpha, alpha_updates=cal.alpha_updates,
+        )

@@ -1,0 +1,102 @@
+"""C_peak calibration: how many tokens one target forward can take before its latency grows in
+proportion to them (the roofline knee, FastGRPO appendix B).
+
+A sweep times real target forwards over token counts T (one sequence verifying T tokens after a
+realistic context). Latency is flat while the forward is bound by reading the weights and grows
+linearly once compute dominates; C_peak is where the curve's log-log slope over a few octaves
+reaches 1/2 (`knee`): exactly the knee of an ideal roofline, the middle of the bend of a smooth
+one (knee.py reads it). The online refinement (online_calibration.py) steers to the same point
+from live steps.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastgrpo.rollout.runtime.batch import ForwardBatch
+from fastgrpo.rollout.runtime.model_runner import ModelRunner
+
+
+@dataclass(frozen=True)
+class Calibration:
+    c_peak: float
+    model: str
+    device: str
+    dtype: str
+    points: list[tuple[int, float]] = field(default_factory=list)  # (tokens per forward, seconds)
+    source: str = "profile"
+
+    def key(self) -> str:
+        return calibration_key(self.model, self.device, self.dtype)
+
+    def save(self, path: str | Path) -> None:
+        """Writes this calibration into a JSON file of calibrations keyed by model, device and dtype."""
+        path = Path(path)
+        table = json.loads(path.read_text()) if path.exists() else {}
+        table[self.key()] = asdict(self)
+        path.write_text(json.dumps(table, indent=1))
+
+    @staticmethod
+    def load(path: str | Path, model: str, device: str, dtype: str) -> "Calibration | None":
+        path = Path(path)
+        if not path.exists():
+            return None
+        entry = json.loads(path.read_text()).get(calibration_key(model, device, dtype))
+        if entry is None:
+            return None
+        entry["points"] = [tuple(p) for p in entry["points"]]
+        return Calibration(**entry)
+
+
+def calibration_key(model: str, device: str, dtype: str) -> str:
+    return f"{model}|{device}|{dtype}"
+
+
+def one_sequence_batch(runner: ModelRunner, tokens: int, context: int) -> ForwardBatch:
+    """One sequence (slot 0) verifying `tokens` random tokens after `context` cached ones."""
+    dev = runner.device
+    start = torch.tensor([context], device=dev)
+    ids = torch.randint(0, runner.vocab_size, (1, tokens), device=dev)  # (1, T)
+    positions = (context + torch.arange(tokens, device=dev))[None]  # (1, T)
+    return ForwardBatch(ids, positions, torch.zeros(1, dtype=torch.long, device=dev), start)
+
+
+@torch.inference_mode()
+def profile(runner: ModelRunner, token_counts: list[int], context: int = 128, repeats: int = 7,
+            budget_s: float = 60.0) -> list[tuple[int, float]]:
+    """Median latency of one target forward over T new tokens after `context` cached tokens.
+
+    Repeats go round the whole sweep (T = 2, 3, 4, ..., then again) rather than timing each count
+    `repeats` times in a row, so a slow spell of the machine lands on every count alike instead of
+    bending the curve where it happened. Past `budget_s` no further round starts; the first round
+    stops at the count it reached.
+    """
+    dev = runner.device
+    deadline = time.perf_counter() + budget_s
+    counts = [T for T in sorted(token_counts) if context + T <= runner.cache.max_len]
+    batches = {T: one_sequence_batch(runner, T, context) for T in counts}
+    times: dict[int, list[float]] = {}
+    for r in range(repeats + 1):  # round 0 warms every shape up
+        for T in counts:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            runner.forward(batches[T])
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if r:
+                times.setdefault(T, []).append(time.perf_counter() - t0)
+            if r <= 1 and time.perf_counter() > deadline:
+                counts = [c for c in counts if c <= T]
+                break
+        if r and time.perf_counter() > deadline:
+            break
+    return [(T, statistics.median(ts)) for T, ts in sorted(times.items())]
+
+
+DEFAULT_SWEEP = [1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256, 362, 512, 724, 1024]  # half-octaves

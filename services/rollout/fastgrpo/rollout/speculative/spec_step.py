@@ -1,0 +1,193 @@
+"""One speculative decode step for a batch of running sequences: draft a tree, verify, settle.
+
+  1. catch-up: the draft reads the (target feature, next token) pairs settled since its last step;
+  2. grow: K x L tree per sequence, the best N_verify - 1 nodes kept under the root (or, for
+     recursive rejection sampling, children drawn from the draft and all kept);
+  3. verify: one target forward over every node of every tree (tree mask, depth positions), then
+     greedy, sample-matching or recursive-rejection-sampling acceptance;
+  4. settle: the accepted path's keys/values move onto consecutive cache positions (rejected nodes
+     are simply overwritten later), emitted tokens and their exact logprobs go to the sequences,
+     and the accepted path's target features become the draft's next catch-up pairs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from fastgrpo.rollout.runtime import sampler
+from fastgrpo.rollout.runtime.batch import ForwardBatch
+from fastgrpo.rollout.runtime.model_runner import ModelRunner
+from fastgrpo.rollout.speculative.draft_runner import ChildDraw, Drafter, GrownTree
+from fastgrpo.rollout.speculative.pairs import FeatureSequence
+from fastgrpo.rollout.speculative.tree import TreeShape
+from fastgrpo.rollout.speculative.verify import VERIFY_RULES, VerifyResult, verify_greedy, verify_rrs, verify_sampled
+from fastgrpo.wire.records import SpecStats
+
+
+@dataclass
+class SpecState:
+    """Per-sequence speculative state, owned by the scheduler's SequenceState."""
+
+    pending_tokens: list[int] = field(default_factory=list)  # x_{i+1} of pairs not yet in the draft cache
+    # f_i of those pairs, as chunks concatenated only at the next catch-up: plain decode steps add
+    # one row per step, and concatenating there would copy O(n^2) rows over a long plain stretch
+    pending_chunks: list[torch.Tensor] = field(default_factory=list)  # each (k, H)
+    drafted: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+    accepted_per_depth: list[int] = field(default_factory=list)  # [d-1]: draft tokens accepted at depth d
+    captured_tokens: list[int] = field(default_factory=list)  # pairs already consumed, kept for draft learning
+    prompt_pairs: int = 0  # pairs 0 .. prompt_pairs - 1 predict prompt tokens (see FeatureSequence.loss_from)
+    captured_features: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def pending_features(self) -> torch.Tensor:
+        """(P, H) features of the pending pairs."""
+        if len(self.pending_chunks) > 1:
+            self.pending_chunks = [torch.cat(self.pending_chunks, dim=0)]
+        return self.pending_chunks[0]
+
+    def stats(self) -> SpecStats:
+        return SpecStats(self.drafted, self.accepted, self.verify_steps, tuple(self.accepted_per_depth))
+
+
+@dataclass(frozen=True)
+class StepTokens:
+    """What one verify step emits for one sequence, before stop / length truncation."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    accepted: int
+    depth: int  # of the deepest node in the sequence's verified tree: accepted == depth used it all
+
+
+class SpecDecoder:
+    def __init__(self, runner: ModelRunner, drafter: Drafter, rule: str = "rrs"):
+        """rule: how sampled sequences verify: "rrs" (children drawn from the draft, recursive
+        rejection sampling) or "match" (top-K children, sample-matching). Greedy batches always
+        use top-K trees and exact matching."""
+        if rule not in VERIFY_RULES:
+            raise ValueError(f"verify rule must be one of {', '.join(VERIFY_RULES)}; got {rule!r}")
+        self.runner = runner
+        self.drafter = drafter
+        self.rule = rule
+        self.capture = False  # keep consumed pairs for online draft learning
+
+    @staticmethod
+    def captured(state: SpecState) -> FeatureSequence:
+        """Every pair of the sequence (consumed and still pending), for the draft-learning buffer."""
+        feats = state.captured_features + state.pending_chunks
+        return FeatureSequence(torch.tensor(state.captured_tokens + state.pending_tokens),
+                               torch.cat(feats, dim=0).detach().cpu(), 0, state.prompt_pairs)
+
+    @staticmethod
+    def after_prefill(state: SpecState, prompt: tuple[int, ...], first_token: int, hidden: torch.Tensor) -> None:
+        """Queues the prompt's pairs (f_i, x_{i+1}) for the draft. hidden (n, H) target features."""
+        state.pending_tokens = list(prompt[1:]) + [first_token]
+        state.pending_chunks = [hidden]
+        state.prompt_pairs = len(prompt) - 1
+
+    @staticmethod
+    def queue_pair(state: SpecState, feature: torch.Tensor, next_token: int) -> None:
+        """Adds one settled pair (f_i (H,), x_{i+1}) for the draft's next catch-up."""
+        state.pending_tokens.append(next_token)
+        state.pending_chunks.append(feature[None])
+
+    def step(
+        self,
+        slots: torch.Tensor,
+        settled: torch.Tensor,
+        roots: torch.Tensor,
+        states: list[SpecState],
+        params: sampler.SamplingBatch,
+        generators: list[torch.Generator | None],
+        shape: TreeShape,
+    ) -> list[StepTokens]:
+        """slots, settled (tokens in the cache), roots (last emitted token) (B,) -> tokens per sequence.
+
+        Leaves each state's pending pairs set to the accepted path, and its counters advanced; the
+        caller appends the tokens and advances its settled count by len(tokens).
+        """
+        B = slots.shape[0]
+        dev = slots.device
+        root_feature = self._catch_up(slots, settled, states)  # (B, H)
+        greedy = bool(params.greedy.all())
+        draw = None if greedy or self.rule != "rrs" else self._child_draw(shape, params, generators)
+        grown = self.drafter.grow(slots, settled, roots, root_feature, shape, draw)
+        tree = grown.tree
+        N = tree.size
+        out = self.runner.forward(ForwardBatch(tree.tokens, settled[:, None] + tree.depths, slots, settled, tree.ancestors))
+        logits = out.logits  # (B, N, V)
+        V = logits.shape[-1]
+        result = verify_greedy(tree, logits) if greedy else self._verify(grown, logits, params, generators, shape)
+        D1 = result.path.shape[1]
+        # settle the accepted path onto consecutive cache positions settled + k
+        k = torch.arange(D1, device=dev)[None, :]
+        self.runner.cache.move(slots, settled[:, None] + result.path, settled[:, None] + k)
+        # exact logprobs of the emitted tokens, computed only at the path's nodes
+        path_logits = logits.gather(1, result.path[:, :, None].expand(B, D1, V))  # (B, D+1, V)
+        path_logp = sampler.policy_logprobs(path_logits.reshape(B * D1, V),
+                                            params.temperature.repeat_interleave(D1)).view(B, D1, V)
+        emitted_logp = path_logp.gather(2, result.tokens[:, :, None])[:, :, 0]  # (B, D+1)
+        path_feat = out.hidden.gather(1, result.path[:, :, None].expand(B, D1, out.hidden.shape[-1]))  # (B, D+1, H)
+        n_acc = result.accepted.tolist()
+        toks, lps = result.tokens.tolist(), emitted_logp.tolist()
+        depths = tree.depths.amax(dim=1).tolist()  # (B,) a tree keeps its best N_verify nodes, not always L deep
+        steps = []
+        for b, st in enumerate(states):
+            n = n_acc[b] + 1
+            st.pending_tokens = toks[b][:n]
+            st.pending_chunks = [path_feat[b, :n]]
+            st.drafted += N - 1
+            st.accepted += n - 1
+            st.verify_steps += 1
+            if len(st.accepted_per_depth) < shape.depth:
+                st.accepted_per_depth += [0] * (shape.depth - len(st.accepted_per_depth))
+            for d in range(n - 1):
+                st.accepted_per_depth[d] += 1
+            steps.append(StepTokens(toks[b][:n], lps[b][:n], n - 1, depths[b]))
+        return steps
+
+    def _catch_up(self, slots: torch.Tensor, settled: torch.Tensor, states: list[SpecState]) -> torch.Tensor:
+        dev = slots.device
+        counts = torch.tensor([len(s.pending_tokens) for s in states], device=dev)  # (B,)
+        P = int(counts.max())
+        H = states[0].pending_features.shape[-1]
+        tokens = torch.zeros(len(states), P, dtype=torch.long, device=dev)  # (B, P)
+        feats = torch.zeros(len(states), P, H, dtype=states[0].pending_features.dtype, device=dev)  # (B, P, H)
+        for b, s in enumerate(states):
+            n = len(s.pending_tokens)
+            tokens[b, :n] = torch.tensor(s.pending_tokens, device=dev)
+            feats[b, :n] = s.pending_features
+            if self.capture:
+                s.captured_tokens.extend(s.pending_tokens)
+                s.captured_features.append(s.pending_features)
+        return self.drafter.catch_up(slots, settled - counts, tokens, feats, counts)
+
+    @staticmethod
+    def _uniforms(generators: list[torch.Generator | None], shape: tuple[int, ...], device) -> torch.Tensor:
+        """(B, *shape) float64 U[0, 1), row b from generators[b] (0.5 for greedy rows, whose
+        outcome no uniform changes)."""
+        n = math.prod(shape)
+        return torch.stack([torch.rand(n, generator=g, dtype=torch.float64) if g is not None
+                            else torch.full((n,), 0.5, dtype=torch.float64) for g in generators]
+                           ).view(len(generators), *shape).to(device)
+
+    def _child_draw(self, shape: TreeShape, params: sampler.SamplingBatch,
+                    generators: list[torch.Generator | None]) -> ChildDraw:
+        k, e, levels = shape.sampled_layout()
+        return ChildDraw(params, self._uniforms(generators, (levels, e, k), params.temperature.device))
+
+    def _verify(self, grown: GrownTree, logits: torch.Tensor, params: sampler.SamplingBatch,
+                generators: list[torch.Generator | None], shape: TreeShape) -> VerifyResult:
+        tree = grown.tree
+        B, N, V = logits.shape
+        logp = sampler.sampling_logprobs(logits.reshape(B * N, V), params.repeat_rows(N)).view(B, N, V)
+        # greedy rows have a one-hot distribution: any uniform picks the argmax
+        if grown.draft_logq is None:
+            return verify_sampled(tree, logp, self._uniforms(generators, (N,), logits.device))
+        k, _, levels = shape.sampled_layout()  # at most k children per node, `levels` deep
+        return verify_rrs(tree, logp, grown.draft_logq, grown.candidate,
+                          self._uniforms(generators, (levels + 1, k + 1), logits.device))
