@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.bootstrap-stamp
 
-.PHONY: demo test test-unit test-deps venv proto clean
+.PHONY: demo test test-unit test-deps test-fixtures venv proto clean
 
 venv: $(STAMP)
 
@@ -22,7 +22,7 @@ demo: venv
 	$(BIN)/fastgrpo-learner demo
 
 # every tier: unit, service, system (tests/conftest.py says which is which)
-test: venv test-deps
+test: venv test-deps test-fixtures
 	$(BIN)/python -m pytest -q
 
 test-unit: venv
@@ -31,6 +31,10 @@ test-unit: venv
 # what the system tests need from Debian (Prometheus, promtool, docker-compose)
 test-deps:
 	scripts/install-test-deps
+
+# the trained fixture policy and its draft the service tests use (a few CPU minutes once; cached)
+test-fixtures: venv
+	$(BIN)/fastgrpo-fixture draft > /dev/null
 
 # Regenerates the Python stubs from proto/ (tests check that the committed ones are current).
 proto: venv

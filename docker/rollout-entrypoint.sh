@@ -6,7 +6,7 @@ set -eu
 if [ -z "${FASTGRPO_MODEL:-}" ]; then
     FASTGRPO_MODEL=$(fastgrpo-fixture build | tail -n 1)
     if [ -z "${FASTGRPO_DRAFT:-}" ]; then
-        FASTGRPO_DRAFT=$(python3 -c 'import sys; from fastgrpo.fixture.draft import build_draft; print(build_draft(sys.argv[1]))' "$FASTGRPO_MODEL")
+        FASTGRPO_DRAFT=$(fastgrpo-fixture draft | tail -n 1)
     fi
 fi
 exec fastgrpo-rollout serve --model "$FASTGRPO_MODEL" ${FASTGRPO_DRAFT:+--draft "$FASTGRPO_DRAFT"} \

@@ -53,12 +53,29 @@ def save_random_model(path: Path, arch: str = "qwen2", seed: int = 0, **kwargs) 
     return path
 
 
+BUILD_FIXTURES = "run `make test-fixtures` (make test does), or `fastgrpo-fixture draft`"
+
+
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
-    """The trained fixture policy (built once, cached by recipe hash)."""
-    from fastgrpo.fixture import build_fixture
+    """The trained fixture policy, as `make test-fixtures` built it (no test trains it)."""
+    from fastgrpo.fixture import cached_fixture
 
-    return build_fixture("default")
+    path = cached_fixture("default")
+    if path is None:
+        pytest.fail(f"the default fixture policy is not built: {BUILD_FIXTURES}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def draft_dir(fixture_dir) -> Path:
+    """The fixture policy's bootstrapped draft head, as `make test-fixtures` built it."""
+    from fastgrpo.fixture.draft import cached_draft
+
+    path = cached_draft(fixture_dir)
+    if path is None:
+        pytest.fail(f"the fixture policy's draft is not built: {BUILD_FIXTURES}")
+    return path
 
 
 @pytest.fixture(scope="session")

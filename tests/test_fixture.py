@@ -43,9 +43,9 @@ pytestmark = pytest.mark.system
 
 
 @pytest.fixture(scope="module")
-def default_dir() -> Path:
-    """The default fixture, from the shared cache (built there on first use: ~3 CPU minutes)."""
-    return build_fixture("default")
+def default_dir(fixture_dir) -> Path:
+    """The default fixture, from the shared cache (`make test-fixtures` builds it: ~3 CPU minutes)."""
+    return fixture_dir
 
 
 def test_default_fixture_loads_with_auto_classes(default_dir):
@@ -99,14 +99,15 @@ def test_second_build_is_a_cache_hit(default_dir, monkeypatch):
     assert build_fixture("default", cache_dir=default_dir.parent) == default_dir
 
 
-def test_cli_prints_the_cached_directory_last(default_dir):
+@pytest.mark.parametrize("command", ["build", "draft"])
+def test_cli_prints_the_cached_directory_last(default_dir, draft_dir, command):
     script = Path(sys.executable).with_name("fastgrpo-fixture")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "fastgrpo.fixture.cli"]
     out = subprocess.run(
-        cmd + ["build", "--cache-dir", str(default_dir.parent)],
+        cmd + [command, "--cache-dir", str(default_dir.parent)],
         check=True, capture_output=True, text=True, timeout=120,
     )
-    assert Path(out.stdout.strip().splitlines()[-1]) == default_dir
+    assert Path(out.stdout.strip().splitlines()[-1]) == (default_dir if command == "build" else draft_dir)
 
 
 @pytest.mark.unit

@@ -58,14 +58,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def draft_dir(fixture_dir) -> Path:
-    """The fixture's bootstrapped draft head (cached next to the fixture)."""
-    from fastgrpo.fixture.draft import build_draft
-
-    return build_draft(fixture_dir)
-
-
 # ------------------------------------------------------------------------------------------ HTTP side
 @pytest.mark.service
 def test_http_side_probes_and_port_release():

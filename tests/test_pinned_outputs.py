@@ -33,15 +33,13 @@ def _greedy(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
     return [r.token_ids for r in sorted(engine.submit(request), key=lambda r: r.prompt_index)]
 
 
-def test_greedy_completions_on_the_fixture_are_pinned(fixture_dir):
+def test_greedy_completions_on_the_fixture_are_pinned(fixture_dir, draft_dir):
     from transformers import AutoModelForCausalLM
-
-    from fastgrpo.fixture.draft import build_draft
 
     model = AutoModelForCausalLM.from_pretrained(str(fixture_dir)).eval()
     eos = model.config.eos_token_id
     prompts = PINNED["prompts"]
-    head = DraftHead.load(build_draft(fixture_dir), model)
+    head = DraftHead.load(draft_dir, model)
     outputs = {}
     engines = {"plain": Engine(ModelRunner(model, 4), (eos,), EngineConfig(max_running=4))}
     for mode in ("static", "adaptive"):

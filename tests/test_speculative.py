@@ -209,17 +209,16 @@ def test_greedy_sd_is_token_identical_random_models(arch):
 
 
 @pytest.mark.service
-def test_greedy_sd_is_token_identical_on_the_fixture(fixture_dir):
+def test_greedy_sd_is_token_identical_on_the_fixture(fixture_dir, draft_dir):
     """The trained fixture policy with its bootstrapped draft (so most drafts are accepted, deep
     paths included): 50 task prompts, greedy, token-identical to plain decoding."""
     from transformers import AutoTokenizer
 
-    from fastgrpo.fixture.draft import build_draft
     from fastgrpo.learner.tasks import format_prompt, synthetic_math
 
     model = AutoModelForCausalLM.from_pretrained(str(fixture_dir)).eval()
     tok = AutoTokenizer.from_pretrained(str(fixture_dir))
-    head = DraftHead.load(build_draft(fixture_dir), model)
+    head = DraftHead.load(draft_dir, model)
     plain, spec = _engines(model, TreeShape(width=4, depth=5, n_verify=16), slots=16, head=head)
     prompts = [tok(format_prompt(p.question))["input_ids"] for p in synthetic_math(seed=0).test[:50]]
     a = _run(plain, prompts, temperature=0.0, max_new_tokens=48)
@@ -344,17 +343,16 @@ def test_chi2_detects_a_broken_acceptance_rule(small_vocab_engines, monkeypatch)
     assert p < ALPHA
 
 
-def _fixture_engines(fixture_dir, controller, slots: int, n_prompts: int):
+def _fixture_engines(fixture_dir, draft_dir, controller, slots: int, n_prompts: int):
     """Plain and speculative engines over the fixture policy (its bootstrapped draft under
     `controller`), and n_prompts task prompts."""
     from transformers import AutoTokenizer
 
-    from fastgrpo.fixture.draft import build_draft
     from fastgrpo.learner.tasks import format_prompt, synthetic_math
 
     model = AutoModelForCausalLM.from_pretrained(str(fixture_dir)).eval()
     tok = AutoTokenizer.from_pretrained(str(fixture_dir))
-    head = DraftHead.load(build_draft(fixture_dir), model)
+    head = DraftHead.load(draft_dir, model)
     runner = ModelRunner(model, slots, headroom=controller.max_nodes())
     spec = Engine(runner, (tok.eos_token_id,), EngineConfig(max_running=slots),
                   Drafter(head, slots, runner.cache.max_len + controller.draft_headroom()), controller)
@@ -364,7 +362,7 @@ def _fixture_engines(fixture_dir, controller, slots: int, n_prompts: int):
 
 
 @pytest.mark.service
-def test_adaptive_alpha_follows_acceptance_depth_and_stays_lossless(fixture_dir):
+def test_adaptive_alpha_follows_acceptance_depth_and_stays_lossless(fixture_dir, draft_dir):
     """The fixture's bootstrapped draft is right deep into most sequences: at B = 1 under C_peak 21
     (N = 21, L = 4) most accepted paths reach the deepest node, so the live alpha halves and trees
     grow to L = 5, and greedy output stays token-identical to plain decoding across the change.
@@ -375,7 +373,7 @@ def test_adaptive_alpha_follows_acceptance_depth_and_stays_lossless(fixture_dir)
     # C_peak held still (no exploration, no latency updates): only alpha may move
     cal = OnlineCalibrator(21.0, "configured", OnlineCalibrationConfig(explore_every=0, update_every=10**9, alpha_every=8))
     controller = SpecController("adaptive", ControllerConfig(c_peak=21.0), TreeShape(4, 5, 16), calibrator=cal)
-    plain, spec, prompts = _fixture_engines(fixture_dir, controller, 1, 6)
+    plain, spec, prompts = _fixture_engines(fixture_dir, draft_dir, controller, 1, 6)
     try:
         assert controller.tree_for(1).depth == 4
         static = GenerationRequest("t", tuple(tuple(p) for p in prompts[:3]), 1,
@@ -392,7 +390,7 @@ def test_adaptive_alpha_follows_acceptance_depth_and_stays_lossless(fixture_dir)
 
 
 @pytest.mark.service
-def test_two_node_trees_leave_alpha_alone(fixture_dir):
+def test_two_node_trees_leave_alpha_alone(fixture_dir, draft_dir):
     """Under C_peak 2 at B = 1 every adaptive tree is two nodes, one level deep whatever alpha
     says: its accepted paths reach the deepest node most of the time, which must not deepen alpha."""
     from fastgrpo.rollout.speculative.controller import ControllerConfig
@@ -401,7 +399,7 @@ def test_two_node_trees_leave_alpha_alone(fixture_dir):
     cal = OnlineCalibrator(2.0, "configured", OnlineCalibrationConfig(explore_every=0, update_every=10**9, alpha_every=8))
     controller = SpecController("adaptive", ControllerConfig(c_peak=2.0), calibrator=cal)
     assert controller.tree_for(1).n_verify == 2
-    plain, spec, prompts = _fixture_engines(fixture_dir, controller, 1, 3)
+    plain, spec, prompts = _fixture_engines(fixture_dir, draft_dir, controller, 1, 3)
     try:
         b = _run(spec, prompts, temperature=0.0, max_new_tokens=48)
     finally:
