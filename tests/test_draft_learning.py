@@ -31,10 +31,23 @@ def test_capture_buffer_is_bounded_oldest_first():
     assert len(buf.since(3)) == 2 and len(buf.since(0)) == 3
 
 
+class _TickingClock:
+    """Each reading is `tick` seconds after the one before: every optimiser step (read before and
+    after) costs exactly one tick, however busy the machine is."""
+
+    def __init__(self, tick: float):
+        self.tick, self.now = tick, 0.0
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
 @pytest.mark.unit
 def test_scheduled_rounds_stay_within_their_time_budget(tiny_dir):
     """time_fraction bounds scheduled training by the serving time the engine credits; forced
-    (TrainDraft) rounds are not bounded. Real optimiser steps on the tiny model's draft."""
+    (TrainDraft) rounds are not bounded. Real optimiser steps on the tiny model's draft, timed by a
+    clock on which each step costs exactly 1/64 s (a binary fraction: the budget sums stay exact)."""
     from transformers import AutoModelForCausalLM
 
     from fastgrpo.rollout.draft_learning.online import DraftLearningConfig, OnlineDraftLearner
@@ -42,13 +55,15 @@ def test_scheduled_rounds_stay_within_their_time_budget(tiny_dir):
 
     target = AutoModelForCausalLM.from_pretrained(str(tiny_dir)).requires_grad_(False)
     head = DraftHead.for_target(target)
+    step_s = 2.0**-6
     learner = OnlineDraftLearner(head, WeightStore(head), DraftLearningConfig(batch_size=1, max_steps=8,
-                                                                       time_fraction=0.25))
+                                                                              time_fraction=0.25),
+                                 clock=_TickingClock(step_s))
     H = target.config.hidden_size
 
     def capture(n):
         for _ in range(n):
-            learner.capture(FeatureSequence(torch.randint(0, 90, (40,)), torch.randn(40, H)))
+            learner.capture(FeatureSequence(torch.randint(0, 90, (16,)), torch.randn(16, H)))
 
     def run_round(force=False):
         fut = learner.schedule(force)
@@ -61,16 +76,20 @@ def test_scheduled_rounds_stay_within_their_time_budget(tiny_dir):
 
     capture(8)
     assert run_round() == 1  # no step cost measured yet: one step, to measure it
+    assert learner._step_s == pytest.approx(step_s)
     capture(8)
     assert run_round() == 0  # nothing served since: that step is still owed
     capture(8)
     assert run_round(force=True) == 8  # an explicit round is not bounded (but its time counts)
-    learner.credit(4 * 9 * learner._step_s)  # a quarter of it pays off the 9 steps taken: nothing left
+    learner.credit(4 * 9 * step_s)  # a quarter of it pays off the 9 steps taken: nothing left
     capture(8)
-    assert run_round() <= 1
-    learner.credit(4 * 100 * learner._step_s)  # a long serving stretch buys at most one full round
+    assert run_round() == 0
+    learner.credit(4 * 3 * step_s)  # serving that pays for 3 steps buys 3
     capture(8)
-    assert 4 <= run_round() <= 8
+    assert run_round() == 3
+    learner.credit(4 * 100 * step_s)  # a long serving stretch buys at most one full round
+    capture(8)
+    assert run_round() == 8
 
 
 def _acceptance(client, prompts) -> float:
