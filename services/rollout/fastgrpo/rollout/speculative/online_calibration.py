@@ -19,7 +19,7 @@ sequence) is refined from acceptance by depth: a verify step whose accepted path
 deepest node of its tree was cut short by the depth. When more than twice `alpha_saturation` of the
 steps are, trees get one level deeper (alpha / 2); under half of it, the deepest level is rarely
 used and one level shallower (alpha x 2) saves its draft forward. The calibrator keeps that as a
-shift in levels from the configured alpha (SpecPolicy.alpha applies it).
+shift in levels from the configured alpha (SpecController.alpha applies it).
 """
 from __future__ import annotations
 
