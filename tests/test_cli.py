@@ -25,9 +25,9 @@ SERVE_FLAGS = [
     ("--max-context", "77", "max_context", 77),
     ("--max-prefill-tokens", "99", "engine.max_prefill_tokens", 99),
     ("--auth-token", "t", "auth_token", "t"),
-    ("--tls-cert", "c.pem", "tls_cert", "c.pem"),
+    ("--tls-cert", "c.pem", "tls_cert", "c.pem"),  # (each with the other: TLS takes both)
     ("--tls-key", "k.pem", "tls_key", "k.pem"),
-    ("--workers", "5", "workers", 5),
+    ("--workers", "5", "limits.workers", 5),
     ("--draft", "/d", "draft", "/d"),
     ("--spec-mode", "static", "spec.mode", "static"),
     ("--spec-width", "2", "spec.width", 2),
@@ -64,6 +64,8 @@ def _get(cfg, path: str):
 @pytest.mark.parametrize("flag, value, path, expected", SERVE_FLAGS, ids=[f[0] for f in SERVE_FLAGS])
 def test_every_serve_flag_sets_its_field(flag, value, path, expected):
     argv = [flag] if value is None else [flag, value]
+    partner = {"--tls-cert": ["--tls-key", "k.pem"], "--tls-key": ["--tls-cert", "c.pem"]}
+    argv += partner.get(flag, [])
     cfg = serve_config(argv)
     assert _get(cfg, path) == expected
     assert _get(serve_config([]), path) != expected  # the flag changed it from the default

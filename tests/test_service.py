@@ -155,28 +155,44 @@ def test_tied_alias_cannot_be_updated_twice(tiny_tied_dir, start_service):
 
 
 def _threads_waiting_on_results() -> int:
+    """Threads iterating a request handle (a Generate servicer thread waiting for completions)."""
     import sys
     import traceback
 
-    return sum(any(f.name == "__iter__" and f.filename.endswith("engine/engine.py") for f in traceback.extract_stack(fr))
+    return sum(any(f.name == "__iter__" and f.filename.endswith("scheduler/sequence.py") for f in traceback.extract_stack(fr))
                for fr in sys._current_frames().values())
 
 
 def test_cancelled_generate_releases_its_server_thread(service):
     """A client that goes away (deadline, cancel) must not leave a servicer thread waiting forever:
-    such threads would also keep the process from exiting."""
+    such threads would also keep the process from exiting. The engine is held between steps while
+    the calls are made, so their deadline and cancel happen while their sequences wait."""
     import time
 
     app, stub, _ = service
     req = pb.GenerateRequest(prompts=[pb.Prompt(token_ids=pb.TokenIds(ids=[1, 2, 3]))], num_samples=4,
                              sampling=pb.SamplingParams(temperature=1.0, max_new_tokens=60, ignore_eos=True))
-    with pytest.raises(grpc.RpcError) as err:
-        list(stub.Generate(req, timeout=0.05))
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    call = stub.Generate(req, timeout=30)
-    call.cancel()
-    deadline = time.monotonic() + 10
+    held, gate = threading.Event(), threading.Event()
+    holder = threading.Thread(target=app.engine.run_exclusive, args=(lambda: (held.set(), gate.wait()),), daemon=True)
+    holder.start()
+    try:
+        assert held.wait(10)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(req, timeout=0.5))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        call = stub.Generate(req, timeout=30)
+        deadline = time.monotonic() + 10
+        while app.engine.snapshot()["queued"] < 8 and time.monotonic() < deadline:  # both requests are queued
+            time.sleep(0.01)
+        assert app.engine.snapshot()["queued"] == 8
+        assert _threads_waiting_on_results() == 2  # both calls' servicer threads wait on their handles
+        call.cancel()
+    finally:
+        gate.set()
+    holder.join()
     while _threads_waiting_on_results() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _threads_waiting_on_results() == 0
+    while sum(app.engine.snapshot()[k] for k in ("running", "queued")) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert app.engine.snapshot()["running"] == 0 and app.engine.snapshot()["queued"] == 0

@@ -178,12 +178,14 @@ def test_inverse_cdf_sampling_hits_only_positive_mass():
 
 # ------------------------------------------------------------------ end to end
 def _engines(model, shape, slots=8, head=None, verify="rrs"):
-    plain = Engine(ModelRunner(model, slots), (0,), EngineConfig(max_running=slots))
+    # the distribution tests queue thousands of samples of one prompt in a single request
+    config = EngineConfig(max_running=slots, max_queued=10_000)
+    plain = Engine(ModelRunner(model, slots), (0,), config)
     controller = SpecController("static", static_tree=shape, verify=verify)
     runner = ModelRunner(model, slots, headroom=controller.max_nodes())
     head = head or DraftHead.for_target(model)
     drafter = Drafter(head, slots, runner.cache.max_len + controller.draft_headroom())
-    return plain, Engine(runner, (0,), EngineConfig(max_running=slots), drafter, controller)
+    return plain, Engine(runner, (0,), config, drafter, controller)
 
 
 def _run(engine, prompts, n=1, **s):

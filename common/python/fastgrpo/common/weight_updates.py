@@ -41,6 +41,21 @@ def lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
     return pairs
 
 
+def check_lora_shapes(name: str, a: tuple[int, ...], b: tuple[int, ...], weight: tuple[int, ...]) -> None:
+    """Factors A (r, in) and B (out, r) of a weight (out, in), with 1 <= r <= min(out, in) (a larger
+    rank adds nothing a full delta could not, and would let a header ask for any memory)."""
+    if len(weight) != 2:
+        raise WireError(f"tensors[{name!r}]: LoRA adapts matrices; the weight's shape is {list(weight)}")
+    out_dim, in_dim = weight
+    rank = a[0] if len(a) == 2 else -1
+    if len(a) != 2 or len(b) != 2 or a != (rank, in_dim) or b != (out_dim, rank):
+        raise WireError(f"tensors[{name!r}]: LoRA factors A {list(a)} and B {list(b)} do not make a delta of shape "
+                        f"{[out_dim, in_dim]} (want A [r, {in_dim}], B [{out_dim}, r])")
+    if not 1 <= rank <= min(out_dim, in_dim):
+        raise WireError(f"tensors[{name!r}].shape: rank {rank} is outside [1, {min(out_dim, in_dim)}] for a "
+                        f"{out_dim} x {in_dim} weight")
+
+
 def updated_values(
     current: Mapping[str, torch.Tensor],
     kind: UpdateKind,
@@ -57,13 +72,7 @@ def updated_values(
         for base, (an, bn) in pairs.items():
             if base not in current:
                 raise WireError(f"tensors[{an!r}]: no weight named {base!r} in the model")
-            a, b = tensors[an], tensors[bn]
-            w = current[base]
-            if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != tuple(w.shape):
-                raise WireError(
-                    f"tensors[{an!r}]: LoRA factors A {list(a.shape)} and B {list(b.shape)} do not make a "
-                    f"delta of shape {list(w.shape)}"
-                )
+            check_lora_shapes(an, tuple(tensors[an].shape), tuple(tensors[bn].shape), tuple(current[base].shape))
         return {base: current[base] + _like(lora_product(tensors[an], tensors[bn], lora_scale, torch.float32), current[base])
                 for base, (an, bn) in pairs.items()}
     if kind not in ("full", "dense_delta"):

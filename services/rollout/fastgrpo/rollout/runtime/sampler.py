@@ -37,9 +37,14 @@ class SamplingBatch:
 
 
 def policy_logprobs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits / T) per row, T = 1 for greedy rows. logits (B, V), temperature (B,) -> (B, V)."""
+    """log softmax(logits / T) per row, T = 1 for greedy rows. logits (B, V), temperature (B,) -> (B, V).
+
+    The row's largest logit is subtracted before dividing: with a tiny T, logits / T would overflow
+    to inf and inf - inf is NaN, while (logit - max) / T only runs down to -inf (probability 0)."""
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))  # (B,)
-    return torch.log_softmax(logits.float() / t[:, None], dim=-1)  # (B, V)
+    logits = logits.float()
+    shifted = logits - logits.max(dim=-1, keepdim=True).values  # (B, V), <= 0
+    return torch.log_softmax(shifted / t[:, None], dim=-1)  # (B, V)
 
 
 def sampling_logprobs(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:

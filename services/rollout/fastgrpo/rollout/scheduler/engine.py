@@ -31,7 +31,8 @@ from fastgrpo.rollout.runtime import sampler
 from fastgrpo.rollout.runtime.batch import ForwardBatch
 from fastgrpo.rollout.runtime.model_runner import ModelRunner
 from fastgrpo.rollout.scheduler.observer import BackgroundWork, EngineObserver
-from fastgrpo.rollout.scheduler.requests import EngineLimits, GenerationRequest, StepReport, validate_request
+from fastgrpo.rollout.scheduler.requests import (EngineLimits, GenerationRequest, InvalidRequest, StepReport,
+                                                 validate_request)
 from fastgrpo.rollout.scheduler.sequence import RequestHandle, SequenceState, sequence_seed
 from fastgrpo.rollout.speculative.controller import SpecController
 from fastgrpo.rollout.speculative.draft_runner import Drafter
@@ -48,7 +49,7 @@ class EngineConfig:
 
     max_running: int = help_field(64, "most sequences decoding at once (KV-cache slots)")
     max_prefill_tokens: int = help_field(4096, "prompt tokens admitted into one prefill step (bounds prefill memory)")
-    max_queued: int = help_field(100_000, "sequences waiting for a slot before Generate gets RESOURCE_EXHAUSTED")
+    max_queued: int = help_field(4096, "sequences waiting for a slot; a request that would pass it is refused (RESOURCE_EXHAUSTED, or INVALID_ARGUMENT when it alone is larger)")
 
 
 class Engine:
@@ -97,10 +98,15 @@ class Engine:
         s = request.sampling
         stop = frozenset(s.stop_token_ids) | (frozenset() if s.ignore_eos else self.eos_token_ids)
         base_seed = s.seed if s.seed is not None else secrets.randbits(63)
+        n_new = len(request.prompts) * request.num_samples
+        if n_new > self.config.max_queued:  # would never fit: not worth a retry
+            raise InvalidRequest("num_samples", f"{len(request.prompts)} prompts x {request.num_samples} samples = "
+                                                f"{n_new} sequences, more than the {self.config.max_queued} the queue "
+                                                "holds (--max-queued); split the request")
         with self._cv:
-            n_new = len(request.prompts) * request.num_samples
             if len(self._queue) + n_new > self.config.max_queued:
-                raise OverflowError(f"queue full: {len(self._queue)} sequences waiting, limit {self.config.max_queued}")
+                raise OverflowError(f"queue full: {len(self._queue)} sequences waiting and {n_new} more asked for, "
+                                    f"limit {self.config.max_queued} (--max-queued); retry later")
             for i, prompt in enumerate(request.prompts):
                 for j in range(request.num_samples):
                     gen = None

@@ -19,6 +19,7 @@ from fastgrpo.rollout.draft_learning.online import OnlineDraftLearner
 from fastgrpo.rollout.runtime.model_runner import ModelRunner, resolve_placement
 from fastgrpo.rollout.scheduler.engine import Engine
 from fastgrpo.rollout.service.config import ServeConfig
+from fastgrpo.rollout.service.interceptors import BearerAuth, MalformedRequests, auth_token
 from fastgrpo.rollout.service.metrics import RolloutMetrics
 from fastgrpo.rollout.service.servicer import RolloutServicer
 from fastgrpo.rollout.service.weights import WeightStore
@@ -38,26 +39,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RolloutService"].full_name
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a 4 MiB data chunk plus a manifest of thousands of tensors
 
 
-class BearerAuth(grpc.ServerInterceptor):
-    """Rejects calls without 'authorization: Bearer <token>'. Health checks stay open for probes."""
-
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}"
-
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
-
-    def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
-            return continuation(handler_call_details)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        if metadata.get("authorization") != self._expected:
-            return self._deny
-        return continuation(handler_call_details)
-
-
 @dataclass
 class RolloutApp:
     server: grpc.Server
@@ -68,6 +49,8 @@ class RolloutApp:
     http: HttpSide | None = None
 
     def stop(self, grace: float = 2.0) -> None:
+        """Health turns NOT_SERVING and new calls are refused at once; calls in flight get `grace`
+        seconds to finish, then are cancelled; the engine stops last."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.engine.shutdown()
@@ -148,16 +131,21 @@ def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics,
         device=str(runner.device),
         eos_token_id=eos_ids[0] if eos_ids else -1,
     )
-    servicer = RolloutServicer(engine, WeightStore(runner.model), tokenizer, info, draft_store, metrics, learner)
+    servicer = RolloutServicer(engine, WeightStore(runner.model), tokenizer, info, draft_store, metrics, learner,
+                               cfg.limits)
     metrics.watch(servicer.status, learner)
-    auth = (BearerAuth(cfg.auth_token),) if cfg.auth_token else ()
+    token = auth_token(cfg)
+    auth = (BearerAuth(token),) if token else ()
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=cfg.workers),
-        interceptors=auth + tuple(interceptors),
+        futures.ThreadPoolExecutor(max_workers=cfg.limits.workers),
+        interceptors=auth + (MalformedRequests(),) + tuple(interceptors),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),  # a second server on the port fails to bind instead of sharing it
         ],
+        # every call gets a worker at once or RESOURCE_EXHAUSTED: none waits unseen for a thread
+        maximum_concurrent_rpcs=cfg.limits.workers,
     )
     pb_grpc.add_RolloutServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
@@ -166,11 +154,17 @@ def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics,
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     address = f"{cfg.host}:{cfg.port}"
-    if cfg.tls_cert:
-        creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
-        port = server.add_secure_port(address, creds)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if cfg.tls_cert:
+            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+            port = server.add_secure_port(address, creds)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc says only "Failed to bind"
+        port = 0
+    if not port:
+        engine.shutdown()
+        raise OSError(f"cannot listen on {address}: the port is in use, or the address is not this machine's")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

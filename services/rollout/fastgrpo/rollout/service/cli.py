@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -115,10 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_profile(args)
     if args.command == "train-draft":
         return train_draft(args.model, args.prompts, args.out, from_args(OfflineConfig, args))
-    cfg = from_args(ServeConfig, args)
-    if not cfg.auth_token and os.environ.get("FASTGRPO_AUTH_TOKEN"):
-        cfg = dataclasses.replace(cfg, auth_token=os.environ["FASTGRPO_AUTH_TOKEN"])
-    app = build_app(cfg)
+    try:
+        cfg = from_args(ServeConfig, args)
+        app = build_app(cfg)
+    except (ValueError, OSError) as exc:  # a bad flag or a taken port: say so, without a traceback
+        print(f"fastgrpo-rollout serve: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     # one machine-readable line, so scripts that pass --port 0 learn the port
     print(f"fastgrpo-rollout: serving on {cfg.host}:{app.port}", flush=True)
     if app.http is not None:
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
-    app.stop()
+    app.stop(cfg.limits.shutdown_grace_s)
     return 0
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fastgrpo.common.config import help_field, nested
 from fastgrpo.rollout.draft_learning.online import DraftLearningConfig
 from fastgrpo.rollout.scheduler.engine import EngineConfig
+from fastgrpo.rollout.service.limits import ServiceLimits
 from fastgrpo.rollout.speculative.controller import ControllerConfig, SpecConfig
 from fastgrpo.rollout.speculative.online_calibration import OnlineCalibrationConfig
 
@@ -25,15 +26,23 @@ class ServeConfig:
     device: str = help_field("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1")
     dtype: str = help_field("auto", "weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
     max_context: int = help_field(0, "longest prompt + completion in tokens; 0 = the model's max_position_embeddings")
-    auth_token: str = help_field("", "require 'authorization: Bearer <token>' metadata on every call (also $FASTGRPO_AUTH_TOKEN)")
+    auth_token: str = help_field("", "require 'authorization: Bearer <token>' metadata on every call but health checks; shows in the process list: prefer $FASTGRPO_AUTH_TOKEN or --auth-token-file")
+    auth_token_file: str = help_field("", "file whose content (surrounding whitespace stripped) is the bearer token")
     tls_cert: str = help_field("", "PEM certificate chain; with --tls-key serves TLS instead of plaintext")
     tls_key: str = help_field("", "PEM private key for --tls-cert")
-    workers: int = help_field(32, "gRPC worker threads (each streaming Generate call holds one)")
     draft: str = help_field("", "draft head directory (draft.safetensors + draft_config.json); enables speculative decoding")
     calibration: str = help_field("", "adaptive: calibration file from `fastgrpo-rollout profile`; its entry for this model, device and dtype sets C_peak (missing: profiled at start and saved)")
     profile_budget_s: float = help_field(60.0, "adaptive: time bound of the start-up profile when the calibration file lacks this model")
+    limits: ServiceLimits = nested(ServiceLimits)
     engine: EngineConfig = nested(EngineConfig)
     spec: SpecConfig = nested(SpecConfig, "spec-")
     controller: ControllerConfig = nested(ControllerConfig)
     refine: OnlineCalibrationConfig = nested(OnlineCalibrationConfig, "c-peak-")
     draft_learning: DraftLearningConfig = nested(DraftLearningConfig, "draft-")
+
+    def __post_init__(self):
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = ("--tls-cert", "--tls-key") if self.tls_cert else ("--tls-key", "--tls-cert")
+            raise ValueError(f"{given} needs {missing}: TLS takes both (without either the service is plaintext)")
+        if self.auth_token and self.auth_token_file:
+            raise ValueError("give the bearer token once: --auth-token or --auth-token-file")

@@ -35,6 +35,8 @@ class RolloutMetrics(EngineObserver):
         """max_depth: the deepest tree any step can draft; its depth labels are exported from the start."""
         self.registry = r = CollectorRegistry()
         self.requests = Counter("fastgrpo_rollout_requests", "Generate requests accepted into the engine queue", registry=r)
+        self.refused = Counter("fastgrpo_rollout_refused_calls", "Calls refused, by method and status code (bad input, "
+                               "over a limit, idle, cancelled)", ["method", "code"], registry=r)
         self.finished = Counter("fastgrpo_rollout_finished_sequences", "Sequences finished, by finish reason",
                                 ["reason"], registry=r)
         self.generated = Counter("fastgrpo_rollout_generated_tokens", "Tokens generated (completions of finished sequences)",

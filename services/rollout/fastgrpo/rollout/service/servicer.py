@@ -12,6 +12,7 @@ import grpc
 from fastgrpo.rollout.draft_learning.online import OnlineDraftLearner
 from fastgrpo.rollout.scheduler.engine import Engine
 from fastgrpo.rollout.scheduler.requests import GenerationRequest, InvalidRequest
+from fastgrpo.rollout.service.limits import ServiceLimits, Slots, idle_bounded
 from fastgrpo.rollout.service.metrics import RolloutMetrics
 from fastgrpo.rollout.service.weights import WeightStore
 from fastgrpo.v1 import rollout_pb2 as pb
@@ -38,10 +39,16 @@ def request_from_pb(req: pb.GenerateRequest, request_id: str, tokenize: Callable
                              sampling=from_pb(Sampling, req.sampling))
 
 
+def max_token_bytes(tokenizer) -> int:
+    """The most UTF-8 bytes one token of the vocabulary spells (a byte-level BPE token's symbols
+    count up to 2 bytes each here: an upper bound is what is needed)."""
+    return max((len(token.encode()) for token in tokenizer.get_vocab()), default=1)
+
+
 class RolloutServicer(pb_grpc.RolloutServiceServicer):
     def __init__(self, engine: Engine, policy: WeightStore, tokenizer, model_info: ModelInfo,
                  draft: WeightStore | None = None, metrics: RolloutMetrics | None = None,
-                 draft_learner: OnlineDraftLearner | None = None):
+                 draft_learner: OnlineDraftLearner | None = None, limits: ServiceLimits = ServiceLimits()):
         """policy: the served model weights; draft: the draft head's, when one is served."""
         self.engine = engine
         self.metrics = metrics or RolloutMetrics()
@@ -50,57 +57,90 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         self.draft_learner = draft_learner
         self.tokenizer = tokenizer
         self.model_info = model_info
+        self.limits = limits
+        self._long_calls = Slots(limits.long_calls)
+        self._pushes = Slots(limits.max_pushes)
+        # a text that needs more tokens than the context holds is refused before it is tokenized:
+        # every token spells at most max_token_bytes (x4 for what normalization may fold)
+        self._max_text_bytes = 4 * model_info.max_context * (max_token_bytes(tokenizer) if tokenizer else 1)
+
+    def _refuse(self, context: grpc.ServicerContext, method: str, code: grpc.StatusCode, message: str):
+        """Ends the call with `code` and `message` (raises), and counts it."""
+        self.metrics.refused.labels(method, code.name).inc()
+        context.abort(code, message)
+
+    def _busy(self, context: grpc.ServicerContext, method: str, slots: Slots, what: str):
+        return lambda: self._refuse(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"{slots.limit} {what} in flight, the most this service takes at once; retry later")
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
-        request_id = request.request_id or uuid.uuid4().hex
-        try:
-            handle = self.engine.submit(request_from_pb(request, request_id, self._tokenize))
-        except InvalidRequest as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except OverflowError as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        self.metrics.requests.inc()
-        # client gone or deadline hit: free its slots (at once when the call ended before this line)
-        if not context.add_callback(handle.cancel):
-            handle.cancel()
-        for result in handle:
-            text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True) if self.tokenizer else ""
-            yield to_pb(dataclasses.replace(result, text=text))
+        with self._long_calls.take(self._busy(context, "Generate", self._long_calls, "long calls")):
+            request_id = request.request_id or uuid.uuid4().hex
+            try:
+                handle = self.engine.submit(request_from_pb(request, request_id, self._tokenize))
+            except InvalidRequest as exc:
+                self._refuse(context, "Generate", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except OverflowError as exc:
+                self._refuse(context, "Generate", grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            self.metrics.requests.inc()
+            # client gone or deadline hit: free its slots (at once when the call ended before this line)
+            if not context.add_callback(handle.cancel):
+                handle.cancel()
+            for result in handle:
+                text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True) if self.tokenizer else ""
+                yield to_pb(dataclasses.replace(result, text=text))
 
     def _tokenize(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise InvalidRequest("prompts.text", "this model has no tokenizer; send token_ids")
+        size = len(text.encode())
+        if size > self._max_text_bytes:
+            raise InvalidRequest("prompts.text", f"{size} bytes of text cannot fit the {self.model_info.max_context}-token "
+                                                 "context; nothing was tokenized")
         return self.tokenizer(text)["input_ids"]
 
     def UpdateWeights(self, request_iterator, context: grpc.ServicerContext):
-        try:
-            first = next(request_iterator, None)
-            if first is None or first.WhichOneof("payload") != "header":
-                raise WireError("the first message of the stream must carry the header")
-            header = first.header
-            store = self._store(header.target)
-            pending = store.begin(header)
-            for msg in request_iterator:
-                if msg.WhichOneof("payload") != "data":
-                    raise WireError("only data chunks may follow the header")
-                pending.receive(msg.data)
-            pending.finish()
-            result = self.engine.run_exclusive(lambda: self._commit(store, pending))
-        except WireError as exc:
-            log.warning("weight update refused: %s", exc)
-            # the rest of the stream is read and dropped before the refusal: a status sent while the
-            # client still writes reaches grpc.aio clients as INTERNAL half the time (grpc/grpc#36066)
-            for _ in request_iterator:
-                pass
-            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        limits = self.limits
+
+        def idle():
+            self._refuse(context, "UpdateWeights", grpc.StatusCode.DEADLINE_EXCEEDED,
+                         f"no chunk arrived for {limits.push_idle_timeout_s:g} s (--push-idle-timeout-s); "
+                         "nothing was applied")
+
+        with self._long_calls.take(self._busy(context, "UpdateWeights", self._long_calls, "long calls")), \
+                self._pushes.take(self._busy(context, "UpdateWeights", self._pushes, "weight updates")):
+            messages = idle_bounded(request_iterator, limits.push_idle_timeout_s, context.is_active, idle)
+            try:
+                first = next(messages, None)
+                if first is None or first.WhichOneof("payload") != "header":
+                    raise WireError("the first message of the stream must carry the header")
+                header = first.header
+                store = self._store(header.target)
+                pending = store.begin(header)
+                for msg in messages:
+                    if msg.WhichOneof("payload") != "data":
+                        raise WireError("only data chunks may follow the header")
+                    pending.receive(msg.data)
+                pending.finish()
+                result = self.engine.run_exclusive(lambda: self._commit(store, pending, context))
+            except WireError as exc:
+                log.warning("weight update refused: %s", exc)
+                # the rest of the stream is read and dropped before the refusal: a status sent while
+                # the client still writes reaches grpc.aio clients as INTERNAL (grpc/grpc#36066)
+                for _ in messages:
+                    pass
+                self._refuse(context, "UpdateWeights", getattr(grpc.StatusCode, exc.code), str(exc))
         log.info("weights updated to version %d in %.3fs (%d bytes)", result.version, result.seconds, result.bytes_received)
         self.metrics.weights_updated("policy" if store is self.policy else "draft", result.seconds, result.bytes_received)
         reply = to_pb(result)
         reply.target = header.target
         return reply
 
-    def _commit(self, store: WeightStore, pending):
+    def _commit(self, store: WeightStore, pending, context: grpc.ServicerContext):
         # runs on the engine thread, so sequences admitted from the next step on carry the new version
+        if not context.is_active():  # nobody waits for this update any more: the trainer saw it fail
+            raise WireError("the call ended (cancelled, or past its deadline) before the update was applied; "
+                            "nothing was applied", "CANCELLED")
         result = store.commit(pending)
         if store is self.policy:
             self.engine.policy_version = result.version
@@ -121,20 +161,22 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
     def TrainDraft(self, request: pb.TrainDraftRequest, context: grpc.ServicerContext):
         learner = self.draft_learner
         if learner is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "draft learning is not enabled (start the server with --draft and --draft-learning)")
+            self._refuse(context, "TrainDraft", grpc.StatusCode.FAILED_PRECONDITION,
+                         "draft learning is not enabled (start the server with --draft and --draft-learning)")
         if request.set_policy:  # (the proto's name for the schedule)
             if request.every_n_batches < 0:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"every_n_batches: must be >= 0, got {request.every_n_batches}")
+                self._refuse(context, "TrainDraft", grpc.StatusCode.INVALID_ARGUMENT,
+                             f"every_n_batches: must be >= 0, got {request.every_n_batches}")
             learner.set_schedule(request.every_n_batches)
         if request.run_now:
-            fut = learner.schedule(force=True)
-            self.engine.wake()
-            try:
-                fut.result(timeout=context.time_remaining())
-            except TimeoutError:
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the draft round did not finish before the deadline")
+            with self._long_calls.take(self._busy(context, "TrainDraft", self._long_calls, "long calls")):
+                fut = learner.schedule(force=True)
+                self.engine.wake()
+                try:
+                    fut.result(timeout=context.time_remaining())
+                except TimeoutError:
+                    self._refuse(context, "TrainDraft", grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 "the draft round did not finish before the deadline (it completes in the background)")
         return to_pb(learner.stats())
 
     def GetStatus(self, request, context):

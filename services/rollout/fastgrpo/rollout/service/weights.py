@@ -5,23 +5,37 @@ An update goes through three stages, and only the last touches the model:
      every tensor name / shape / dtype / byte length) before a byte of data is read;
   2. `receive(chunk)`: bytes are cut into tensors as they arrive; each tensor's sha256 is checked
      the moment its last byte arrives;
-  3. `commit()`, on the engine thread between two decode steps: every new value is computed first,
-     then copied in, then the version and checksum move. A failure in 1-3 leaves the model as it was.
+  3. `commit()`, on the engine thread between two decode steps: every new value is computed first
+     and checked to be finite, then copied in, then the version and checksum move. A failure in
+     1-3 leaves the model as it was.
+What may arrive is bounded by the header check: full and dense updates carry the model's own
+shapes, LoRA factors a rank of at most min(out, in) of their weight, so an update never asks for
+more memory than about twice the weights it touches.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 
 import torch
 
-from fastgrpo.common.weight_updates import lora_pairs, updated_values
+from fastgrpo.common.weight_updates import check_lora_shapes, lora_pairs, updated_values
 from fastgrpo.v1 import rollout_pb2 as pb
 from fastgrpo.wire.convert import UPDATE_KINDS, name_of
 from fastgrpo.wire.dtypes import dtype_name
 from fastgrpo.wire.errors import WireError
 from fastgrpo.wire.records import UpdateResult
 from fastgrpo.wire.tensors import MAX_CHUNK_BYTES, TensorMeta, combine_digests, decode_tensor, tensor_digest, unique_state
+
+MAX_VERSION_STEP = 2**31  # how far one update may move the version: INT64_MAX would lock out every later push
+
+
+def non_finite(name: str, t: torch.Tensor, what: str) -> None:
+    """Raises INVALID_ARGUMENT naming `name` when `t` holds NaN or Inf (`what` says where they are)."""
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise WireError(f"tensors[{name!r}]: {what} {bad} NaN or Inf value{'s' if bad > 1 else ''}; nothing was applied")
 
 
 class WeightStore:
@@ -38,9 +52,10 @@ class WeightStore:
     def begin(self, header: pb.WeightHeader) -> "PendingUpdate":
         if name_of(UPDATE_KINDS, header.kind) is None:
             raise WireError(f"header.kind: unknown update kind {header.kind}")
-        if header.new_version <= header.base_version:
+        if not header.base_version < header.new_version <= header.base_version + MAX_VERSION_STEP:
             raise WireError(
-                f"header.new_version: {header.new_version} must be greater than base_version {header.base_version}"
+                f"header.new_version: {header.new_version} must be greater than base_version {header.base_version} "
+                f"and at most {MAX_VERSION_STEP} above it"
             )
         self._check_base(header.base_version)
         metas = [TensorMeta.from_pb(spec) for spec in header.tensors]
@@ -50,12 +65,16 @@ class WeightStore:
         if len(set(names)) != len(names):
             raise WireError("header.tensors: a tensor name appears twice")
         if header.kind == pb.UPDATE_KIND_LORA_DELTA:
-            lora_pairs(names)  # factors come in pairs; their shapes are checked against W in commit's plan
-            for m in metas:
-                base = m.name.rsplit(".", 1)[0]
+            if not math.isfinite(header.lora.scale):
+                raise WireError(f"header.lora.scale: must be finite, got {header.lora.scale}")
+            by_name = {m.name: m for m in metas}
+            for base, (a_name, b_name) in lora_pairs(names).items():  # factors come in pairs
                 if base not in self.params:
-                    raise WireError(f"tensors[{m.name!r}]: no weight named {base!r} in the model{self._alias_hint(base)}")
-                self._check_dtype(m, self.params[base].dtype)
+                    raise WireError(f"tensors[{a_name!r}]: no weight named {base!r} in the model{self._alias_hint(base)}")
+                # checked before a byte is read: a header cannot make the server buffer factors of any size
+                check_lora_shapes(a_name, by_name[a_name].shape, by_name[b_name].shape, tuple(self.params[base].shape))
+                for m in (by_name[a_name], by_name[b_name]):
+                    self._check_dtype(m, self.params[base].dtype)
         else:
             for m in metas:
                 if m.name not in self.params:
@@ -96,6 +115,8 @@ class WeightStore:
             self._check_base(pending.header.base_version)
             kind = name_of(UPDATE_KINDS, pending.header.kind)
             new_values = updated_values(self.params, kind, pending.tensors, pending.header.lora.scale)
+            for name, value in new_values.items():  # a finite update can still overflow the served dtype
+                non_finite(name, value, f"the update would make the served {dtype_name(value.dtype)} weight hold")
             self._set(new_values, pending.header.new_version)
             return UpdateResult(self.version, self.checksum, time.monotonic() - pending.started, pending.received)
 
@@ -146,7 +167,9 @@ class PendingUpdate:
             meta = self.metas[self._index]
             raw = bytes(self._buffer[: meta.byte_length])
             del self._buffer[: meta.byte_length]
-            self.tensors[meta.name] = decode_tensor(meta, raw)
+            tensor = decode_tensor(meta, raw)
+            non_finite(meta.name, tensor, "the update carries")
+            self.tensors[meta.name] = tensor
             self._index += 1
 
     def finish(self) -> None:
