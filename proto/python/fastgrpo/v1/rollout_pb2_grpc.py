@@ -65,8 +65,10 @@ class RolloutServiceServicer:
         """Generates num_samples completions for each prompt. Each Completion is streamed the moment its
         sequence finishes, so completions arrive out of order; (prompt_index, sample_index) identify them.
         Errors: INVALID_ARGUMENT (empty prompt, token id >= vocab size, prompt + max_new_tokens > context,
-        bad sampling parameters, num_samples < 1), RESOURCE_EXHAUSTED (queue full), CANCELLED when the
-        client cancels (its queued and running sequences are dropped).
+        a text prompt too long for the context (refused before it is tokenized), bad sampling
+        parameters, num_samples < 1, more sequences than the server's queue holds at all),
+        RESOURCE_EXHAUSTED (the queue is full now, or the server runs its most calls at once: retry
+        later), CANCELLED when the client cancels (its queued and running sequences are dropped).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,9 +79,17 @@ class RolloutServiceServicer:
         chunks of at most 4 MiB each, in manifest order. The update is applied atomically between two
         decode steps once every byte has arrived and been checked; until then the old weights keep
         serving. Errors: INVALID_ARGUMENT (no header first, unknown tensor name, wrong shape / dtype /
-        byte length, chunk over 4 MiB, bad kind or target), DATA_LOSS (sha256 mismatch, stream ended
-        before every manifest byte arrived), FAILED_PRECONDITION (base_version differs from the served
-        version). On any error nothing changes: the served checksum and version stay as they were.
+        byte length, LoRA factors that do not fit their weight or of rank above min(out, in), chunk
+        over 4 MiB, bad kind or target, new_version not in (base_version, base_version + 2^31], a
+        tensor holding NaN or Inf, a non-finite LoRA scale, or an update whose result would hold NaN
+        or Inf in the served dtype (a delta that overflows bfloat16 or float16): the message names the
+        tensor), DATA_LOSS (sha256 mismatch, stream ended before every manifest byte arrived),
+        FAILED_PRECONDITION (base_version differs from the served version), RESOURCE_EXHAUSTED (the
+        server receives its most updates at once), DEADLINE_EXCEEDED (no chunk arrived for the
+        server's idle timeout), CANCELLED (the call ended before the update was applied: it was not).
+        On any error nothing changes: the served checksum and version stay as they were. A reply lost
+        after the commit (the client cancelled just then) leaves the update applied: compare the
+        checksum GetStatus reports with the one expected.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
