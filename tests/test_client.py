@@ -556,6 +556,36 @@ def test_update_weights_is_never_retried(tiny_dir, start_service, face):
     assert (mirror.version, mirror.checksum) == (0, before)  # and the mirror did not move
 
 
+class ReplyLoser(grpc.ServerInterceptor):
+    """Runs UpdateWeights for real (the update is committed) and then answers CANCELLED instead of
+    its reply: what a client sees when it gives up on a push between the commit and the reply."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.endswith("/UpdateWeights"):
+            return handler
+
+        def lose(requests, context):
+            handler.stream_unary(requests, context)
+            context.abort(grpc.StatusCode.CANCELLED, "the reply was lost")
+
+        return grpc.stream_unary_rpc_method_handler(lose, request_deserializer=handler.request_deserializer,
+                                                    response_serializer=handler.response_serializer)
+
+
+def test_a_push_whose_reply_is_lost_is_judged_by_what_is_served(tiny_dir, start_service, face):
+    """The update was applied but the client saw CANCELLED: the client asks for the served checksum,
+    finds the weights it pushed, and counts the push as done, its mirror advanced."""
+    app = start_service(tiny_dir, interceptors=[ReplyLoser()])
+    model = local_model(tiny_dir)
+    with face(addr(app)) as client:
+        mirror = WeightMirror.of(model, client.status().model.dtype)
+        [result] = client.push_weights(mirror.dense_delta(perturbed(model, seed=7)), "dense_delta", mirror=mirror)
+        served = client.status()
+    assert (result.version, result.checksum) == (1, served.policy_checksum)
+    assert (mirror.version, mirror.checksum) == (1, served.policy_checksum)
+
+
 def test_wait_for_ready_rides_out_a_restart(tiny_dir, start_service, face):
     app = start_service(tiny_dir)
     address = addr(app)

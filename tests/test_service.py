@@ -196,3 +196,25 @@ def test_cancelled_generate_releases_its_server_thread(service):
     while sum(app.engine.snapshot()[k] for k in ("running", "queued")) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert app.engine.snapshot()["running"] == 0 and app.engine.snapshot()["queued"] == 0
+
+
+def test_a_push_abandoned_before_its_commit_is_not_applied(service, tiny_dir):
+    """The client's deadline passes after the last chunk but before the update is applied (the
+    engine is held between steps meanwhile): the server must not apply what nobody waits for."""
+    app, stub, _ = service
+    before = (app.servicer.policy.version, app.servicer.policy.checksum)
+    weights = load_file(str(tiny_dir / "model.safetensors"))
+    _, messages = update_stream({"model.norm.weight": weights["model.norm.weight"] + 1}, "full", 0, 1)
+    held, gate = threading.Event(), threading.Event()
+    holder = threading.Thread(target=app.engine.run_exclusive, args=(lambda: (held.set(), gate.wait()),), daemon=True)
+    holder.start()
+    try:
+        assert held.wait(10)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.UpdateWeights(messages, timeout=1.0)  # every byte arrives; the commit waits for the engine
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        gate.set()
+    holder.join()
+    app.engine.run_exclusive(lambda: None)  # the refused commit has run on the engine thread
+    assert (app.servicer.policy.version, app.servicer.policy.checksum) == before

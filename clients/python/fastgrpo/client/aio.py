@@ -15,9 +15,10 @@ from typing import AsyncIterator, Mapping, Sequence
 import torch
 from grpc_health.v1 import health_pb2
 
-from fastgrpo.client.core import (ClientCore, Prompt, Replica, RetryPolicy, errors, generate_request,
+from fastgrpo.client.core import (ClientCore, Prompt, RetryPolicy, errors, generate_request,
                                   group_completions, not_serving, train_draft_request)
-from fastgrpo.client.types import Completion, DraftTraining, GroupedBatch, Sampling, Status, UpdateResult
+from fastgrpo.client.types import (Completion, DraftTraining, GroupedBatch, RolloutError, Sampling, Status,
+                                   UpdateResult)
 from fastgrpo.client.weights import Kind, PushPlan, Target, WeightMirror, plan_push
 from fastgrpo.v1 import rollout_pb2 as pb
 from fastgrpo.wire.convert import from_pb
@@ -150,7 +151,7 @@ class AsyncRolloutClient:
             plan_push, weights, kind, served, target=target, base_version=base_version,
             new_version=new_version, lora_scale=lora_scale, mirror=mirror, verify=verify,
         )
-        outcomes = await asyncio.gather(*(self._push_one(r, plan, timeout) for r in self.replicas),
+        outcomes = await asyncio.gather(*(self._push_one(i, plan, timeout) for i in range(len(self.replicas))),
                                         return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
@@ -158,8 +159,16 @@ class AsyncRolloutClient:
         await asyncio.to_thread(plan.commit)
         return list(outcomes)
 
-    async def _push_one(self, r: Replica, plan: PushPlan, timeout: float | None) -> UpdateResult:
+    async def _push_one(self, replica: int, plan: PushPlan, timeout: float | None) -> UpdateResult:
+        r = self.replicas[replica]
         _, messages = await asyncio.to_thread(plan.stream)
-        with errors("UpdateWeights"):
-            reply = await r.stub.UpdateWeights(messages, **self._core.options(timeout))
-        return plan.result(reply, r.address)
+        try:
+            with errors("UpdateWeights"):
+                reply = await r.stub.UpdateWeights(messages, **self._core.options(timeout))
+            return plan.result(reply, r.address)
+        except RolloutError as exc:  # the update may still have been applied: ask what is served
+            try:
+                served = await self.status(replica=replica, timeout=timeout)
+            except RolloutError:
+                served = None
+            return plan.after_failure(exc, served, r.address)

@@ -43,15 +43,16 @@ GRPC_MAX_ATTEMPTS = 5  # gRPC caps a retry policy's attempts here
 @dataclass(frozen=True)
 class RetryPolicy:
     """How calls that are safe to repeat are retried, as gRPC's own retry policy does it: on
-    UNAVAILABLE, with exponential backoff and full jitter. wait_for_ready: a call made while no
-    connection can be made waits for one (until its deadline) instead of failing at once, so calls
-    ride out a restart of the service."""
+    UNAVAILABLE, with exponential backoff and full jitter. wait_for_ready (on by default): such a
+    call made while no connection can be made waits for one, until its deadline, instead of failing
+    at once, so it rides out a restart of the service; an address where no service ever comes up
+    then fails at the call's deadline."""
 
     max_attempts: int = 5  # 1 = no retries; gRPC allows at most 5
     initial_backoff_s: float = 0.2
     max_backoff_s: float = 5.0
     multiplier: float = 2.0
-    wait_for_ready: bool = False
+    wait_for_ready: bool = True
 
     def __post_init__(self):
         if not 1 <= self.max_attempts <= GRPC_MAX_ATTEMPTS:
@@ -76,7 +77,7 @@ class RetryPolicy:
         return json.dumps({"methodConfig": [method]})
 
 
-NO_RETRY = RetryPolicy(max_attempts=1)
+NO_RETRY = RetryPolicy(max_attempts=1, wait_for_ready=False)  # every call once, failing at once when it cannot connect
 
 
 @contextlib.contextmanager

@@ -10,7 +10,8 @@ from grpc_health.v1 import health_pb2
 
 from fastgrpo.client.core import (ClientCore, Prompt, RetryPolicy, errors, generate_request, group_completions,
                                   not_serving, train_draft_request)
-from fastgrpo.client.types import Completion, DraftTraining, GroupedBatch, Sampling, Status, UpdateResult
+from fastgrpo.client.types import (Completion, DraftTraining, GroupedBatch, RolloutError, Sampling, Status,
+                                   UpdateResult)
 from fastgrpo.client.weights import Kind, Target, WeightMirror, plan_push
 from fastgrpo.v1 import rollout_pb2 as pb
 from fastgrpo.wire.convert import from_pb
@@ -129,15 +130,26 @@ class RolloutClient:
         Tensors are cast to the served dtype. With a `mirror` (a WeightMirror of the served weights)
         the expected checksum comes from it and the mirror advances on success; without one a "full"
         update is taken to cover every tensor (pass verify=False for a partial one), and deltas
-        cannot be verified (verify=False required).
+        cannot be verified (verify=False required). A push whose call fails is judged by the
+        checksum the replica then serves: if the update was applied (its reply was lost) the push
+        counts as done, else the failure is raised and the mirror stays.
         """
         plan = plan_push(weights, kind, self.status(timeout=timeout), target=target, base_version=base_version,
                          new_version=new_version, lora_scale=lora_scale, mirror=mirror, verify=verify)
         results = []
-        for r in self.replicas:
+        for i, r in enumerate(self.replicas):
             _, messages = plan.stream()
-            with errors("UpdateWeights"):
-                reply = r.stub.UpdateWeights(messages, **self._core.options(timeout))
-            results.append(plan.result(reply, r.address))
+            try:
+                with errors("UpdateWeights"):
+                    reply = r.stub.UpdateWeights(messages, **self._core.options(timeout))
+                results.append(plan.result(reply, r.address))
+            except RolloutError as exc:  # the update may still have been applied: ask what is served
+                results.append(plan.after_failure(exc, self._served(i, timeout), r.address))
         plan.commit()
         return results
+
+    def _served(self, replica: int, timeout: float | None) -> Status | None:
+        try:
+            return self.status(replica=replica, timeout=timeout)
+        except RolloutError:
+            return None

@@ -14,7 +14,7 @@ from typing import Iterator, Literal, Mapping
 
 import torch
 
-from fastgrpo.client.types import ChecksumMismatch, Status, UpdateResult
+from fastgrpo.client.types import ChecksumMismatch, RolloutError, Status, UpdateResult
 from fastgrpo.common.weight_updates import UpdateKind, updated_values
 from fastgrpo.v1 import rollout_pb2 as pb
 from fastgrpo.wire.convert import TARGETS, UPDATE_KINDS, from_pb
@@ -153,6 +153,20 @@ class PushPlan:
         if self.expected_checksum is not None and reply.checksum != self.expected_checksum:
             raise ChecksumMismatch(self.expected_checksum, reply.checksum, address)
         return dataclasses.replace(from_pb(UpdateResult, reply), address=address)
+
+    def after_failure(self, error: RolloutError, served: Status | None, address: str) -> UpdateResult:
+        """A push that failed on one replica, judged by the checksum that replica serves now
+        (`served`, None when it cannot be asked): when it serves exactly what the push would make,
+        the update was applied and only its reply was lost (the call was cancelled, or its deadline
+        passed, after the commit), so the push succeeded there; otherwise `error` stands."""
+        if (served is not None and self.target == "policy" and self.expected_checksum is not None
+                and served.policy_checksum == self.expected_checksum and served.policy_version == self.new_version):
+            return UpdateResult(served.policy_version, served.policy_checksum, 0.0, self.nbytes, address)
+        raise error
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def commit(self) -> None:
         """Advances the mirror; call once every replica has accepted the update."""

@@ -1,24 +1,37 @@
 """One GRPO step, orchestrated: sample prompts -> Generate -> score -> advantages -> update -> push.
 
-The learner talks to the rollout replicas only through `fastgrpo.client.RolloutClient`.
+The learner talks to the rollout replicas only through `fastgrpo.client.RolloutClient`. A rollout
+service that restarts under it (and so serves its start-up weights again) costs no step: before
+generating, and whenever a Generate or a push fails or comes back from other weights, the learner
+waits for the service, pushes its own weights in full and does that part of the step again.
 """
 from __future__ import annotations
 
 import copy
+import logging
 import random
 import time
 from dataclasses import dataclass
 
+import grpc
 import torch
 from transformers import AutoTokenizer
 
-from fastgrpo.client import Completion, RolloutClient, Sampling
+from fastgrpo.client import Completion, GroupedBatch, RolloutClient, RolloutError, Sampling
 from fastgrpo.learner.algo import group_advantages, group_reward_stats, grpo_loss
 from fastgrpo.learner.checkpoint import latest_checkpoint, load_checkpoint
 from fastgrpo.learner.config import LearnerConfig
 from fastgrpo.learner.policy import SequenceBatch, adapters_disabled, completion_logprobs, load_policy
-from fastgrpo.learner.push import Pusher
+from fastgrpo.learner.push import Pusher, PushResult
 from fastgrpo.learner.tasks import Problem, RewardFn, correctness_reward, format_prompt, load_gsm8k_jsonl, synthetic_math
+
+
+log = logging.getLogger("fastgrpo.learner")
+RESTART_ATTEMPTS = 3  # a step survives this many failures of the rollout service less one
+# UNAVAILABLE: down; FAILED_PRECONDITION: a restarted service has another version; DATA_LOSS:
+# another checksum; CANCELLED / DEADLINE_EXCEEDED: a call cut by the restart
+RECOVERABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DATA_LOSS,
+               grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 @dataclass(frozen=True)
@@ -113,12 +126,12 @@ class GRPOLearner:
         Q, G = cfg.prompts_per_step, cfg.group_size
         problems = self._next_problems(Q)
         prompt_ids = self._prompt_ids(problems)
-        version = self.pusher.version
 
         t0 = time.perf_counter()
         sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                             seed=cfg.seed * 1_000_003 + self.step_index)
-        batch = self.client.generate_batch(prompt_ids, G, sampling, timeout=cfg.timeout)
+        batch = self._generate(prompt_ids, G, sampling)
+        version = self.pusher.version  # the rollouts' version (a re-sync in _generate moves it)
         t1 = time.perf_counter()
 
         kept = fresh_groups(batch.completions, version, cfg.max_staleness)
@@ -138,7 +151,7 @@ class GRPOLearner:
             prompts = [prompt_ids[i] for i in kept for _ in range(G)]
             loss, kl, clip, grad_norm = self._train(prompts, completions, advantages)
         t3 = time.perf_counter()
-        pushed = self.pusher.push()
+        pushed = self._push()
         t4 = time.perf_counter()
         self.step_index += 1
         n = max(len(completions), 1)
@@ -162,6 +175,47 @@ class GRPOLearner:
             train_s=t3 - t2,
             push_s=t4 - t3,
         )
+
+    # ---------------------------------------------------------------- a rollout service that restarts
+    def _ensure_served(self) -> None:
+        """Pushes the learner's weights in full when the rollout service serves others (it restarted)."""
+        served = self.client.status(timeout=self.cfg.timeout)
+        mirror = self.pusher.mirror
+        if (served.policy_checksum, served.policy_version) != (mirror.checksum, mirror.version):
+            log.warning("the rollout service serves version %d (checksum %s), not the learner's %d: pushing the "
+                        "learner's weights in full", served.policy_version, served.policy_checksum[:12], mirror.version)
+            self.pusher.sync()
+
+    def _recover(self, what: str, exc: RolloutError, attempt: int) -> None:
+        if attempt + 1 >= RESTART_ATTEMPTS or exc.code not in RECOVERABLE:
+            raise exc
+        log.warning("%s failed (%s): waiting for the rollout service, then doing it again", what, exc)
+        self.client.wait_ready(timeout=self.cfg.timeout)
+
+    def _generate(self, prompts: list[list[int]], G: int, sampling: Sampling) -> GroupedBatch:
+        """This step's rollouts, all from the weights the learner holds."""
+        for attempt in range(RESTART_ATTEMPTS):
+            try:
+                self._ensure_served()
+                batch = self.client.generate_batch(prompts, G, sampling, timeout=self.cfg.timeout)
+            except RolloutError as exc:
+                self._recover("Generate", exc, attempt)
+                continue
+            if all(c.policy_version == self.pusher.version for c in batch.flat()):
+                return batch
+            # the service restarted while it generated: these came from its start-up weights
+            log.warning("rollouts came from another policy version than the learner's %d: generating again",
+                        self.pusher.version)
+        raise RuntimeError(f"the rollout service kept changing its weights during {RESTART_ATTEMPTS} attempts")
+
+    def _push(self) -> PushResult:
+        """Pushes this step's change; after a failure (the service restarted), the weights in full."""
+        for attempt in range(RESTART_ATTEMPTS):
+            try:
+                return self.pusher.push() if attempt == 0 else self.pusher.sync()
+            except RolloutError as exc:
+                self._recover("the weight push", exc, attempt)
+        raise AssertionError("unreachable: _recover raises on the last attempt")
 
     def _train(self, prompts: list[list[int]], completions: list[Completion], advantages: torch.Tensor):
         """One optimiser step over the batch, in micro-batches normalised as one batch would be."""
