@@ -45,6 +45,18 @@ def test_temperature_and_greedy_rows():
     assert torch.allclose(pol[1], torch.log_softmax(logits[1], -1))  # greedy logprob at T = 1
 
 
+def test_a_tiny_temperature_gives_a_one_hot_not_nan():
+    """logits / T overflows float32 for T far below 1e-30; the policy distribution must still be a
+    distribution (a one-hot at the argmax in the limit), never NaN."""
+    logits = torch.tensor([[3.0, 2.0, -1.0, 2.9999]] * 3)
+    t = torch.tensor([1e-30, 1e-38, 1e-45])
+    logp = sampler.policy_logprobs(logits, t)
+    assert not torch.isnan(logp).any()
+    assert logp[:, 0].tolist() == [0.0, 0.0, 0.0] and bool((logp[:, 1:] < -1e20).all())
+    params = sampler.SamplingBatch(t, torch.full((3,), -1), torch.ones(3))
+    assert sampler.sampling_logprobs(logits, params).exp().sum(-1).tolist() == [1.0, 1.0, 1.0]
+
+
 def test_exponential_race_matches_distribution():
     p = torch.tensor([0.6, 0.3, 0.1])
     logp = torch.log(p)[None].expand(20000, 3)
@@ -160,3 +172,32 @@ def test_stop_tokens_and_length(tiny_engine):
     stopped = _run(engine, [[1, 2, 3]], temperature=0.0, max_new_tokens=6, ignore_eos=True, stop_token_ids=(stop_at,))[0]
     first = free.token_ids.index(stop_at)
     assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[: first + 1]
+
+
+def test_status_counts_sequences_while_they_prefill():
+    """Sequences taken from the queue for this step's prefill are neither queued nor running yet;
+    the engine's snapshot (GetStatus) must still count them. The step is held at its start."""
+    import contextlib
+    import threading
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen2")).eval()
+    engine = Engine(ModelRunner(model, 4), eos_token_ids=(0,), config=EngineConfig(max_running=4))
+    entered, release = threading.Event(), threading.Event()
+
+    @contextlib.contextmanager
+    def held_step():
+        entered.set()
+        release.wait(10)
+        yield
+
+    engine.set_step_turn(held_step)
+    try:
+        handle = engine.submit(GenerationRequest("t", ((1, 2), (3, 4), (5, 6)), 1, Sampling(max_new_tokens=2)))
+        assert entered.wait(10)  # the 3 sequences are admitted; their prefill waits
+        assert engine.snapshot()["running"] + engine.snapshot()["queued"] == 3
+        release.set()
+        assert len(list(handle)) == 3
+    finally:
+        release.set()
+        engine.shutdown()

@@ -218,3 +218,28 @@ def test_a_push_abandoned_before_its_commit_is_not_applied(service, tiny_dir):
     holder.join()
     app.engine.run_exclusive(lambda: None)  # the refused commit has run on the engine thread
     assert (app.servicer.policy.version, app.servicer.policy.checksum) == before
+
+
+def test_the_bearer_token_can_come_from_a_file_or_the_environment(tiny_dir, start_service, tmp_path, monkeypatch):
+    """A token given on the command line shows in the process list; a file or $FASTGRPO_AUTH_TOKEN
+    keeps it out. Either way, a call without it is UNAUTHENTICATED and health checks stay open."""
+    from fastgrpo.client import NO_RETRY, RolloutClient, RolloutError
+
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-from-file\n")
+    from_file = start_service(tiny_dir, auth_token_file=str(token_file))
+    monkeypatch.setenv("FASTGRPO_AUTH_TOKEN", "s3cret-from-env")
+    from_env = start_service(tiny_dir)
+    for app, token in ((from_file, "s3cret-from-file"), (from_env, "s3cret-from-env")):
+        address = f"127.0.0.1:{app.port}"
+        with RolloutClient(address, token=token) as client:
+            assert client.status().policy_version == 0
+        with RolloutClient(address, token=token + "x", retry=NO_RETRY) as client:
+            client.wait_ready(timeout=10)  # health checks stay open to probes
+            with pytest.raises(RolloutError) as info:
+                client.status()
+            assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    empty = tmp_path / "empty"
+    empty.write_text("  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        start_service(tiny_dir, auth_token_file=str(empty))
