@@ -22,6 +22,7 @@ from fastgrpo.wire.errors import WireError
 from fastgrpo.wire.records import ModelInfo, Sampling, Speculation, Status
 
 log = logging.getLogger("fastgrpo.rollout")
+DRAIN_BYTES = 64 * 1024 * 1024  # what a refused push's stream may still send before it is cut
 
 
 def request_from_pb(req: pb.GenerateRequest, request_id: str, tokenize: Callable[[str], list[int]]) -> GenerationRequest:
@@ -125,10 +126,14 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                 result = self.engine.run_exclusive(lambda: self._commit(store, pending, context))
             except WireError as exc:
                 log.warning("weight update refused: %s", exc)
-                # the rest of the stream is read and dropped before the refusal: a status sent while
-                # the client still writes reaches grpc.aio clients as INTERNAL (grpc/grpc#36066)
-                for _ in messages:
-                    pass
+                # the rest of the stream (up to DRAIN_BYTES of it) is read and dropped before the
+                # refusal: a status sent while the client still writes reaches grpc.aio clients as
+                # INTERNAL (grpc/grpc#36066); a longer stream is cut, at that risk
+                drained = 0
+                for msg in messages:
+                    drained += msg.ByteSize()
+                    if drained > DRAIN_BYTES:
+                        break
                 self._refuse(context, "UpdateWeights", getattr(grpc.StatusCode, exc.code), str(exc))
         log.info("weights updated to version %d in %.3fs (%d bytes)", result.version, result.seconds, result.bytes_received)
         self.metrics.weights_updated("policy" if store is self.policy else "draft", result.seconds, result.bytes_received)
