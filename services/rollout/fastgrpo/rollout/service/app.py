@@ -144,8 +144,9 @@ def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics,
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),  # a second server on the port fails to bind instead of sharing it
         ],
-        # every call gets a worker at once or RESOURCE_EXHAUSTED: none waits unseen for a thread
-        maximum_concurrent_rpcs=cfg.limits.workers,
+        # long calls never wait for a worker (the servicer refuses them past their limit); this bounds
+        # the quick ones that may, so that a flood costs bounded memory
+        maximum_concurrent_rpcs=cfg.limits.max_concurrent_rpcs,
     )
     pb_grpc.add_RolloutServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()

@@ -126,20 +126,30 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                 result = self.engine.run_exclusive(lambda: self._commit(store, pending, context))
             except WireError as exc:
                 log.warning("weight update refused: %s", exc)
-                # the rest of the stream (up to DRAIN_BYTES of it) is read and dropped before the
-                # refusal: a status sent while the client still writes reaches grpc.aio clients as
-                # INTERNAL (grpc/grpc#36066); a longer stream is cut, at that risk
-                drained = 0
-                for msg in messages:
-                    drained += msg.ByteSize()
-                    if drained > DRAIN_BYTES:
-                        break
+                self._drain(messages)
                 self._refuse(context, "UpdateWeights", getattr(grpc.StatusCode, exc.code), str(exc))
+            except ConnectionAbortedError:  # the client cancelled, or vanished, mid-stream
+                self._refuse(context, "UpdateWeights", grpc.StatusCode.CANCELLED,
+                             "the call ended before the update arrived whole; nothing was applied")
         log.info("weights updated to version %d in %.3fs (%d bytes)", result.version, result.seconds, result.bytes_received)
         self.metrics.weights_updated("policy" if store is self.policy else "draft", result.seconds, result.bytes_received)
         reply = to_pb(result)
         reply.target = header.target
         return reply
+
+    @staticmethod
+    def _drain(messages) -> None:
+        """Reads and drops the rest of a refused stream (up to DRAIN_BYTES) before the refusal: a
+        status sent while the client still writes reaches grpc.aio clients as INTERNAL
+        (grpc/grpc#36066); a longer stream is cut, at that risk."""
+        drained = 0
+        try:
+            for msg in messages:
+                drained += msg.ByteSize()
+                if drained > DRAIN_BYTES:
+                    return
+        except ConnectionAbortedError:
+            return
 
     def _commit(self, store: WeightStore, pending, context: grpc.ServicerContext):
         # runs on the engine thread, so sequences admitted from the next step on carry the new version
