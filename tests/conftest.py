@@ -12,7 +12,9 @@ tier, or a unit test that asks for a service, the trained fixture or a subproces
 """
 from __future__ import annotations
 
+import contextlib
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -114,16 +116,33 @@ def start_service():
 
 @pytest.fixture
 def service_process():
+    """Factory: service_process(model_dir, *serve_flags, port=0, http=False) -> a rollout service in its
+    own OS process (ServiceProcess; http=True also starts its HTTP side), stopped after the test."""
     procs = []
 
-    def start(model_dir, *extra, port: int = 0):
-        p = ServiceProcess(model_dir, *extra, port=port, threads=1)
+    def start(model_dir, *extra, port: int = 0, http: bool = False):
+        p = ServiceProcess(model_dir, *extra, port=port, threads=1, http_port=0 if http else None)
         procs.append(p)
         return p
 
     yield start
     for p in procs:
-        p.stop()
+        p.stop(timeout=5)
+
+
+@contextlib.contextmanager
+def engine_held(engine):
+    """Holds `engine` between two steps for the block (run_exclusive): nothing decodes, no update is
+    applied, queued work waits; it goes on once the block ends, however it ends."""
+    held, gate = threading.Event(), threading.Event()
+    holder = threading.Thread(target=engine.run_exclusive, args=(lambda: (held.set(), gate.wait()),), daemon=True)
+    holder.start()
+    try:
+        assert held.wait(30), "the engine never ran the held function"
+        yield
+    finally:
+        gate.set()
+        holder.join(30)
 
 
 TIERS = ("unit", "service", "system")

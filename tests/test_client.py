@@ -27,6 +27,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import engine_held
+
 from fastgrpo.client import (
     NO_RETRY,
     AsyncRolloutClient,
@@ -468,29 +470,15 @@ def test_invalid_request_names_the_field(tiny_dir, start_service, face, prompts,
 
 def test_deadline_exceeded_frees_the_service(tiny_dir, start_service, face):
     app = start_service(tiny_dir)
-    held, gate = threading.Event(), threading.Event()
-
-    def hold() -> None:  # on the engine thread, between two steps: nothing decodes until the gate opens
-        held.set()
-        gate.wait()
-
-    holder = threading.Thread(target=app.engine.run_exclusive, args=(hold,), daemon=True)
-    holder.start()
-    try:
-        assert held.wait(timeout=30), "the engine never ran the held function"
-        with face(addr(app)) as client:
+    with face(addr(app)) as client:
+        with engine_held(app.engine):  # nothing decodes until the block ends
             with pytest.raises(RolloutError) as info:
                 client.generate_batch(PROMPTS, 8, Sampling(max_new_tokens=240, ignore_eos=True), timeout=0.5)
             assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
             assert client.status().queued_sequences == 3 * 8  # the expired call's sequences still wait
-            gate.set()
-            holder.join(timeout=30)
-            assert not holder.is_alive()
-            wait_idle(client)
-        # the expired call's sequences were dropped, not decoded (each would need 240 steps to finish)
-        assert finished_sequences(app) == {"stop": 0, "length": 0, "abort": 3 * 8}
-    finally:
-        gate.set()
+        wait_idle(client)
+    # the expired call's sequences were dropped, not decoded (each would need 240 steps to finish)
+    assert finished_sequences(app) == {"stop": 0, "length": 0, "abort": 3 * 8}
 
 
 # ------------------------------------------------------------------------------------------ retries

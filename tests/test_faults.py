@@ -35,7 +35,6 @@ from safetensors.torch import load_file
 
 import fastgrpo.rollout
 from fastgrpo.client import NO_RETRY, AsyncRolloutClient, RetryPolicy, RolloutClient, RolloutError, Sampling
-from fastgrpo.client.local import ServiceProcess
 from fastgrpo.client.weights import update_stream
 from fastgrpo.v1 import rollout_pb2 as pb
 from fastgrpo.v1 import rollout_pb2_grpc as pb_grpc
@@ -153,22 +152,6 @@ def _ms(seconds: float | None) -> float | None:
 
 
 @pytest.fixture
-def processes():
-    """Factory: a rollout service in its own OS process (the venv's Python, hence its code), stopped
-    at the end of the test. http=True also starts the HTTP side (`.http_address`)."""
-    started: list[ServiceProcess] = []
-
-    def start(model_dir: Path, *flags: str, port: int = 0, http: bool = False) -> ServiceProcess:
-        p = ServiceProcess(model_dir, *flags, port=port, threads=1, http_port=0 if http else None)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.stop(timeout=5)
-
-
-@pytest.fixture
 def stubs():
     opened: list[Stubs] = []
 
@@ -252,10 +235,10 @@ def _held(s: Stubs, pusher: subprocess.Popen) -> bool:
 
 
 @pytest.mark.timeout(120)
-def test_client_killed_mid_push_changes_nothing_and_frees_the_push_slot(tiny_dir, processes, stubs, tmp_path):
+def test_client_killed_mid_push_changes_nothing_and_frees_the_push_slot(tiny_dir, service_process, stubs, tmp_path):
     """A client killed (SIGKILL) half way through a full update, three times over: the served weights
     never change, and the one push slot (--max-pushes 1) is free again at once, so a valid push works."""
-    svc = processes(tiny_dir, "--max-pushes", "1", "--shutdown-grace-s", "2")
+    svc = service_process(tiny_dir, "--max-pushes", "1", "--shutdown-grace-s", "2")
     s = stubs(svc.address)
     before = s.status()
     state = _new_state(tiny_dir, seed=1)
@@ -296,8 +279,8 @@ def _idle_push(header: pb.WeightHeader, release: threading.Event):
 
 
 @pytest.mark.timeout(120)
-def test_idle_push_streams_time_out_without_blocking_the_service(tiny_dir, processes, stubs):
-    svc = processes(tiny_dir, "--max-pushes", "2", "--push-idle-timeout-s", "2")
+def test_idle_push_streams_time_out_without_blocking_the_service(tiny_dir, service_process, stubs):
+    svc = service_process(tiny_dir, "--max-pushes", "2", "--push-idle-timeout-s", "2")
     s = stubs(svc.address)
     state = _new_state(tiny_dir, seed=3)
     header = next(update_stream(state, "full", 0, 1)[1]).header
@@ -344,10 +327,10 @@ def test_idle_push_streams_time_out_without_blocking_the_service(tiny_dir, proce
 
 
 @pytest.mark.timeout(120)
-def test_long_calls_beyond_the_limit_are_refused_and_health_stays_fast(tiny_dir, processes, stubs):
+def test_long_calls_beyond_the_limit_are_refused_and_health_stays_fast(tiny_dir, service_process, stubs):
     """--workers 8 (4 reserved): 40 long Generates at once; 4 run, 36 are refused with
     RESOURCE_EXHAUSTED; health checks and GetStatus, probed all along, answer every time within 100 ms."""
-    svc = processes(tiny_dir, "--workers", "8", "--max-running", "1")
+    svc = service_process(tiny_dir, "--workers", "8", "--max-running", "1")
     s = stubs(svc.address)
     probe = stubs(svc.address)  # a channel of its own, as a load balancer's probe has
     s.status()
@@ -418,8 +401,8 @@ def _error(f: grpc.Future) -> str:
 # ---------------------------------------------------------------------------------------------- 4. SIGTERM, port, TLS
 
 @pytest.mark.timeout(120)
-def test_sigterm_drains_the_call_in_flight_refuses_new_ones_and_exits_0(tiny_dir, processes, stubs):
-    svc = processes(tiny_dir, "--max-running", "1", "--shutdown-grace-s", "20")
+def test_sigterm_drains_the_call_in_flight_refuses_new_ones_and_exits_0(tiny_dir, service_process, stubs):
+    svc = service_process(tiny_dir, "--max-running", "1", "--shutdown-grace-s", "20")
     s = stubs(svc.address)
     n = 12  # one decoding at a time: a few seconds of work
     received: list = []
@@ -528,8 +511,8 @@ def test_second_serve_on_a_taken_port_and_lone_tls_flags_exit_2(tiny_dir, start_
 # ---------------------------------------------------------------------------------------------- 5. restart
 
 @pytest.mark.timeout(120)
-def test_wait_for_ready_call_rides_out_a_restart_on_the_same_port(tiny_dir, processes):
-    first = processes(tiny_dir)
+def test_wait_for_ready_call_rides_out_a_restart_on_the_same_port(tiny_dir, service_process):
+    first = service_process(tiny_dir)
     client = RolloutClient(first.address, retry=RetryPolicy(wait_for_ready=True), timeout=60)
     channel = client.replicas[0].channel
     failing = threading.Event()
@@ -551,7 +534,7 @@ def test_wait_for_ready_call_rides_out_a_restart_on_the_same_port(tiny_dir, proc
         assert failing.wait(15), "the channel never tried (and failed) to reach the killed service"
         call.join(0.3)  # one-sided: the call is still waiting, not failed
         assert call.is_alive() and not result, f"the call did not wait for the service: {result}"
-        second = processes(tiny_dir, port=first.port)
+        second = service_process(tiny_dir, port=first.port)
         call.join(60)
         assert not call.is_alive(), "the call did not complete after the restart"
         (batch,) = result
@@ -713,14 +696,14 @@ def _git(*args: str) -> str:
 
 
 @pytest.mark.timeout(180)
-def test_load_256_clients_bounded_admission(tiny_dir, processes, stubs, tmp_path):
+def test_load_256_clients_bounded_admission(tiny_dir, service_process, stubs, tmp_path):
     """256 concurrent clients against --max-running 4 on the CPU: every call completes or is refused
     (RESOURCE_EXHAUSTED, promptly, and counted by the server), memory stays bounded, and health checks
     and GetStatus keep answering (each under RESPONSIVE_S; their p50 / p99 are recorded beside the
     100 ms goal in benchmarks/results/load-cpu.json). Two rounds: NO_RETRY, then the default RetryPolicy (which
     retries UNAVAILABLE only: a RESOURCE_EXHAUSTED must reach the caller, not be repeated)."""
     flags = ("--max-running", "4")
-    svc = processes(tiny_dir, *flags, http=True)
+    svc = service_process(tiny_dir, *flags, http=True)
     s = stubs(svc.address)
     s.status()
     rss_start = _vm(svc.proc.pid, "VmHWM")

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from safetensors.torch import load_file
 
+from conftest import engine_held
 from fastgrpo.client.weights import update_stream
 from fastgrpo.v1 import rollout_pb2 as pb
 from fastgrpo.v1 import rollout_pb2_grpc as pb_grpc
@@ -172,11 +173,7 @@ def test_cancelled_generate_releases_its_server_thread(service):
     app, stub, _ = service
     req = pb.GenerateRequest(prompts=[pb.Prompt(token_ids=pb.TokenIds(ids=[1, 2, 3]))], num_samples=4,
                              sampling=pb.SamplingParams(temperature=1.0, max_new_tokens=60, ignore_eos=True))
-    held, gate = threading.Event(), threading.Event()
-    holder = threading.Thread(target=app.engine.run_exclusive, args=(lambda: (held.set(), gate.wait()),), daemon=True)
-    holder.start()
-    try:
-        assert held.wait(10)
+    with engine_held(app.engine):
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Generate(req, timeout=0.5))
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -187,9 +184,6 @@ def test_cancelled_generate_releases_its_server_thread(service):
         assert app.engine.snapshot()["queued"] == 8
         assert _threads_waiting_on_results() == 2  # both calls' servicer threads wait on their handles
         call.cancel()
-    finally:
-        gate.set()
-    holder.join()
     while _threads_waiting_on_results() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _threads_waiting_on_results() == 0
@@ -205,17 +199,10 @@ def test_a_push_abandoned_before_its_commit_is_not_applied(service, tiny_dir):
     before = (app.servicer.policy.version, app.servicer.policy.checksum)
     weights = load_file(str(tiny_dir / "model.safetensors"))
     _, messages = update_stream({"model.norm.weight": weights["model.norm.weight"] + 1}, "full", 0, 1)
-    held, gate = threading.Event(), threading.Event()
-    holder = threading.Thread(target=app.engine.run_exclusive, args=(lambda: (held.set(), gate.wait()),), daemon=True)
-    holder.start()
-    try:
-        assert held.wait(10)
+    with engine_held(app.engine):
         with pytest.raises(grpc.RpcError) as err:
             stub.UpdateWeights(messages, timeout=1.0)  # every byte arrives; the commit waits for the engine
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    finally:
-        gate.set()
-    holder.join()
     app.engine.run_exclusive(lambda: None)  # the refused commit has run on the engine thread
     assert (app.servicer.policy.version, app.servicer.policy.checksum) == before
 
