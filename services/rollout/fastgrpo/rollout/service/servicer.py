@@ -153,7 +153,9 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
 
     def _commit(self, store: WeightStore, pending, context: grpc.ServicerContext):
         # runs on the engine thread, so sequences admitted from the next step on carry the new version
-        if not context.is_active():  # nobody waits for this update any more: the trainer saw it fail
+        # nobody waits for this update any more: the trainer saw it fail (the deadline is read off the
+        # clock, since the server learns of an expired call only when its poller gets to it)
+        if not context.is_active() or context.time_remaining() <= 0:
             raise WireError("the call ended (cancelled, or past its deadline) before the update was applied; "
                             "nothing was applied", "CANCELLED")
         result = store.commit(pending)
