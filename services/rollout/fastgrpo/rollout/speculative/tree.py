@@ -127,8 +127,8 @@ def draw_without_replacement(logq: torch.Tensor, k: int, uniforms: torch.Tensor)
     out = []
     for i in range(k):
         tok = sample_inverse_cdf(probs, uniforms[..., i])[..., None]  # (..., 1)
-        if i:  # an exhausted row (all mass drawn) keeps its previous token
-            tok = torch.where(probs.sum(-1, keepdim=True) > 0, tok, out[-1])
+        if i:  # an exhausted row (all mass drawn: the only draw of probability 0) keeps its previous token
+            tok = torch.where(probs.gather(-1, tok) > 0, tok, out[-1])
         out.append(tok)
         probs = probs.scatter(-1, tok, 0.0)
     return torch.cat(out, dim=-1)  # (..., k)
