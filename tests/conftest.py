@@ -130,6 +130,23 @@ def service_process():
         p.stop(timeout=5)
 
 
+@pytest.fixture
+def stubs():
+    """Factory: stubs(address) -> probes.Stubs on a channel of its own, closed after the test."""
+    from probes import Stubs
+
+    opened = []
+
+    def open_(address: str):
+        s = Stubs(address)
+        opened.append(s)
+        return s
+
+    yield open_
+    for s in opened:
+        s.channel.close()
+
+
 @contextlib.contextmanager
 def engine_held(engine):
     """Holds `engine` between two steps for the block (run_exclusive): nothing decodes, no update is
