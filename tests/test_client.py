@@ -28,6 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import engine_held
+from fastgrpo.rollout.service.interceptors import handler_like
 
 from fastgrpo.client import (
     NO_RETRY,
@@ -213,13 +214,6 @@ class FaultInjector(grpc.ServerInterceptor):
     answers), and counts every call of each method it sees, aborted or not. Methods by short name:
     "GetStatus", "Generate", "UpdateWeights", "Watch", ..."""
 
-    HANDLERS = {  # (request_streaming, response_streaming) -> the handler factory of that kind
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-
     def __init__(self):
         self.calls: collections.Counter[str] = collections.Counter()
         self._failures: collections.Counter[str] = collections.Counter()
@@ -247,9 +241,7 @@ class FaultInjector(grpc.ServerInterceptor):
                     pass
             context.abort(grpc.StatusCode.UNAVAILABLE, "injected")
 
-        make = self.HANDLERS[(handler.request_streaming, handler.response_streaming)]
-        return make(abort, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        return handler_like(handler, abort, handler.request_deserializer)
 
 
 # ------------------------------------------------------------------------------------------ generate
@@ -557,8 +549,7 @@ class ReplyLoser(grpc.ServerInterceptor):
             handler.stream_unary(requests, context)
             context.abort(grpc.StatusCode.CANCELLED, "the reply was lost")
 
-        return grpc.stream_unary_rpc_method_handler(lose, request_deserializer=handler.request_deserializer,
-                                                    response_serializer=handler.response_serializer)
+        return handler_like(handler, lose, handler.request_deserializer)
 
 
 def test_a_push_whose_reply_is_lost_is_judged_by_what_is_served(tiny_dir, start_service, face):

@@ -43,16 +43,29 @@ def auth_token(cfg: ServeConfig) -> str:
     return os.environ.get("FASTGRPO_AUTH_TOKEN", "")
 
 
+# (request_streaming, response_streaming) -> (handler factory, the handler's behaviour attribute)
+HANDLER_KINDS = {
+    (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
+    (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
+    (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
+    (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
+}
+
+
+def behaviour_of(handler: grpc.RpcMethodHandler):
+    """The function a method handler runs, whatever its kind."""
+    return getattr(handler, HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)][1])
+
+
+def handler_like(handler: grpc.RpcMethodHandler, behaviour, request_deserializer) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind running `behaviour` (an interceptor's replacement for it)."""
+    make = HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)][0]
+    return make(behaviour, request_deserializer=request_deserializer, response_serializer=handler.response_serializer)
+
+
 class MalformedRequests(grpc.ServerInterceptor):
     """A request whose bytes are not a valid message of its method is refused with INVALID_ARGUMENT,
     naming the method (gRPC itself answers INTERNAL: "Exception deserializing request!")."""
-
-    MAKE = {  # (request_streaming, response_streaming) -> (handler factory, behaviour attribute)
-        (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
-        (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
-        (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
-        (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
-    }
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -67,12 +80,11 @@ class MalformedRequests(grpc.ServerInterceptor):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               f"{method}: the request is not a valid message of this method ({exc})")
 
-        make, kind = self.MAKE[(handler.request_streaming, handler.response_streaming)]
-        behaviour = getattr(handler, kind)
+        behaviour = behaviour_of(handler)
         if handler.request_streaming:
             def call(raws, context):
                 return behaviour((parsed(raw, context) for raw in raws), context)
         else:
             def call(raw, context):
                 return behaviour(parsed(raw, context), context)
-        return make(call, request_deserializer=None, response_serializer=handler.response_serializer)
+        return handler_like(handler, call, request_deserializer=None)
