@@ -8,6 +8,7 @@ nowhere else: enums travel as numbers, an unset seed as has_seed = false, and an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from typing import Any, TypeVar
 
@@ -60,9 +61,15 @@ def to_pb(record: Any):
     return message(**values)
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """A record's field types, resolved once (from_pb runs for every streamed completion)."""
+    return typing.get_type_hints(cls)
+
+
 def from_pb(cls: type[R], message: Any) -> R:
     """A proto message -> the record `cls`, field by field."""
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
         if f.name not in message.DESCRIPTOR.fields_by_name:
