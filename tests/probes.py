@@ -44,7 +44,7 @@ class Stubs:
         self.rollout = pb_grpc.RolloutServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
-    def status(self) -> pb.GetStatusReply:
+    def status(self) -> pb.StatusReply:
         return self.rollout.GetStatus(pb.GetStatusRequest(), timeout=CALL_TIMEOUT)
 
     def timed_probes(self) -> tuple[float, float]:

@@ -89,7 +89,7 @@ def test_lockstep_generation_runs_real_engines_one_step_at_a_time():
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("qwen2")).eval()
-    engines = {mode: Engine(ModelRunner(model, 4), eos_token_ids=(0,), config=EngineConfig(max_running=4))
+    engines = {mode: Engine(ModelRunner(model), eos_token_ids=(0,), config=EngineConfig(max_running=4))
                for mode in ("off", "static")}  # no draft: both decode plainly, the same work
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     try:

@@ -31,13 +31,15 @@ def test_training_pass_equals_serving_pass(target):
     valid = torch.arange(7)[None, :] < counts[:, None]
     with torch.no_grad():
         train_out = head(tokens, feats, torch.arange(7)[None].expand(2, 7), valid)  # (2, 7, H)
-    drafter = Drafter(head, num_slots=3, max_len=32)
-    serve_last = drafter.catch_up(torch.tensor([2, 0]), torch.tensor([0, 0]), tokens, feats, counts)  # (2, H)
+    drafter = Drafter(head)
+    drafter.allocate_cache(num_blocks=16, block_size=4)
+    tables = torch.tensor([[3, 9], [5, 2]])  # blocks out of order: the draft reads through its tables
+    serve_last = drafter.catch_up(tables, torch.tensor([0, 0]), tokens, feats, counts)  # (2, H)
     assert torch.allclose(serve_last[0], train_out[0, 6], atol=1e-5)
     assert torch.allclose(serve_last[1], train_out[1, 3], atol=1e-5)
     # catching up in two pieces gives the same as one piece
-    drafter.catch_up(torch.tensor([1]), torch.tensor([0]), tokens[:1, :3], feats[:1, :3], torch.tensor([3]))
-    rest = drafter.catch_up(torch.tensor([1]), torch.tensor([3]), tokens[:1, 3:], feats[:1, 3:], torch.tensor([4]))
+    drafter.catch_up(torch.tensor([[7, 1]]), torch.tensor([0]), tokens[:1, :3], feats[:1, :3], torch.tensor([3]))
+    rest = drafter.catch_up(torch.tensor([[7, 1]]), torch.tensor([3]), tokens[:1, 3:], feats[:1, 3:], torch.tensor([4]))
     assert torch.allclose(rest[0], train_out[0, 6], atol=1e-5)
 
 
@@ -95,7 +97,7 @@ def test_engine_captures_start_the_loss_at_the_prompts_last_pair():
     from fastgrpo.rollout.speculative.spec_step import SpecDecoder, SpecState
 
     st = SpecState()
-    SpecDecoder.after_prefill(st, (5, 6, 7, 8), 9, torch.randn(4, 3))
+    SpecDecoder.after_prefill(st, (5, 6, 7, 8), 9, torch.randn(4, 3), prompt_len=4)
     SpecDecoder.queue_pair(st, torch.randn(3), 10)
     cap = SpecDecoder.captured(st)
     assert cap.tokens.tolist() == [6, 7, 8, 9, 10] and cap.loss_from == 3

@@ -72,21 +72,22 @@ def test_exponential_race_matches_distribution():
 def test_runner_prefill_and_decode_match_hf(arch, tie):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, tie=tie)).eval()
-    runner = ModelRunner(model, num_slots=4)
+    runner = ModelRunner(model)
+    runner.allocate_cache(num_blocks=12, block_size=4)
     seqs = [torch.randint(1, 97, (n,)) for n in (5, 9, 1)]
     Q = 9
     tokens = torch.zeros(3, Q, dtype=torch.long)
     for b, s in enumerate(seqs):
         tokens[b, : len(s)] = s
-    slots = torch.tensor([3, 0, 2])
-    out = runner.forward(ForwardBatch(tokens, torch.arange(Q)[None].expand(3, Q), slots, torch.zeros(3, dtype=torch.long)))
+    tables = torch.tensor([[3, 7, 1], [5, 2, 9], [11, 0, 0]])  # blocks out of order; 0 pads (scratch)
+    out = runner.forward(ForwardBatch(tokens, torch.arange(Q)[None].expand(3, Q), tables, torch.zeros(3, dtype=torch.long)))
     with torch.no_grad():
         for b, s in enumerate(seqs):
             ref = model(s[None]).logits[0]
             assert (out.logits[b, : len(s)] - ref).abs().max() < 1e-4
         nxt = torch.tensor([[7], [11], [13]])
         starts = torch.tensor([len(s) for s in seqs])
-        out2 = runner.forward(ForwardBatch(nxt, starts[:, None], slots, starts))
+        out2 = runner.forward(ForwardBatch(nxt, starts[:, None], tables, starts))
         for b, s in enumerate(seqs):
             ref = model(torch.cat([s, nxt[b]])[None]).logits[0, -1]
             assert (out2.logits[b, 0] - ref).abs().max() < 1e-4
@@ -95,13 +96,13 @@ def test_runner_prefill_and_decode_match_hf(arch, tie):
 def test_attention_mask_tree_and_past():
     # one row, 2 past tokens, 3 new tokens forming a tree: 0 -> {1, 2}
     tree = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 0, 1]]], dtype=torch.bool)
-    batch = ForwardBatch(torch.zeros(1, 3, dtype=torch.long), torch.tensor([[2, 3, 3]]), torch.tensor([0]),
+    batch = ForwardBatch(torch.zeros(1, 3, dtype=torch.long), torch.tensor([[2, 3, 3]]), torch.tensor([[1]]),
                          torch.tensor([2]), tree)
     mask = attention_mask(batch, 5)[0, 0].int().tolist()
     assert mask == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 1]]
     # a region that starts before the new tokens: 2 tree nodes already cached at 2, 3; new nodes at 4, 5
     region = torch.tensor([[[1, 0, 1, 0], [0, 1, 0, 1]]], dtype=torch.bool)  # node 4 under 2, node 5 under 3
-    batch = ForwardBatch(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[4, 4]]), torch.tensor([0]),
+    batch = ForwardBatch(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[4, 4]]), torch.tensor([[1]]),
                          torch.tensor([4]), region, torch.tensor([2]))
     mask = attention_mask(batch, 6)[0, 0].int().tolist()
     assert mask == [[1, 1, 1, 0, 1, 0], [1, 1, 0, 1, 0, 1]]
@@ -111,7 +112,7 @@ def test_unsupported_architecture_is_refused():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     with pytest.raises(ValueError, match="not supported"):
-        ModelRunner(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)), 2)
+        ModelRunner(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)))
 
 
 # ------------------------------------------------------------------ engine
@@ -119,7 +120,7 @@ def test_unsupported_architecture_is_refused():
 def tiny_engine():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("qwen2")).eval()
-    engine = Engine(ModelRunner(model, 4), eos_token_ids=(0,), config=EngineConfig(max_running=3, max_prefill_tokens=16))
+    engine = Engine(ModelRunner(model), eos_token_ids=(0,), config=EngineConfig(max_running=3, max_prefill_tokens=16))
     yield engine, model
     engine.shutdown()
 
@@ -182,7 +183,7 @@ def test_status_counts_sequences_while_they_prefill():
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("qwen2")).eval()
-    engine = Engine(ModelRunner(model, 4), eos_token_ids=(0,), config=EngineConfig(max_running=4))
+    engine = Engine(ModelRunner(model), eos_token_ids=(0,), config=EngineConfig(max_running=4))
     entered, release = threading.Event(), threading.Event()
 
     @contextlib.contextmanager

@@ -41,11 +41,11 @@ def test_greedy_completions_on_the_fixture_are_pinned(fixture_dir, draft_dir):
     prompts = PINNED["prompts"]
     head = DraftHead.load(draft_dir, model)
     outputs = {}
-    engines = {"plain": Engine(ModelRunner(model, 4), (eos,), EngineConfig(max_running=4))}
+    engines = {"plain": Engine(ModelRunner(model), (eos,), EngineConfig(max_running=4))}
     for mode in ("static", "adaptive"):
         controller = SpecController(mode, static_tree=TreeShape(4, 5, 16))
-        runner = ModelRunner(model, 4, headroom=controller.max_nodes())
-        drafter = Drafter(head, 4, runner.cache.max_len + controller.draft_headroom())
+        runner = ModelRunner(model, headroom=controller.max_nodes())
+        drafter = Drafter(head)
         engines[mode] = Engine(runner, (eos,), EngineConfig(max_running=4), drafter, controller)
     try:
         for name, engine in engines.items():

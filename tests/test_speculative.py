@@ -180,11 +180,11 @@ def test_inverse_cdf_sampling_hits_only_positive_mass():
 def _engines(model, shape, slots=8, head=None, verify="rrs"):
     # the distribution tests queue thousands of samples of one prompt in a single request
     config = EngineConfig(max_running=slots, max_queued=10_000)
-    plain = Engine(ModelRunner(model, slots), (0,), config)
+    plain = Engine(ModelRunner(model), (0,), config)
     controller = SpecController("static", static_tree=shape, verify=verify)
-    runner = ModelRunner(model, slots, headroom=controller.max_nodes())
+    runner = ModelRunner(model, headroom=controller.max_nodes())
     head = head or DraftHead.for_target(model)
-    drafter = Drafter(head, slots, runner.cache.max_len + controller.draft_headroom())
+    drafter = Drafter(head)
     return plain, Engine(runner, (0,), config, drafter, controller)
 
 
@@ -355,10 +355,10 @@ def _fixture_engines(fixture_dir, draft_dir, controller, slots: int, n_prompts: 
     model = AutoModelForCausalLM.from_pretrained(str(fixture_dir)).eval()
     tok = AutoTokenizer.from_pretrained(str(fixture_dir))
     head = DraftHead.load(draft_dir, model)
-    runner = ModelRunner(model, slots, headroom=controller.max_nodes())
+    runner = ModelRunner(model, headroom=controller.max_nodes())
     spec = Engine(runner, (tok.eos_token_id,), EngineConfig(max_running=slots),
-                  Drafter(head, slots, runner.cache.max_len + controller.draft_headroom()), controller)
-    plain = Engine(ModelRunner(model, slots), (tok.eos_token_id,), EngineConfig(max_running=slots))
+                  Drafter(head), controller)
+    plain = Engine(ModelRunner(model), (tok.eos_token_id,), EngineConfig(max_running=slots))
     prompts = [tok(format_prompt(p.question))["input_ids"] for p in synthetic_math(seed=0).test[:n_prompts]]
     return plain, spec, prompts
 

@@ -38,16 +38,16 @@ def run(cfg: CalibrateBenchConfig) -> dict:
     fixture = build_fixture(cfg.preset)
     model = load_target(fixture)
     where = placement(model)
-    runner = ModelRunner(model, 1, headroom=max(DEFAULT_SWEEP))
+    runner = ModelRunner(model, headroom=max(DEFAULT_SWEEP))
     points = profile(runner, DEFAULT_SWEEP, context=cfg.context, budget_s=300)
     profiled = knee(points)
     print(f"profiled C_peak {profiled:.1f} from {points}", flush=True)
     steps = 60 if cfg.quick else cfg.steps
-    limit = runner.cache.max_len - cfg.context
+    limit = runner.max_positions - cfg.context
     records, series = [], {}
     for factor in (float(f) for f in cfg.factors.split(",")):
         cal = OnlineCalibrator(profiled * factor, "configured")
-        runner = ModelRunner(model, 1, headroom=max(DEFAULT_SWEEP))
+        runner = ModelRunner(model, headroom=max(DEFAULT_SWEEP))
         runner.observe_decode_forwards(cal.observe)
         trace = []
         for _ in range(steps):

@@ -76,7 +76,7 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
     head = DraftHead.load(build_draft(fixture), model)
     c_peak, source, points = cfg.c_peak, "configured", []
     if c_peak <= 0:
-        runner = ModelRunner(model, 1, headroom=max(DEFAULT_SWEEP))
+        runner = ModelRunner(model, headroom=max(DEFAULT_SWEEP))
         points = profile(runner, DEFAULT_SWEEP, budget_s=120)
         c_peak, source = knee(points), "profile"
         del runner
@@ -113,8 +113,8 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
         """One engine per mode, run in lockstep (bench/lockstep.py), each warmed up alone."""
         engines = {}
         for mode in MODES:
-            runner = ModelRunner(model, slots, headroom=controller.max_nodes())
-            drafter = Drafter(head, slots, runner.cache.max_len + controller.draft_headroom())
+            runner = ModelRunner(model, headroom=controller.max_nodes())
+            drafter = Drafter(head)
             engines[mode] = Engine(runner, eos, EngineConfig(max_running=slots), drafter, controller)
             timed_generation(engines[mode], prompts_all[:2], 1, cfg.temperature, 16, cfg.seed, mode)
         return engines

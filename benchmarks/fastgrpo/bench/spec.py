@@ -102,10 +102,10 @@ def run(cfg: SpecBenchConfig) -> dict:
         n = 2 if cfg.quick else max(cfg.min_sequences, cfg.sequences_per_slot * B)
         prompts = [tok(format_prompt(p.question))["input_ids"] for p in problems[:n]]
         warm = prompts[: min(B, 2)]
-        plain = Engine(ModelRunner(model, B), eos, EngineConfig(max_running=B))
+        plain = Engine(ModelRunner(model), eos, EngineConfig(max_running=B))
         controller = SpecController("static", static_tree=shape, verify=cfg.verify)
-        runner = ModelRunner(model, B, headroom=controller.max_nodes())
-        spec = Engine(runner, eos, EngineConfig(max_running=B), Drafter(head, B, runner.cache.max_len + controller.draft_headroom()), controller)
+        runner = ModelRunner(model, headroom=controller.max_nodes())
+        spec = Engine(runner, eos, EngineConfig(max_running=B), Drafter(head), controller)
         try:
             for engine in (plain, spec):
                 timed_generation(engine, warm, 1, cfg.temperature, cfg.max_new_tokens, cfg.seed)  # warm-up: allocator, kernels

@@ -250,7 +250,7 @@ class TrainDraftReply(_message.Message):
     def __init__(self, draft_version: _Optional[int] = ..., every_n_batches: _Optional[int] = ..., rounds: _Optional[int] = ..., steps: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_top1: _Optional[float] = ..., samples_seen: _Optional[int] = ..., seconds: _Optional[float] = ..., buffer_sequences: _Optional[int] = ..., buffer_bytes: _Optional[int] = ..., dropped_sequences: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("policy_version", "policy_checksum", "running_sequences", "queued_sequences", "model", "max_running_sequences", "draft_version", "speculation")
+    __slots__ = ("policy_version", "policy_checksum", "running_sequences", "queued_sequences", "model", "max_running_sequences", "draft_version", "speculation", "kv_cache")
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     POLICY_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -259,6 +259,7 @@ class StatusReply(_message.Message):
     MAX_RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     DRAFT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SPECULATION_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_FIELD_NUMBER: _ClassVar[int]
     policy_version: int
     policy_checksum: str
     running_sequences: int
@@ -267,7 +268,28 @@ class StatusReply(_message.Message):
     max_running_sequences: int
     draft_version: int
     speculation: SpeculationStatus
-    def __init__(self, policy_version: _Optional[int] = ..., policy_checksum: _Optional[str] = ..., running_sequences: _Optional[int] = ..., queued_sequences: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., max_running_sequences: _Optional[int] = ..., draft_version: _Optional[int] = ..., speculation: _Optional[_Union[SpeculationStatus, _Mapping]] = ...) -> None: ...
+    kv_cache: KVCacheStatus
+    def __init__(self, policy_version: _Optional[int] = ..., policy_checksum: _Optional[str] = ..., running_sequences: _Optional[int] = ..., queued_sequences: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., max_running_sequences: _Optional[int] = ..., draft_version: _Optional[int] = ..., speculation: _Optional[_Union[SpeculationStatus, _Mapping]] = ..., kv_cache: _Optional[_Union[KVCacheStatus, _Mapping]] = ...) -> None: ...
+
+class KVCacheStatus(_message.Message):
+    __slots__ = ("block_size", "blocks_total", "bytes_total", "blocks_used", "blocks_cached", "blocks_free", "preemptions", "shared_prompt_tokens")
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    block_size: int
+    blocks_total: int
+    bytes_total: int
+    blocks_used: int
+    blocks_cached: int
+    blocks_free: int
+    preemptions: int
+    shared_prompt_tokens: int
+    def __init__(self, block_size: _Optional[int] = ..., blocks_total: _Optional[int] = ..., bytes_total: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_cached: _Optional[int] = ..., blocks_free: _Optional[int] = ..., preemptions: _Optional[int] = ..., shared_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class SpeculationStatus(_message.Message):
     __slots__ = ("mode", "c_peak", "c_peak_source", "batch_size", "n_verify", "width", "depth", "c_peak_start", "c_peak_start_source", "c_peak_updates", "alpha", "alpha_start", "alpha_updates")

@@ -23,6 +23,7 @@ MESSAGES: dict[type, type] = {
     rec.Completion: pb.Completion,
     rec.ModelInfo: pb.ModelInfo,
     rec.Speculation: pb.SpeculationStatus,
+    rec.KVCache: pb.KVCacheStatus,
     rec.Status: pb.StatusReply,
     rec.DraftTraining: pb.TrainDraftReply,
     rec.UpdateResult: pb.UpdateWeightsReply,

@@ -78,6 +78,21 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class KVCache:
+    """The paged KV cache now (GetStatus): blocks of block_size tokens, used / cached / free,
+    preemptions and prompt tokens served from shared blocks since the start."""
+
+    block_size: int = 0
+    blocks_total: int = 0
+    bytes_total: int = 0
+    blocks_used: int = 0
+    blocks_cached: int = 0
+    blocks_free: int = 0
+    preemptions: int = 0
+    shared_prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
 class Speculation:
     """Speculative decoding now: mode, C_peak and its source, live B and the latest tree (0 = plain),
     the C_peak the server started with (the online estimate moves away from it), and alpha live and at start.
@@ -110,6 +125,7 @@ class Status:
     draft_version: int
     model: ModelInfo
     speculation: Speculation
+    kv_cache: KVCache = KVCache()
 
 
 @dataclass(frozen=True)

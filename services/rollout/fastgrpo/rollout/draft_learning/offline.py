@@ -57,9 +57,12 @@ def capture_features(model: torch.nn.Module, sequences: list[list[int]], batch_s
     return out
 
 
+ROLLOUT_BATCH = 64  # sequences the rollout engine decodes at once
+
+
 def rollouts(runner: ModelRunner, eos: tuple[int, ...], prompts: list[list[int]], cfg: OfflineConfig) -> list[list[int]]:
     """prompt + completion token ids sampled from the target with the plain engine."""
-    engine = Engine(runner, eos, EngineConfig(max_running=runner.num_slots))
+    engine = Engine(runner, eos, EngineConfig(max_running=ROLLOUT_BATCH))
     try:
         req = GenerationRequest("draft-data", tuple(tuple(p) for p in prompts), cfg.samples_per_prompt,
                                 Sampling(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
@@ -73,7 +76,7 @@ def train_offline(model: torch.nn.Module, eos: tuple[int, ...], prompts: list[li
     """Returns a head trained on the target's own rollouts of `prompts`, and a report."""
     t0 = time.perf_counter()
     max_len = max(len(p) for p in prompts) + cfg.max_new_tokens
-    runner = ModelRunner(model, num_slots=64, max_len=max_len)
+    runner = ModelRunner(model, max_len=max_len)
     seqs = rollouts(runner, eos, prompts, cfg)
     data = capture_features(model, seqs)
     t1 = time.perf_counter()

@@ -19,14 +19,14 @@ class ForwardBatch:
 
     tokens: torch.Tensor  # (B, Q) long
     positions: torch.Tensor  # (B, Q) long, rotary positions (depth-based inside a tree)
-    slots: torch.Tensor  # (B,) long, KV-cache slot of each sequence
+    block_table: torch.Tensor  # (B, nb) long, KV-cache blocks of each sequence (padded with the scratch block)
     starts: torch.Tensor  # (B,) long, cache position where the first new token is written
     region_mask: torch.Tensor | None = None  # (B, Q, R) bool; None = causal over the new tokens
     region_start: torch.Tensor | None = None  # (B,) long; None = starts (R = Q)
 
     def __post_init__(self):
         B, Q = self.tokens.shape
-        assert self.positions.shape == (B, Q) and self.slots.shape == (B,) and self.starts.shape == (B,)
+        assert self.positions.shape == (B, Q) and self.block_table.shape[0] == B and self.starts.shape == (B,)
         assert self.region_mask is None or self.region_mask.shape[:2] == (B, Q)
         if self.region_start is not None:
             assert self.region_mask is not None and bool((self.starts - self.region_start + Q == self.region_mask.shape[2]).all())

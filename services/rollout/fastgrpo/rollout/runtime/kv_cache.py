@@ -1,53 +1,127 @@
-"""Preallocated KV cache with one slot per running sequence.
+"""Paged KV cache: a pool of fixed-size blocks per layer, addressed through per-sequence block tables.
 
-Layout per layer: (num_slots, num_kv_heads, max_len, head_dim). A sequence owns one slot for its
-whole life; position t of the slot holds the keys/values of its token t. Lengths live with the
-scheduler (the cache does not know which positions are valid): a forward writes its new tokens at
-`starts[b] + q` and attends to everything before `starts[b]` plus the new tokens its mask allows.
-Writing past a sequence's valid length (padding, rejected tree nodes) is harmless: the next write
-at those positions overwrites them and nothing reads them before that.
+Layout per layer: (num_blocks, block_size, num_kv_heads, head_dim). Logical position p of a
+sequence lives in block `table[p // block_size]` at offset `p % block_size`; which blocks a
+sequence owns, and which it shares, is the scheduler's bookkeeping (runtime.blocks.BlockManager).
+Block 0 is scratch: block tables are padded with it, so a write past a sequence's blocks (right
+padding of a batch, a row's unused tree positions) lands there, and reads of it are masked out.
+Writing past a sequence's valid length inside its own blocks is harmless as before: the next write
+at those positions overwrites them and nothing reads them until then.
 """
 from __future__ import annotations
 
+import re
+
 import torch
+import torch.nn.functional as F
+
+SCRATCH_BLOCK = 0
+ATTENTION_BACKENDS = ("gather", "flex")
 
 
-class KVCache:
-    def __init__(
-        self,
-        num_layers: int,
-        num_slots: int,
-        num_kv_heads: int,
-        max_len: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ):
-        shape = (num_slots, num_kv_heads, max_len, head_dim)
+def token_slots(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat pool index of logical `positions` (B, Q) of the rows of `table` (B, nb): (B, Q) long.
+    Positions past a row's table map into the scratch block."""
+    nb = table.shape[1]
+    block = positions.div(block_size, rounding_mode="floor")  # (B, Q)
+    physical = table.gather(1, block.clamp(max=nb - 1))  # (B, Q)
+    physical = torch.where(block < nb, physical, torch.full_like(physical, SCRATCH_BLOCK))
+    return physical * block_size + positions % block_size
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str, backend: str = "gather"):
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {backend!r}")
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.num_slots = num_slots
-        self.max_len = max_len
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.backend = backend
 
-    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Store new keys/values. slots (B,), positions (B, Q) cache positions, k/v (B, H_kv, Q, D)."""
-        B, H, Q, D = k.shape
-        assert slots.shape == (B,) and positions.shape == (B, Q), (slots.shape, positions.shape, k.shape)
-        # advanced indices on dims 0 and 2 around a slice put the indexed dims first: (B, Q, H_kv, D)
-        self.k[layer][slots[:, None], :, positions] = k.transpose(1, 2)
-        self.v[layer][slots[:, None], :, positions] = v.transpose(1, 2)
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
-    def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values of positions [0, length) of the given slots: (B, H_kv, length, D) each."""
-        return self.k[layer][slots, :, :length], self.v[layer][slots, :, :length]
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.k, *self.v))
 
-    def move(self, slots: torch.Tensor, src: torch.Tensor, dst: torch.Tensor):
-        """Copy positions src -> dst within each slot, every layer. slots (B,), src/dst (B, n).
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Stores new keys/values at flat pool slots (B, Q) (token_slots). k/v (B, H_kv, Q, D)."""
+        H, D = k.shape[1], k.shape[3]
+        index = slots.reshape(-1)
+        self.k[layer].view(-1, H, D)[index] = k.transpose(1, 2).reshape(-1, H, D)
+        self.v[layer].view(-1, H, D)[index] = v.transpose(1, 2).reshape(-1, H, D)
 
-        Used to compact an accepted tree path onto consecutive positions. Reads happen before writes,
-        so overlapping src/dst ranges are safe.
-        """
-        assert src.shape == dst.shape and src.shape[0] == slots.shape[0]
+    def attend(self, layer: int, q: torch.Tensor, table: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of queries q (B, Hq, Q, D) over the blocks of `table` (B, nb); mask (B, 1, Q, nb *
+        block_size) over logical positions. Returns (B, Hq, Q, D)."""
+        if self.backend == "flex":
+            from fastgrpo.rollout.runtime.flex_attention import flex_paged_attention
+            return flex_paged_attention(q, self.k[layer], self.v[layer], table, mask[:, 0], scale)
+        B, nb = table.shape
+        _, bs, H, D = self.k[layer].shape
+        index = table.reshape(-1)
+        # one contiguous copy of the rows' blocks; SDPA reads the (B, H_kv, T, D) view through strides
+        keys = self.k[layer].index_select(0, index).view(B, nb * bs, H, D).transpose(1, 2)
+        values = self.v[layer].index_select(0, index).view(B, nb * bs, H, D).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
+                                              enable_gqa=q.shape[1] != H)
+
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copies the tokens at flat slots src -> dst (same shape), every layer. Reads happen before
+        writes, so overlapping ranges are safe (used to compact an accepted tree path)."""
+        src, dst = src.reshape(-1), dst.reshape(-1)
         for cache in (*self.k, *self.v):
-            moved = cache[slots[:, None], :, src]  # (B, n, H_kv, D) copy
-            cache[slots[:, None], :, dst] = moved
+            flat = cache.view(-1, *cache.shape[2:])
+            flat[dst] = flat[src]
+
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Copies whole blocks src[i] -> dst[i], every layer (copy on write of a shared last block)."""
+        if not src:
+            return
+        s = torch.tensor(src, device=self.k[0].device)
+        d = torch.tensor(dst, device=self.k[0].device)
+        for cache in (*self.k, *self.v):
+            cache[d] = cache[s]
+
+
+_UNITS = {"": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+CPU_AUTO_CAP = 4 * 2**30
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB' -> 2147483648, '512MB' -> 512000000, '1000' -> 1000 (case does not matter)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a byte size: {text!r} (e.g. 1073741824, 512MiB, 2GiB, 4G)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def kv_budget_bytes(memory: str, fraction: float, device: torch.device) -> int:
+    """The KV cache's byte budget: `memory` as given, or for "auto" `fraction` of the GPU memory free
+    now (after the models loaded), or on the CPU a quarter of the available memory, at most 4 GiB."""
+    if memory != "auto":
+        return parse_bytes(memory)
+    if device.type == "cuda":
+        if not 0 < fraction <= 1:
+            raise ValueError(f"--kv-cache-fraction must be in (0, 1], got {fraction}")
+        torch.cuda.empty_cache()  # memory freed (a profile's cache) but still held by the allocator
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * fraction)
+    return min(CPU_AUTO_CAP, available_memory() // 4)
+
+
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (the CPU auto cap where there is none)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * CPU_AUTO_CAP

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgrpo.rollout.runtime.batch import ForwardBatch
-from fastgrpo.rollout.runtime.kv_cache import KVCache
+from fastgrpo.rollout.runtime.kv_cache import SCRATCH_BLOCK, PagedKVCache, token_slots
 
 
 def attention_mask(batch: ForwardBatch, key_len: int) -> torch.Tensor:
@@ -27,6 +27,20 @@ def attention_mask(batch: ForwardBatch, key_len: int) -> torch.Tensor:
     return (past | (in_region[:, None, :] & region_ok))[:, None]  # (B, 1, Q, T)
 
 
+def paged_inputs(batch: ForwardBatch, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every layer of a forward over a paged cache needs: the block table cut (or padded with
+    the scratch block) to the blocks the keys span (B, nb), the flat pool slots the new tokens are
+    written to (B, Q), and the attention mask over the logical positions of those blocks (B, 1, Q,
+    nb * block_size)."""
+    B, Q = batch.tokens.shape
+    nb = -(-(int(batch.starts.max()) + Q) // block_size)
+    table = batch.block_table[:, :nb]
+    if table.shape[1] < nb:
+        table = F.pad(table, (0, nb - table.shape[1]), value=SCRATCH_BLOCK)
+    write_pos = batch.starts[:, None] + torch.arange(Q, device=table.device)[None, :]  # (B, Q)
+    return table, token_slots(table, write_pos, block_size), attention_mask(batch, nb * block_size)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -38,17 +52,18 @@ def decoder_layer(
     cos: torch.Tensor,
     sin: torch.Tensor,
     mask: torch.Tensor,
-    cache: KVCache | None,
+    cache: PagedKVCache | None,
     cache_layer: int,
-    slots: torch.Tensor | None,
-    write_pos: torch.Tensor | None,
-    key_len: int,
+    write_slots: torch.Tensor | None,
+    table: torch.Tensor | None,
     head_dim: int,
     query_at: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One pre-norm Llama-family decoder layer over new tokens h (B, Q, H), attending through `cache`.
 
-    cos/sin (B, 1, Q, D) rotary tables, mask (B, 1, Q, key_len), write_pos (B, Q) cache positions.
+    cos/sin (B, 1, Q, D) rotary tables; write_slots (B, Q) the flat pool slots of the new tokens,
+    table (B, nb) the rows' block tables, mask (B, 1, Q, nb * block_size) over their logical positions
+    (model_runner.paged_inputs).
     With cache None the tokens attend only among themselves (mask (B, 1, Q, Q)): the differentiable
     path used to train the draft head. Shared by the target runner and the draft head.
 
@@ -77,12 +92,10 @@ def decoder_layer(
     q = q * cos_q + _rotate_half(q) * sin_q
     k = k * cos + _rotate_half(k) * sin
     if cache is None:
-        keys, values = k, v  # (B, Hkv, Q, D)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
+                                             enable_gqa=q.shape[1] != k.shape[1])  # (B, Hq, Qa, D)
     else:
-        cache.write(cache_layer, slots, write_pos, k, v)
-        keys, values = cache.read(cache_layer, slots, key_len)  # (B, Hkv, T, D)
-    out = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1]
-    )  # (B, Hq, Qa, D)
+        cache.write(cache_layer, write_slots, k, v)
+        out = cache.attend(cache_layer, q, table, mask, attn.scaling)  # (B, Hq, Qa, D)
     h = h + attn.o_proj(out.transpose(1, 2).reshape(B, Qa, -1))  # (B, Qa, H)
     return h + layer.mlp(layer.post_attention_layernorm(h))  # (B, Qa, H)

@@ -1,8 +1,9 @@
 """Model runner: drives a transformers decoder's own modules over our KV cache.
 
 The HF model is loaded with transformers (so any checkpoint of a supported family loads, and the
-weights live in one place that updates modify), but its forward is ours: per-sequence cache slots,
-per-token rotary positions and an arbitrary mask over the new tokens. That one entry point serves
+weights live in one place that updates modify), but its forward is ours: a paged KV cache read
+through per-sequence block tables, per-token rotary positions and an arbitrary mask over the new
+tokens. That one entry point serves
 prefill (causal mask, right padding), plain decode (Q = 1) and tree verification (Q = tree nodes,
 tree mask, depth-based positions) without a rewrite.
 
@@ -19,8 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from fastgrpo.rollout.runtime.batch import ForwardBatch, ForwardOutput
-from fastgrpo.rollout.runtime.kv_cache import KVCache
-from fastgrpo.rollout.runtime.layers import attention_mask, decoder_layer
+from fastgrpo.rollout.runtime.kv_cache import PagedKVCache
+from fastgrpo.rollout.runtime.layers import decoder_layer, paged_inputs
 from fastgrpo.wire.dtypes import DTYPES
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -29,9 +30,10 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 class ModelRunner:
     """Owns the HF model and the KV cache; one `forward` for every kind of step."""
 
-    def __init__(self, model: PreTrainedModel, num_slots: int, max_len: int | None = None, headroom: int = 0):
-        """max_len: longest sequence served (the context limit); headroom: extra cache positions past
-        it, where speculative tree nodes of a sequence near the limit are written."""
+    def __init__(self, model: PreTrainedModel, max_len: int | None = None, headroom: int = 0):
+        """max_len: longest sequence served (the context limit); headroom: extra positions past it,
+        where speculative tree nodes of a sequence near the limit are written. The KV cache is
+        allocated separately (allocate_cache), once its budget is known."""
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -52,17 +54,24 @@ class ModelRunner:
         window = getattr(cfg, "sliding_window", None)
         if getattr(cfg, "use_sliding_window", False) and window and window < self.max_len:
             raise ValueError(f"sliding_window {window} < context {self.max_len} is not supported; pass --max-context")
-        self.cache = KVCache(
-            self.num_layers, num_slots, self.num_kv_heads, self.max_len + headroom, self.head_dim, self.dtype, self.device
-        )
-        self.num_slots = num_slots
+        self.max_positions = self.max_len + headroom
+        self.cache: PagedKVCache | None = None
         self._decode_observers: list[Callable[[int, float], None]] = []
 
     @staticmethod
-    def load(path: str | Path, dtype: torch.dtype, device: str, num_slots: int, max_len: int | None = None,
-             headroom: int = 0):
+    def load(path: str | Path, dtype: torch.dtype, device: str, max_len: int | None = None, headroom: int = 0):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
-        return ModelRunner(model, num_slots, max_len, headroom)
+        return ModelRunner(model, max_len, headroom)
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        return PagedKVCache.bytes_per_block(self.num_layers, block_size, self.num_kv_heads, self.head_dim, self.dtype)
+
+    def allocate_cache(self, num_blocks: int, block_size: int, backend: str = "gather") -> PagedKVCache:
+        """(Re)allocates the KV cache: num_blocks blocks of block_size tokens, every layer."""
+        self.cache = None  # the old pool goes before the new one is allocated
+        self.cache = PagedKVCache(self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim,
+                                  self.dtype, self.device, backend)
+        return self.cache
 
     def observe_decode_forwards(self, observer: Callable[[int, float], None]) -> None:
         """Calls observer(tokens, seconds) after every decode or verify forward (not prefill): the
@@ -77,7 +86,7 @@ class ModelRunner:
         the last prompt token); None projects every position.
         """
         B, Q = batch.tokens.shape
-        assert int(batch.starts.max()) + Q <= self.cache.max_len, "write past the end of the KV cache"
+        assert int(batch.starts.max()) + Q <= self.max_positions, "write past the longest sequence served"
         timed = bool(self._decode_observers) and logits_at is None  # prefill is not a decode step
         t0 = time.perf_counter() if timed else 0.0
         out = self._forward(batch, logits_at)
@@ -95,11 +104,9 @@ class ModelRunner:
         h = inner.embed_tokens(batch.tokens)  # (B, Q, H)
         cos, sin = inner.rotary_emb(h, batch.positions)  # (B, Q, D) each
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, Q, D)
-        key_len = int(batch.starts.max()) + Q
-        mask = attention_mask(batch, key_len)  # (B, 1, Q, T)
-        write_pos = batch.starts[:, None] + torch.arange(Q, device=self.device)[None, :]  # (B, Q)
+        table, write_slots, mask = paged_inputs(batch, self.cache.block_size)
         for i, layer in enumerate(inner.layers):
-            h = decoder_layer(layer, h, cos, sin, mask, self.cache, i, batch.slots, write_pos, key_len, self.head_dim)
+            h = decoder_layer(layer, h, cos, sin, mask, self.cache, i, write_slots, table, self.head_dim)
         h = inner.norm(h)  # (B, Q, H)
         if logits_at is not None:
             picked = h[torch.arange(B, device=self.device), logits_at]  # (B, H)

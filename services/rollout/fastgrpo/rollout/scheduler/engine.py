@@ -4,11 +4,15 @@ Each loop iteration is one engine step:
   1. run queued operations (weight updates) — this is the "between decode steps" point where they
      are applied atomically;
   2. drop sequences of cancelled requests;
-  3. admit queued sequences into free cache slots and prefill them in one batched forward, which
-     also samples their first token;
-  4. one batched decode step over the sequences that were already running;
+  3. admit queued sequences while KV-cache blocks allow (runtime.blocks) and prefill them in one
+     batched forward, which also samples their first token. The samples of one prompt share its
+     full blocks and are prefilled once (the partly filled last block is copied for each); a prompt
+     prefix still cached from an earlier sequence is not computed again;
+  4. one batched decode step over the sequences that were already running; when their next tokens
+     need more blocks than are free, the most recently admitted sequences are preempted (blocks
+     freed, queued again at the front, recomputed by a prefill when readmitted);
   5. finished sequences leave at once (their completion goes to the request's result queue) and
-     free their slots for the next step's admissions;
+     release their blocks for the next step's admissions;
   6. one piece of background work (a draft-training step), if any is waiting and may run now.
 Callers talk to it only through `submit`, `run_exclusive`, `snapshot` and `wake`, all thread-safe;
 it reports to its observers (metrics, draft learning) through `EngineObserver`.
@@ -16,6 +20,7 @@ it reports to its observers (metrics, draft learning) through `EngineObserver`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 import threading
 import time
@@ -29,11 +34,13 @@ import torch
 from fastgrpo.common.config import help_field
 from fastgrpo.rollout.runtime import sampler
 from fastgrpo.rollout.runtime.batch import ForwardBatch
+from fastgrpo.rollout.runtime.blocks import BlockManager, blocks_for
+from fastgrpo.rollout.runtime.kv_cache import ATTENTION_BACKENDS, SCRATCH_BLOCK, kv_budget_bytes, token_slots
 from fastgrpo.rollout.runtime.model_runner import ModelRunner
 from fastgrpo.rollout.scheduler.observer import BackgroundWork, EngineObserver
-from fastgrpo.rollout.scheduler.requests import (EngineLimits, GenerationRequest, InvalidRequest, StepReport,
-                                                 validate_request)
-from fastgrpo.rollout.scheduler.sequence import RequestHandle, SequenceState, sequence_seed
+from fastgrpo.rollout.scheduler.requests import (EngineLimits, GenerationRequest, InvalidRequest, KVCacheTooSmall,
+                                                 StepReport, validate_request)
+from fastgrpo.rollout.scheduler.sequence import Admission, RequestHandle, SequenceState, sequence_seed
 from fastgrpo.rollout.speculative.controller import SpecController
 from fastgrpo.rollout.speculative.draft_runner import Drafter
 from fastgrpo.rollout.speculative.spec_step import SpecDecoder
@@ -41,28 +48,41 @@ from fastgrpo.rollout.speculative.tree import TreeShape
 from fastgrpo.wire.records import Completion, FinishReason
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """How many sequences the engine runs and holds (flags without a prefix: --max-running, ...)."""
 
-    max_running: int = help_field(64, "most sequences decoding at once (KV-cache slots)")
+    max_running: int = help_field(64, "most sequences decoding at once")
     max_prefill_tokens: int = help_field(4096, "prompt tokens admitted into one prefill step (bounds prefill memory)")
-    max_queued: int = help_field(4096, "sequences waiting for a slot; a request that would pass it is refused (RESOURCE_EXHAUSTED, or INVALID_ARGUMENT when it alone is larger)")
+    kv_cache_memory: str = help_field("auto", "KV-cache budget: bytes with an optional suffix (e.g. 512MiB, 2GiB, 4G), or auto: --kv-cache-fraction of the device memory free after loading the models on a GPU, a quarter of the available memory (at most 4 GiB) on the CPU; never more than --max-running full contexts need")
+    kv_cache_fraction: float = help_field(0.8, "share of the GPU memory free after loading the models that an auto KV-cache budget takes")
+    kv_block_size: int = help_field(16, "tokens per KV-cache block")
+    prefix_sharing: bool = help_field(True, "the samples of a prompt share its KV-cache blocks and prefill it once, and later sequences reuse a prompt prefix still cached (off: every sequence prefills its own prompt)")
+    attention_backend: str = help_field("gather", f"how attention reads the paged KV cache: {' or '.join(ATTENTION_BACKENDS)}")
+    max_queued: int = help_field(4096, "sequences waiting to be admitted; a request that would pass it is refused (RESOURCE_EXHAUSTED, or INVALID_ARGUMENT when it alone is larger)")
 
 
 class Engine:
     def __init__(self, runner: ModelRunner, eos_token_ids: tuple[int, ...], config: EngineConfig = EngineConfig(),
                  drafter: Drafter | None = None, controller: SpecController | None = None,
                  observers: Iterable[EngineObserver] = ()):
-        if config.max_running > runner.num_slots:
-            raise ValueError(f"max_running {config.max_running} exceeds the cache's {runner.num_slots} slots")
         if (drafter is None) != (controller is None):
             raise ValueError("speculative decoding needs both a drafter and a speculation controller")
-        if controller is not None and runner.cache.max_len < runner.max_len + controller.max_nodes():
-            raise ValueError(f"the KV cache needs {controller.max_nodes()} positions of headroom for the largest tree")
+        if controller is not None and runner.max_positions < runner.max_len + controller.max_nodes():
+            raise ValueError(f"the runner needs {controller.max_nodes()} positions of headroom for the largest tree")
         self.runner = runner
+        # most positions past the settled ones a decode step may write (the target's tree, the
+        # draft's); a step reserves what its own trees write (_tree_lookahead), admission what the
+        # latest step's largest tree did
+        self.lookahead = 1 if controller is None else max(controller.max_nodes(), controller.draft_headroom()) + 1
+        self._lookahead_hint = 1
+        self.blocks, self._features = self._allocate_cache(runner, drafter, config)
+        self.kv_bytes_per_block = self._bytes_per_block(runner, drafter, config.kv_block_size)
+        self.preemptions = 0
+        self.shared_prompt_tokens = 0  # prompt tokens served from shared blocks instead of being prefilled
         self.observers = list(observers)
         self.spec = SpecDecoder(runner, drafter, controller.verify) if drafter is not None else None
         if self.spec is not None:
@@ -85,15 +105,52 @@ class Engine:
         self._ops: list[tuple[Callable[[], object], Future]] = []
         self._running: list[SequenceState] = []
         self._prefilling: list[SequenceState] = []  # admitted this step, until their prefill is done
-        self._free_slots = list(range(config.max_running - 1, -1, -1))
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="fastgrpo-engine", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _bytes_per_block(runner: ModelRunner, drafter: Drafter | None, block_size: int) -> int:
+        """Target KV, and with a draft: its KV and the target features its catch-ups read."""
+        size = runner.kv_bytes_per_block(block_size)
+        if drafter is not None:
+            size += drafter.kv_bytes_per_block(block_size) + block_size * runner.config.hidden_size * runner.dtype.itemsize
+        return size
+
+    def _allocate_cache(self, runner: ModelRunner, drafter: Drafter | None,
+                        config: EngineConfig) -> tuple[BlockManager, torch.Tensor | None]:
+        bs = config.kv_block_size
+        if bs < 1:
+            raise ValueError(f"--kv-block-size must be >= 1, got {bs}")
+        per_block = self._bytes_per_block(runner, drafter, bs)
+        runner.cache = None  # a profile's cache goes before the budget is measured
+        if drafter is not None:
+            drafter.cache = None
+        budget = kv_budget_bytes(config.kv_cache_memory, config.kv_cache_fraction, runner.device)
+        # more blocks than max_running full contexts could ever hold would only sit idle (+1: scratch)
+        enough = config.max_running * blocks_for(runner.max_len + self.lookahead, bs) + 1
+        num_blocks = min(budget // per_block, enough)
+        if num_blocks < 2:
+            raise ValueError(f"a KV-cache budget of {budget} bytes holds no {bs}-token block ({per_block} bytes with "
+                             "every layer); raise --kv-cache-memory")
+        if num_blocks - 1 < blocks_for(runner.max_len + self.lookahead, bs):
+            log.warning("the KV cache (%d blocks of %d tokens, %.1f MiB) holds fewer tokens than one full %d-token "
+                        "context: longer requests are refused", num_blocks - 1, bs, num_blocks * per_block / 2**20,
+                        runner.max_len)
+        backend = config.attention_backend
+        runner.allocate_cache(num_blocks, bs, backend)
+        features = None
+        if drafter is not None:
+            drafter.allocate_cache(num_blocks, bs, backend)
+            features = torch.zeros(num_blocks * bs, runner.config.hidden_size, dtype=runner.dtype, device=runner.device)
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks - 1, bs, num_blocks * per_block / 2**20)
+        return BlockManager(num_blocks, bs), features
 
     # ---------------------------------------------------------------- public, thread-safe
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Validates (InvalidRequest) and queues every (prompt, sample) sequence of the request."""
         validate_request(request, self.limits)
+        self._check_fits(request)
         handle = RequestHandle(request, self.wake)
         s = request.sampling
         stop = frozenset(s.stop_token_ids) | (frozenset() if s.ignore_eos else self.eos_token_ids)
@@ -116,6 +173,26 @@ class Engine:
             self._cv.notify()
         return handle
 
+    def _check_fits(self, request: GenerationRequest) -> None:
+        """Refuses a request one of whose sequences could not fit the whole KV cache even alone."""
+        total = self.blocks.num_blocks - 1
+        longest = max(len(p) for p in request.prompts)
+        tokens = longest + request.sampling.max_new_tokens - 1 + self.lookahead
+        need = blocks_for(tokens, self.blocks.block_size)
+        if need > total:
+            raise KVCacheTooSmall(
+                f"a prompt of {longest} tokens with max_new_tokens {request.sampling.max_new_tokens} needs {need} KV-cache "
+                f"blocks ({need * self.kv_bytes_per_block / 2**20:.1f} MiB, {tokens} tokens with "
+                f"{self.lookahead - 1} speculative positions); the cache holds {total} "
+                f"({total * self.kv_bytes_per_block / 2**20:.1f} MiB, --kv-cache-memory): shorten the prompt or "
+                "max_new_tokens, or raise the budget")
+
+    def set_policy_version(self, version: int) -> None:
+        """The policy weights changed (on the engine thread, between steps): cached prompt blocks
+        hold keys and values of the old weights, so no later sequence may share them."""
+        self.policy_version = version
+        self.blocks.forget_prefixes()
+
     def run_exclusive(self, fn: Callable[[], T], timeout: float | None = None) -> T:
         """Runs fn on the engine thread between two steps (no forward in flight) and returns its result."""
         fut: Future = Future()
@@ -130,7 +207,9 @@ class Engine:
         with self._cv:
             # sequences being prefilled have left the queue but not yet joined the running ones
             running = len(self._running) + len(self._prefilling)
-            return {"running": running, "queued": len(self._queue), "policy_version": self.policy_version}
+            return {"running": running, "queued": len(self._queue), "policy_version": self.policy_version,
+                    "kv_blocks": self.blocks.stats(), "preemptions": self.preemptions,
+                    "shared_prompt_tokens": self.shared_prompt_tokens}
 
     def shutdown(self) -> None:
         with self._cv:
@@ -185,6 +264,7 @@ class Engine:
                     seq.handle._fail(exc)
                     self._release(seq)
                 self._running, self._prefilling = [], []
+                self.blocks.forget_prefixes()  # blocks registered this step may never have been written
             # background work takes the engine only between steps, one piece at a time
             for work in self.background:
                 if work.has_work() and (not self._running or work.urgent()):
@@ -203,74 +283,189 @@ class Engine:
             self._finish(seq, "abort")
 
     def _admit(self) -> list[SequenceState]:
+        """Takes queued sequences while the batch, the prefill budget and the free KV blocks allow;
+        the blocks that running sequences may need for their next step are kept back."""
         admitted, budget = [], self.config.max_prefill_tokens
-        while self._queue and self._free_slots:
+        reserve = sum(self._growth(s, self._lookahead_hint) for s in self._running)
+        leaders: dict[tuple[int, ...], SequenceState] = {}  # prompt -> its sequence admitted this step
+        while self._queue and len(self._running) + len(admitted) < self.config.max_running:
             seq = self._queue[0]
-            if admitted and len(seq.prompt) > budget:
+            plan = self._plan(seq, leaders.get(seq.prompt) if not seq.recompute else None)
+            if admitted and plan.compute > budget:
+                break
+            if plan.takes + reserve > self.blocks.available:
                 break
             self._queue.popleft()
-            seq.slot = self._free_slots.pop()
-            seq.min_version = self.policy_version
-            budget -= len(seq.prompt)
+            self._take(seq, plan)
+            if not seq.recompute:
+                seq.min_version = self.policy_version
+                leaders.setdefault(seq.prompt, seq)
+            budget -= plan.compute
             admitted.append(seq)
         return admitted
+
+    def _growth(self, seq: SequenceState, lookahead: int) -> int:
+        """Blocks seq needs beyond its own to write `lookahead` positions past its settled tokens."""
+        return max(0, blocks_for(seq.cached + lookahead, self.blocks.block_size) - len(seq.blocks))
+
+    def _plan(self, seq: SequenceState, leader: SequenceState | None) -> Admission:
+        """How seq enters the cache: which prompt blocks it shares and from where it computes.
+
+        Only full blocks before the prompt's last token are shared (the block holding the last
+        token also holds the draft's pair for the sample's first token, which differs per sample).
+        A sample whose prompt's leader was admitted this step shares the leader's blocks and copies
+        its last one after the prefill, computing nothing; any other sequence shares what the
+        prefix cache knows of its prompt and computes the rest.
+        """
+        bs = self.blocks.block_size
+        context = seq.prompt + tuple(seq.generated[:-1])  # recomputing: all but the last token generated
+        n_share = (len(seq.prompt) - 1) // bs
+        blocks = blocks_for(len(context) + self._lookahead_hint, bs)
+        if not self.config.prefix_sharing:
+            return Admission(context, [], [], blocks, blocks, 0, None)
+        if leader is not None:
+            shared = leader.blocks[:n_share]
+            return Admission(context, shared, [], blocks, blocks - n_share, len(context), leader)
+        digests = self.blocks.digests(seq.prompt, n_share)
+        shared = self.blocks.lookup(digests)
+        takes = blocks - len(shared) + sum(1 for b in shared if self.blocks.refs(b) == 0)
+        return Admission(context, shared, digests, blocks, takes, len(shared) * bs, None)
+
+    def _take(self, seq: SequenceState, plan: Admission) -> None:
+        for block in plan.shared:
+            self.blocks.hold(block)
+        seq.blocks = plan.shared + self.blocks.allocate(plan.blocks - len(plan.shared))
+        self.blocks.register(plan.digests, seq.blocks)  # known blocks keep their entry
+        seq.admission = plan
 
     def _step(self, admitted: list[SequenceState]) -> None:
         t0 = time.perf_counter()
         decoding = list(self._running)
+        fresh = [s for s in admitted if not s.recompute]  # (recomputed ones had their first token)
         if admitted:
             self._prefill(admitted)
             with self._cv:
                 self._running.extend(admitted)
                 self._prefilling = []
         first_token_at = time.perf_counter()
-        tokens_before = sum(len(s.generated) for s in decoding)
         accept_lengths: list[int] = []
+        decode_tokens = 0
         if decoding:
-            for tree, adaptive, group in self._trees_for(decoding):
+            groups = self._reserve(self._trees_for(decoding))
+            decoding = [s for _, _, group in groups for s in group]
+            tokens_before = sum(len(s.generated) for s in decoding)
+            for tree, adaptive, group in groups:
                 if tree is None:
                     self._decode(group)
                 else:
                     accept_lengths += self._spec_decode(group, tree, adaptive)
+            decode_tokens = sum(len(s.generated) for s in decoding) - tokens_before
         report = StepReport(
             seconds=time.perf_counter() - t0,
             batch_size=len(decoding),
-            decode_tokens=sum(len(s.generated) for s in decoding) - tokens_before,
-            first_token_seconds=tuple(first_token_at - s.handle.submitted for s in admitted),
+            decode_tokens=decode_tokens,
+            first_token_seconds=tuple(first_token_at - s.handle.submitted for s in fresh),
             accept_lengths=tuple(accept_lengths),
         )
         for observer in self.observers:
             observer.step_done(report)
         for seq in admitted + decoding:
             reason = self._finish_reason(seq)
-            if reason is not None:
+            if reason is not None and seq in self._running:
                 self._running.remove(seq)
                 self._finish(seq, reason)
 
+    def _reserve(self, groups: list[tuple[TreeShape | None, bool, list[SequenceState]]]
+                 ) -> list[tuple[TreeShape | None, bool, list[SequenceState]]]:
+        """Gives every decoding sequence the blocks its step writes into, preempting the most
+        recently admitted sequences while they do not fit. Returns the groups without the preempted."""
+        def need() -> int:
+            return sum(self._growth(s, self._tree_lookahead(tree)) for tree, _, g in groups for s in g)
+        self._lookahead_hint = max(self._tree_lookahead(tree) for tree, _, _ in groups)
+        while need() > self.blocks.available:
+            victim = self._running[-1]
+            self._preempt(victim)
+            groups = [(tree, adaptive, [s for s in g if s is not victim]) for tree, adaptive, g in groups]
+        groups = [(tree, adaptive, g) for tree, adaptive, g in groups if g]
+        for tree, _, group in groups:
+            for s in group:
+                s.blocks += self.blocks.allocate(self._growth(s, self._tree_lookahead(tree)))
+        return groups
+
+    @staticmethod
+    def _tree_lookahead(tree: TreeShape | None) -> int:
+        """Positions from the settled length on that a step with this tree writes: the target's
+        nodes, and the draft's K per expanded level (fewer for sampled layouts)."""
+        return 1 if tree is None else max(tree.n_verify, tree.width * tree.depth) + 1
+
+    def _preempt(self, seq: SequenceState) -> None:
+        """Frees seq's blocks and queues it first, to be recomputed from its tokens when readmitted."""
+        self._running.remove(seq)
+        self._release(seq)
+        seq.cached = 0
+        seq.recompute = True
+        self.preemptions += 1
+        with self._cv:
+            self._queue.appendleft(seq)
+
+    def _table(self, seqs: list[SequenceState]) -> torch.Tensor:
+        """(B, nb) block tables of seqs, padded with the scratch block."""
+        width = max(len(s.blocks) for s in seqs)
+        return torch.tensor([s.blocks + [SCRATCH_BLOCK] * (width - len(s.blocks)) for s in seqs],
+                            device=self.runner.device)
+
     def _prefill(self, seqs: list[SequenceState]) -> None:
+        """One forward over the admitted sequences that compute anything (every token from their
+        first unshared one); samples their first tokens (not for recomputed sequences, whose next
+        token exists); the samples that share a leader's prompt copy its last block and its logits."""
         dev = self.runner.device
-        lens = torch.tensor([len(s.prompt) for s in seqs], device=dev)  # (B,)
-        Q = int(lens.max())
-        tokens = torch.zeros(len(seqs), Q, dtype=torch.long, device=dev)  # (B, Q) right-padded
-        for b, s in enumerate(seqs):
-            tokens[b, : len(s.prompt)] = torch.tensor(s.prompt, device=dev)
-        positions = torch.arange(Q, device=dev)[None, :].expand(len(seqs), Q)  # (B, Q)
-        slots = torch.tensor([s.slot for s in seqs], device=dev)  # (B,)
-        batch = ForwardBatch(tokens, positions, slots, torch.zeros_like(slots))
-        out = self.runner.forward(batch, logits_at=lens - 1)  # logits (B, V)
+        bs = self.blocks.block_size
+        rows = [s for s in seqs if s.admission.leader is None]
+        starts = torch.tensor([s.admission.compute_from for s in rows], device=dev)  # (R,)
+        lens = torch.tensor([len(s.admission.context) for s in rows], device=dev)  # (R,)
+        Q = int((lens - starts).max())
+        tokens = torch.zeros(len(rows), Q, dtype=torch.long, device=dev)  # (R, Q) right-padded
+        for r, s in enumerate(rows):
+            tokens[r, : len(s.admission.context) - s.admission.compute_from] = torch.tensor(
+                s.admission.context[s.admission.compute_from:], device=dev)
+        positions = starts[:, None] + torch.arange(Q, device=dev)[None, :]  # (R, Q)
+        table = self._table(rows)
+        out = self.runner.forward(ForwardBatch(tokens, positions, table, starts), logits_at=lens - starts - 1)
+        if self._features is not None:  # the features of every computed position, for the draft
+            self._features[token_slots(table, positions, bs).reshape(-1)] = out.hidden.reshape(-1, out.hidden.shape[-1])
+        followers = [s for s in seqs if s.admission.leader is not None]
+        n_share = [(len(s.prompt) - 1) // bs for s in followers]
+        src = [s.admission.leader.blocks[n] for s, n in zip(followers, n_share)]
+        dst = [s.blocks[n] for s, n in zip(followers, n_share)]
+        self.runner.cache.copy_blocks(src, dst)  # copy on write of the prompt's last block
+        if self._features is not None:
+            self._copy_feature_blocks(src, dst)
+        row_of = {id(s): r for r, s in enumerate(rows)}
+        sampling = [s for s in seqs if not s.recompute]
+        if sampling:
+            pick = torch.tensor([row_of[id(s.admission.leader or s)] for s in sampling], device=dev)
+            self._sample_and_append(sampling, out.logits[pick])
         for s in seqs:
-            s.cached = len(s.prompt)
-        self._sample_and_append(seqs, out.logits)
-        if self.spec is not None:
-            for b, s in enumerate(seqs):
-                SpecDecoder.after_prefill(s.spec, s.prompt, s.generated[-1], out.hidden[b, : len(s.prompt)])
+            s.cached = len(s.admission.context)
+            self.shared_prompt_tokens += s.admission.compute_from
+            if self.spec is not None:
+                slots = token_slots(self._table([s]), torch.arange(s.cached, device=dev)[None], bs)[0]  # (n,)
+                SpecDecoder.after_prefill(s.spec, s.admission.context, s.generated[-1], self._features[slots],
+                                          len(s.prompt))
+            s.admission = None
+            s.recompute = False
+
+    def _copy_feature_blocks(self, src: list[int], dst: list[int]) -> None:
+        bs = self.blocks.block_size
+        features = self._features.view(-1, bs, self._features.shape[-1])
+        for a, b in zip(src, dst):
+            features[b] = features[a]
 
     def _decode(self, seqs: list[SequenceState]) -> None:
         dev = self.runner.device
         tokens = torch.tensor([[s.generated[-1]] for s in seqs], device=dev)  # (B, 1)
         starts = torch.tensor([s.cached for s in seqs], device=dev)  # (B,)
-        slots = torch.tensor([s.slot for s in seqs], device=dev)  # (B,)
-        out = self.runner.forward(ForwardBatch(tokens, starts[:, None], slots, starts))
+        out = self.runner.forward(ForwardBatch(tokens, starts[:, None], self._table(seqs), starts))
         for s in seqs:
             s.cached += 1
         self._sample_and_append(seqs, out.logits[:, 0])
@@ -306,7 +501,7 @@ class Engine:
         Adaptive trees report how deep their accepted paths reached (the controller's alpha)."""
         dev = self.runner.device
         steps = self.spec.step(
-            slots=torch.tensor([s.slot for s in seqs], device=dev),
+            table=self._table(seqs),
             settled=torch.tensor([s.cached for s in seqs], device=dev),
             roots=torch.tensor([s.generated[-1] for s in seqs], device=dev),
             states=[s.spec for s in seqs],
@@ -363,9 +558,8 @@ class Engine:
         return None
 
     def _release(self, seq: SequenceState) -> None:
-        if seq.slot >= 0:
-            self._free_slots.append(seq.slot)
-            seq.slot = -1
+        self.blocks.release(seq.blocks)
+        seq.blocks = []
 
     def _finish(self, seq: SequenceState, reason: FinishReason) -> None:
         self._release(seq)

@@ -34,6 +34,11 @@ class EngineLimits:
     max_context: int
 
 
+class KVCacheTooSmall(OverflowError):
+    """A sequence of the request would not fit the whole KV cache even alone (RESOURCE_EXHAUSTED;
+    a retry does not help). The message says what it needs and what the cache holds."""
+
+
 class InvalidRequest(ValueError):
     """A request field is out of range. `field` names it (as in the proto) for the error message."""
 

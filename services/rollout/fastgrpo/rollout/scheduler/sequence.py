@@ -52,10 +52,27 @@ class RequestHandle:
         self._results.put(exc)
 
 
+@dataclass(frozen=True)
+class Admission:
+    """How an admitted sequence enters the KV cache (Engine._plan)."""
+
+    context: tuple[int, ...]  # tokens to have in the cache after the prefill
+    shared: list[int]  # leading blocks it shares (held once more), computed by others
+    digests: list[bytes]  # prefix digests of its prompt's shareable blocks, to register
+    blocks: int  # blocks it holds once admitted (shared ones included)
+    takes: int  # blocks admission takes from the available ones (new, and cached ones it revives)
+    compute_from: int  # first position it computes (len(context): none, it copies its leader's)
+    leader: SequenceState | None  # the sample of the same prompt admitted with it that computes it
+
+    @property
+    def compute(self) -> int:
+        return len(self.context) - self.compute_from
+
+
 @dataclass(eq=False)
 class SequenceState:
-    """One (prompt, sample) of a request, from queued to finished: its tokens, logprobs, cache slot
-    and speculative state."""
+    """One (prompt, sample) of a request, from queued to finished: its tokens, logprobs, KV-cache
+    blocks and speculative state."""
 
     handle: RequestHandle
     prompt_index: int
@@ -64,7 +81,9 @@ class SequenceState:
     generator: torch.Generator | None  # None for greedy
     stop_ids: frozenset[int]
     min_version: int
-    slot: int = -1
+    blocks: list[int] = field(default_factory=list)  # KV-cache block table (runtime.blocks)
+    recompute: bool = False  # preempted: its tokens are recomputed by a prefill when readmitted
+    admission: Admission | None = None  # from admission to the end of its prefill
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     cached: int = 0  # tokens whose keys/values are in the cache

@@ -104,7 +104,7 @@ def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics,
     device, dtype = resolve_placement(cfg.device, cfg.dtype)
     # the largest tree any mode can verify bounds the cache headroom, whatever C_peak turns out to be
     headroom = max_tree_nodes(cfg.controller, cfg.spec.static_tree, cfg.refine.alpha_levels) if cfg.draft else 0
-    runner = ModelRunner.load(cfg.model, dtype, device, cfg.engine.max_running, cfg.max_context or None, headroom)
+    runner = ModelRunner.load(cfg.model, dtype, device, cfg.max_context or None, headroom)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model) if (Path(cfg.model) / "tokenizer_config.json").exists() else None
     eos = runner.config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
@@ -113,7 +113,7 @@ def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics,
         c_peak, c_peak_source = calibrated_c_peak(cfg, runner, device, dtype)
         controller = SpecController.of(cfg.spec, cfg.controller, OnlineCalibrator(c_peak, c_peak_source, cfg.refine))
         head = DraftHead.load(cfg.draft, runner.model)
-        drafter = Drafter(head, cfg.engine.max_running, runner.cache.max_len + controller.draft_headroom())
+        drafter = Drafter(head)
         draft_store = WeightStore(head)
         if cfg.draft_learning.enabled:
             learner = OnlineDraftLearner(head, draft_store, cfg.draft_learning)

@@ -63,7 +63,7 @@ def run_profile(args) -> int:
 
     device, dtype = resolve_placement(args.device, args.dtype)
     sweep = [t for t in DEFAULT_SWEEP if t <= args.max_tokens]
-    runner = ModelRunner.load(args.model, dtype, device, num_slots=1, headroom=max(sweep))
+    runner = ModelRunner.load(args.model, dtype, device, headroom=max(sweep))
     points = profile(runner, sweep, budget_s=args.budget_s)
     cal = Calibration(knee(points), str(args.model), str(torch.device(device)), dtype_name(dtype), points)
     cal.save(args.out)

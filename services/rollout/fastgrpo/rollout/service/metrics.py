@@ -113,6 +113,10 @@ def _gauge(name: str, help: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, help, value=value)
 
 
+def _counter(name: str, help: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, help, value=value)
+
+
 class _StatusCollector(Collector):
     def __init__(self, status: Callable[[], Status], draft_learner: OnlineDraftLearner | None):
         self._status = status
@@ -121,9 +125,23 @@ class _StatusCollector(Collector):
     def collect(self):
         st = self._status()
         yield _gauge("fastgrpo_rollout_running_sequences", "Sequences decoding now", st.running_sequences)
-        yield _gauge("fastgrpo_rollout_queued_sequences", "Sequences waiting for a KV-cache slot", st.queued_sequences)
-        yield _gauge("fastgrpo_rollout_max_running_sequences", "KV-cache slots (most sequences decoding at once)",
+        yield _gauge("fastgrpo_rollout_queued_sequences", "Sequences waiting to be admitted (KV-cache blocks, batch)",
+                     st.queued_sequences)
+        yield _gauge("fastgrpo_rollout_max_running_sequences", "Most sequences decoding at once (--max-running)",
                      st.max_running_sequences)
+        kv = st.kv_cache
+        blocks = GaugeMetricFamily("fastgrpo_rollout_kv_blocks", "KV-cache blocks by state: used (held by running "
+                                   "sequences), cached (a prompt prefix nobody holds), free", labels=["state"])
+        for state, n in (("used", kv.blocks_used), ("cached", kv.blocks_cached), ("free", kv.blocks_free)):
+            blocks.add_metric([state], n)
+        yield blocks
+        yield _gauge("fastgrpo_rollout_kv_block_size", "Tokens per KV-cache block", kv.block_size)
+        yield _gauge("fastgrpo_rollout_kv_cache_bytes", "Bytes of the KV cache's blocks", kv.bytes_total)
+        yield _counter("fastgrpo_rollout_preemptions",
+                       "Sequences preempted when decoding ran out of KV-cache blocks (recomputed later)", kv.preemptions)
+        yield _counter("fastgrpo_rollout_shared_prompt_tokens",
+                       "Prompt tokens whose keys and values came from shared blocks instead of a prefill",
+                       kv.shared_prompt_tokens)
         yield _gauge("fastgrpo_rollout_policy_version", "Version of the served policy weights", st.policy_version)
         spec = st.speculation
         if spec.mode:  # served with a draft
@@ -138,19 +156,13 @@ class _StatusCollector(Collector):
                          spec.c_peak)
             yield _gauge("fastgrpo_rollout_spec_c_peak_start", "C_peak the server started with (calibrated or configured)",
                          spec.c_peak_start)
-            updates = CounterMetricFamily("fastgrpo_rollout_spec_c_peak_updates", "Online re-estimates of C_peak")
-            updates.add_metric([], spec.c_peak_updates)
-            yield updates
+            yield _counter("fastgrpo_rollout_spec_c_peak_updates", "Online re-estimates of C_peak", spec.c_peak_updates)
             yield _gauge("fastgrpo_rollout_spec_alpha", "alpha: adaptive tree depth L = log2(N_verify / alpha) (live)", spec.alpha)
         if self._learner is not None:
             ls = self._learner.stats()
-            rounds = CounterMetricFamily("fastgrpo_rollout_draft_rounds", "Online draft-learning rounds swapped in")
-            rounds.add_metric([], ls.rounds)
-            yield rounds
-            seconds = CounterMetricFamily("fastgrpo_rollout_draft_training_seconds",
-                                          "Time the engine spent training the draft online")
-            seconds.add_metric([], ls.seconds)
-            yield seconds
+            yield _counter("fastgrpo_rollout_draft_rounds", "Online draft-learning rounds swapped in", ls.rounds)
+            yield _counter("fastgrpo_rollout_draft_training_seconds", "Time the engine spent training the draft online",
+                           ls.seconds)
             yield _gauge("fastgrpo_rollout_draft_buffer_bytes", "Bytes held by the draft-learning capture buffer",
                          ls.buffer_bytes)
             if math.isfinite(ls.last_loss):  # no loss before the first optimiser step

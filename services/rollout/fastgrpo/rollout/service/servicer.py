@@ -19,7 +19,7 @@ from fastgrpo.v1 import rollout_pb2 as pb
 from fastgrpo.v1 import rollout_pb2_grpc as pb_grpc
 from fastgrpo.wire.convert import from_pb, to_pb
 from fastgrpo.wire.errors import WireError
-from fastgrpo.wire.records import ModelInfo, Sampling, Speculation, Status
+from fastgrpo.wire.records import KVCache, ModelInfo, Sampling, Speculation, Status
 
 log = logging.getLogger("fastgrpo.rollout")
 DRAIN_BYTES = 64 * 1024 * 1024  # what a refused push's stream may still send before it is cut
@@ -160,7 +160,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                             "nothing was applied", "CANCELLED")
         result = store.commit(pending)
         if store is self.policy:
-            self.engine.policy_version = result.version
+            self.engine.set_policy_version(result.version)
         elif self.draft_learner is not None:  # a draft pushed from outside replaces the shadow too
             self.draft_learner.sync_from_live()
         return result
@@ -211,6 +211,16 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             draft_version=self.draft.version if self.draft is not None else 0,
             model=self.model_info,
             speculation=self._speculation(),
+            kv_cache=self._kv_cache(snap),
+        )
+
+    def _kv_cache(self, snap: dict) -> KVCache:
+        blocks = snap["kv_blocks"]
+        return KVCache(
+            block_size=self.engine.blocks.block_size, blocks_total=blocks.total,
+            bytes_total=blocks.total * self.engine.kv_bytes_per_block, blocks_used=blocks.used,
+            blocks_cached=blocks.cached, blocks_free=blocks.free, preemptions=snap["preemptions"],
+            shared_prompt_tokens=snap["shared_prompt_tokens"],
         )
 
     def _speculation(self) -> Speculation:

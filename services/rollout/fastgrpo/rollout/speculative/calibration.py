@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from fastgrpo.rollout.runtime.batch import ForwardBatch
+from fastgrpo.rollout.runtime.blocks import blocks_for
 from fastgrpo.rollout.runtime.model_runner import ModelRunner
 
 
@@ -58,12 +59,17 @@ def calibration_key(model: str, device: str, dtype: str) -> str:
 
 
 def one_sequence_batch(runner: ModelRunner, tokens: int, context: int) -> ForwardBatch:
-    """One sequence (slot 0) verifying `tokens` random tokens after `context` cached ones."""
+    """One sequence verifying `tokens` random tokens after `context` cached ones, in blocks 1, 2, ...
+    of the runner's cache (allocated here when it has too few: a profile runs before serving)."""
     dev = runner.device
+    bs = runner.cache.block_size if runner.cache is not None else PROFILE_BLOCK_SIZE
+    n = blocks_for(context + tokens, bs)
+    if runner.cache is None or runner.cache.num_blocks < n + 1:
+        runner.allocate_cache(n + 1, bs)
     start = torch.tensor([context], device=dev)
     ids = torch.randint(0, runner.vocab_size, (1, tokens), device=dev)  # (1, T)
     positions = (context + torch.arange(tokens, device=dev))[None]  # (1, T)
-    return ForwardBatch(ids, positions, torch.zeros(1, dtype=torch.long, device=dev), start)
+    return ForwardBatch(ids, positions, torch.arange(1, n + 1, device=dev)[None], start)
 
 
 @torch.inference_mode()
@@ -78,7 +84,9 @@ def profile(runner: ModelRunner, token_counts: list[int], context: int = 128, re
     """
     dev = runner.device
     deadline = time.perf_counter() + budget_s
-    counts = [T for T in sorted(token_counts) if context + T <= runner.cache.max_len]
+    counts = [T for T in sorted(token_counts) if context + T <= runner.max_positions]
+    if counts:  # the largest first: one cache for every count
+        one_sequence_batch(runner, max(counts), context)
     batches = {T: one_sequence_batch(runner, T, context) for T in counts}
     times: dict[int, list[float]] = {}
     for r in range(repeats + 1):  # round 0 warms every shape up
@@ -99,4 +107,5 @@ def profile(runner: ModelRunner, token_counts: list[int], context: int = 128, re
     return [(T, statistics.median(ts)) for T, ts in sorted(times.items())]
 
 
+PROFILE_BLOCK_SIZE = 16
 DEFAULT_SWEEP = [1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256, 362, 512, 724, 1024]  # half-octaves

@@ -66,7 +66,7 @@ class DraftHead(torch.nn.Module):
         causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()  # (S, S)
         eye = torch.eye(S, dtype=torch.bool, device=x.device)
         mask = (causal[None] & valid[:, None, :]) | eye[None]  # (B, S, S)
-        return decoder_layer(self.layer, x, cos[:, None], sin[:, None], mask[:, None], None, 0, None, None, S,
+        return decoder_layer(self.layer, x, cos[:, None], sin[:, None], mask[:, None], None, 0, None, None,
                              self.head_dim)
 
     def fuse(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Runs the draft head over its own KV cache: catching up on accepted tokens, then growing trees.
 
-Draft cache layout per slot: position i holds the pair (f_i, x_{i+1}) for every settled position i
+The draft cache is paged like the target's and uses the same block ids and tables (runtime.blocks):
+one layer more in each block, sized into the same budget. Position i of a sequence holds the pair (f_i, x_{i+1}) for every settled position i
 of the sequence (so it is as long as the target's cache), then, during tree growth, one entry per
 node the tree expands: the E nodes expanded at level d (1-based) occupy positions n + (d-1)E ..
 n + dE - 1, where n is the settled length (E = K for deterministic trees). Tree entries are
@@ -14,8 +15,8 @@ import torch
 
 from fastgrpo.rollout.runtime import sampler
 from fastgrpo.rollout.runtime.batch import ForwardBatch
-from fastgrpo.rollout.runtime.kv_cache import KVCache
-from fastgrpo.rollout.runtime.layers import attention_mask, decoder_layer
+from fastgrpo.rollout.runtime.kv_cache import PagedKVCache
+from fastgrpo.rollout.runtime.layers import decoder_layer, paged_inputs
 from fastgrpo.rollout.speculative.draft_head import DraftHead
 from fastgrpo.rollout.speculative.tree import (DraftTree, TreeShape, expand_level, pick_children, reach_scores,
                                                select_tree)
@@ -41,27 +42,34 @@ class GrownTree:
 
 
 class Drafter:
-    def __init__(self, head: DraftHead, num_slots: int, max_len: int):
+    def __init__(self, head: DraftHead):
         cfg = head.config
         self.head = head.eval()
         self.head_dim = head.head_dim
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        param = next(head.parameters())
-        self.cache = KVCache(1, num_slots, kv_heads, max_len, self.head_dim, param.dtype, param.device)
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.cache: PagedKVCache | None = None
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        return PagedKVCache.bytes_per_block(1, block_size, self.kv_heads, self.head_dim, next(self.head.parameters()).dtype)
+
+    def allocate_cache(self, num_blocks: int, block_size: int, backend: str = "gather") -> PagedKVCache:
+        """(Re)allocates the draft's cache: the same block ids as the target's, one layer each."""
+        param = next(self.head.parameters())
+        self.cache = None
+        self.cache = PagedKVCache(1, num_blocks, block_size, self.kv_heads, self.head_dim, param.dtype, param.device,
+                                  backend)
+        return self.cache
 
     def _layer(self, batch: ForwardBatch, x: torch.Tensor, query_at: torch.Tensor | None = None) -> torch.Tensor:
         """The head's decoder layer over fused inputs x (B, Q, H) -> predicted features (B, Q, H);
         with query_at (B,), only the feature after input query_at[b] of each row: (B, 1, H)."""
-        Q = batch.tokens.shape[1]
-        key_len = int(batch.starts.max()) + Q
         cos, sin = self.head.rotary(x, batch.positions)  # (B, Q, D)
-        mask = attention_mask(batch, key_len)  # (B, 1, Q, T)
-        write_pos = batch.starts[:, None] + torch.arange(Q, device=x.device)[None, :]  # (B, Q)
-        return decoder_layer(self.head.layer, x, cos[:, None], sin[:, None], mask, self.cache, 0, batch.slots,
-                             write_pos, key_len, self.head_dim, query_at)
+        table, write_slots, mask = paged_inputs(batch, self.cache.block_size)
+        return decoder_layer(self.head.layer, x, cos[:, None], sin[:, None], mask, self.cache, 0, write_slots,
+                             table, self.head_dim, query_at)
 
     @torch.inference_mode()
-    def catch_up(self, slots: torch.Tensor, starts: torch.Tensor, tokens: torch.Tensor, features: torch.Tensor,
+    def catch_up(self, table: torch.Tensor, starts: torch.Tensor, tokens: torch.Tensor, features: torch.Tensor,
                  counts: torch.Tensor) -> torch.Tensor:
         """Feeds the pairs (features[b, i], tokens[b, i]) at positions starts[b] + i, i < counts[b].
 
@@ -70,7 +78,7 @@ class Drafter:
         """
         P = tokens.shape[1]
         positions = starts[:, None] + torch.arange(P, device=tokens.device)[None, :]  # (B, P)
-        batch = ForwardBatch(tokens, positions, slots, starts)
+        batch = ForwardBatch(tokens, positions, table, starts)
         # every pair's keys and values enter the cache; only the last pair's output is computed
         return self._layer(batch, self.head.fuse(tokens, features), query_at=counts - 1)[:, 0]  # (B, H)
 
@@ -88,7 +96,7 @@ class Drafter:
         return torch.where(greedy[:, None, None], torch.log_softmax(logits, -1), shaped)
 
     @torch.inference_mode()
-    def grow(self, slots: torch.Tensor, settled: torch.Tensor, root: torch.Tensor, root_feature: torch.Tensor,
+    def grow(self, table: torch.Tensor, settled: torch.Tensor, root: torch.Tensor, root_feature: torch.Tensor,
              shape: TreeShape, draw: ChildDraw | None = None) -> GrownTree:
         """Builds one tree per sequence under `root` (B,) whose predicted feature is root_feature (B, H).
 
@@ -135,7 +143,7 @@ class Drafter:
             batch = ForwardBatch(
                 x_tok,
                 (settled + d - 1)[:, None].expand(B, e),  # rotary position of a depth-d node's pair
-                slots,
+                table,
                 settled + (d - 1) * e,
                 region,
                 settled,

@@ -18,6 +18,7 @@ import torch
 
 from fastgrpo.rollout.runtime import sampler
 from fastgrpo.rollout.runtime.batch import ForwardBatch
+from fastgrpo.rollout.runtime.kv_cache import token_slots
 from fastgrpo.rollout.runtime.model_runner import ModelRunner
 from fastgrpo.rollout.speculative.draft_runner import ChildDraw, Drafter, GrownTree
 from fastgrpo.rollout.speculative.pairs import FeatureSequence
@@ -83,11 +84,15 @@ class SpecDecoder:
                                torch.cat(feats, dim=0).detach().cpu(), 0, state.prompt_pairs)
 
     @staticmethod
-    def after_prefill(state: SpecState, prompt: tuple[int, ...], first_token: int, hidden: torch.Tensor) -> None:
-        """Queues the prompt's pairs (f_i, x_{i+1}) for the draft. hidden (n, H) target features."""
-        state.pending_tokens = list(prompt[1:]) + [first_token]
+    def after_prefill(state: SpecState, context: tuple[int, ...], next_token: int, hidden: torch.Tensor,
+                      prompt_len: int) -> None:
+        """Queues the pairs (f_i, x_{i+1}) of a prefilled context for the draft: the prompt, or after
+        a preemption the prompt and the tokens generated before it (whose pairs are captured again).
+        hidden (n, H) target features of the context's n tokens; next_token the one after them."""
+        state.pending_tokens = list(context[1:]) + [next_token]
         state.pending_chunks = [hidden]
-        state.prompt_pairs = len(prompt) - 1
+        state.prompt_pairs = prompt_len - 1
+        state.captured_tokens, state.captured_features = [], []
 
     @staticmethod
     def queue_pair(state: SpecState, feature: torch.Tensor, next_token: int) -> None:
@@ -97,7 +102,7 @@ class SpecDecoder:
 
     def step(
         self,
-        slots: torch.Tensor,
+        table: torch.Tensor,
         settled: torch.Tensor,
         roots: torch.Tensor,
         states: list[SpecState],
@@ -105,27 +110,30 @@ class SpecDecoder:
         generators: list[torch.Generator | None],
         shape: TreeShape,
     ) -> list[StepTokens]:
-        """slots, settled (tokens in the cache), roots (last emitted token) (B,) -> tokens per sequence.
+        """table (B, nb) block tables (covering every tree position), settled (tokens in the cache),
+        roots (last emitted token) (B,) -> tokens per sequence.
 
         Leaves each state's pending pairs set to the accepted path, and its counters advanced; the
         caller appends the tokens and advances its settled count by len(tokens).
         """
-        B = slots.shape[0]
-        dev = slots.device
-        root_feature = self._catch_up(slots, settled, states)  # (B, H)
+        B = table.shape[0]
+        dev = table.device
+        root_feature = self._catch_up(table, settled, states)  # (B, H)
         greedy = bool(params.greedy.all())
         draw = None if greedy or self.rule != "rrs" else self._child_draw(shape, params, generators)
-        grown = self.drafter.grow(slots, settled, roots, root_feature, shape, draw)
+        grown = self.drafter.grow(table, settled, roots, root_feature, shape, draw)
         tree = grown.tree
         N = tree.size
-        out = self.runner.forward(ForwardBatch(tree.tokens, settled[:, None] + tree.depths, slots, settled, tree.ancestors))
+        out = self.runner.forward(ForwardBatch(tree.tokens, settled[:, None] + tree.depths, table, settled, tree.ancestors))
         logits = out.logits  # (B, N, V)
         V = logits.shape[-1]
         result = verify_greedy(tree, logits) if greedy else self._verify(grown, logits, params, generators, shape)
         D1 = result.path.shape[1]
         # settle the accepted path onto consecutive cache positions settled + k
         k = torch.arange(D1, device=dev)[None, :]
-        self.runner.cache.move(slots, settled[:, None] + result.path, settled[:, None] + k)
+        bs = self.runner.cache.block_size
+        self.runner.cache.copy_slots(token_slots(table, settled[:, None] + result.path, bs),
+                                     token_slots(table, settled[:, None] + k, bs))
         # exact logprobs of the emitted tokens, computed only at the path's nodes
         path_logits = logits.gather(1, result.path[:, :, None].expand(B, D1, V))  # (B, D+1, V)
         path_logp = sampler.policy_logprobs(path_logits.reshape(B * D1, V),
@@ -150,8 +158,8 @@ class SpecDecoder:
             steps.append(StepTokens(toks[b][:n], lps[b][:n], n - 1, depths[b]))
         return steps
 
-    def _catch_up(self, slots: torch.Tensor, settled: torch.Tensor, states: list[SpecState]) -> torch.Tensor:
-        dev = slots.device
+    def _catch_up(self, table: torch.Tensor, settled: torch.Tensor, states: list[SpecState]) -> torch.Tensor:
+        dev = table.device
         counts = torch.tensor([len(s.pending_tokens) for s in states], device=dev)  # (B,)
         P = int(counts.max())
         H = states[0].pending_features.shape[-1]
@@ -164,7 +172,7 @@ class SpecDecoder:
             if self.capture:
                 s.captured_tokens.extend(s.pending_tokens)
                 s.captured_features.append(s.pending_features)
-        return self.drafter.catch_up(slots, settled - counts, tokens, feats, counts)
+        return self.drafter.catch_up(table, settled - counts, tokens, feats, counts)
 
     @staticmethod
     def _uniforms(generators: list[torch.Generator | None], shape: tuple[int, ...], device) -> torch.Tensor:
