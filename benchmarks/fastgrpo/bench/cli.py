@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastgrpo.bench.calibrate import CalibrateBenchConfig, run as run_calibrate
     from fastgrpo.bench.concurrency import ConcurrencyBenchConfig, run as run_concurrency
     from fastgrpo.bench.drift import DriftBenchConfig, run as run_drift
+    from fastgrpo.bench.kv import KVBenchConfig, run as run_kv
     from fastgrpo.bench.spec import SpecBenchConfig, run as run_spec
 
     parser = argparse.ArgumentParser(prog="fastgrpo-bench", description="fastgrpo benchmarks")
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_args(cal, CalibrateBenchConfig)
     drift = sub.add_parser("drift", help="acceptance under GRPO with online, frozen and from-scratch drafts")
     add_dataclass_args(drift, DriftBenchConfig)
+    kv = sub.add_parser("kv", help="paged KV cache: prefill and KV bytes with shared prompts vs not; decode vs the dense cache")
+    add_dataclass_args(kv, KVBenchConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.suite == "spec":
@@ -34,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         run_calibrate(from_args(CalibrateBenchConfig, args))
     elif args.suite == "drift":
         run_drift(from_args(DriftBenchConfig, args))
+    elif args.suite == "kv":
+        run_kv(from_args(KVBenchConfig, args))
     return 0
 
 

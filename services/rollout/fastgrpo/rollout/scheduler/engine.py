@@ -27,7 +27,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Literal, TypeVar
 
 import torch
 
@@ -35,7 +35,7 @@ from fastgrpo.common.config import help_field
 from fastgrpo.rollout.runtime import sampler
 from fastgrpo.rollout.runtime.batch import ForwardBatch
 from fastgrpo.rollout.runtime.blocks import BlockManager, blocks_for
-from fastgrpo.rollout.runtime.kv_cache import ATTENTION_BACKENDS, SCRATCH_BLOCK, kv_budget_bytes, token_slots
+from fastgrpo.rollout.runtime.kv_cache import SCRATCH_BLOCK, kv_budget_bytes, token_slots
 from fastgrpo.rollout.runtime.model_runner import ModelRunner
 from fastgrpo.rollout.scheduler.observer import BackgroundWork, EngineObserver
 from fastgrpo.rollout.scheduler.requests import (EngineLimits, GenerationRequest, InvalidRequest, KVCacheTooSmall,
@@ -61,7 +61,7 @@ class EngineConfig:
     kv_cache_fraction: float = help_field(0.8, "share of the GPU memory free after loading the models that an auto KV-cache budget takes")
     kv_block_size: int = help_field(16, "tokens per KV-cache block")
     prefix_sharing: bool = help_field(True, "the samples of a prompt share its KV-cache blocks and prefill it once, and later sequences reuse a prompt prefix still cached (off: every sequence prefills its own prompt)")
-    attention_backend: str = help_field("gather", f"how attention reads the paged KV cache: {' or '.join(ATTENTION_BACKENDS)}")
+    attention_backend: Literal["gather", "flex"] = help_field("gather", "how attention reads the paged KV cache: gather (copies the blocks a forward reads, then SDPA) or flex (FlexAttention reads them in place; compiled at start-up, needs a C++ compiler on the CPU; faster at large-batch decode, slower at prefill and deep trees on the CPU: see fastgrpo-bench kv)")
     max_queued: int = help_field(4096, "sequences waiting to be admitted; a request that would pass it is refused (RESOURCE_EXHAUSTED, or INVALID_ARGUMENT when it alone is larger)")
 
 
