@@ -3,7 +3,9 @@
 1. Shared prompts, at GRPO shape (Q prompts x G samples): prefill seconds (a request of one new
    token: prefill and the first sample) and the KV bytes held at the peak of a generation, with
    prompt sharing on and off (`--no-prefix-sharing`), alternating repeats. Beside them, what one
-   copy of each prompt plus the completions would take.
+   copy of each prompt plus the completions would take. Twice: with the task's own prompts (a few
+   dozen tokens), and with few-shot prompts (solved problems before the question) of several
+   hundred, the length where a prompt's keys and values outweigh its samples' completions.
 2. Plain decode at B sequences with contexts filling the model's window: decode tokens/s of the
    steps after the prefill, for each attention backend, and for the dense one-slot-per-sequence
    cache this replaced, run from that commit's source tree (a git worktree) in a subprocess.
@@ -31,6 +33,7 @@ class KVBenchConfig:
     prompts: int = help_field(8, "prompts Q of the GRPO batch")
     group_size: int = help_field(8, "samples G per prompt")
     max_new_tokens: int = help_field(64, "tokens per sample in the KV-bytes run")
+    few_shot_tokens: int = help_field(384, "length of the few-shot prompts (0 skips them)")
     repeats: int = help_field(5, "timed prefills per mode, alternating; the median counts")
     decode_batch: int = help_field(64, "sequences B of the decode measurement")
     decode_tokens: int = help_field(32, "tokens each of them decodes (its prompt fills the window up to them)")
@@ -63,6 +66,25 @@ def _task_prompts(tok, n: int) -> list[list[int]]:
     from fastgrpo.learner.tasks import format_prompt, synthetic_math
 
     return [tok(format_prompt(p.question))["input_ids"] for p in synthetic_math(seed=0).test[:n]]
+
+
+def _few_shot_prompts(tok, n: int, tokens: int) -> list[list[int]]:
+    """n prompts of about `tokens` tokens: solved problems (question, answer) before each question."""
+    from fastgrpo.learner.tasks import format_prompt, synthetic_math
+
+    task = synthetic_math(seed=0)
+    out = []
+    for i, problem in enumerate(task.test[:n]):
+        shots, k = [], 0
+        while True:
+            solved = task.train[(i * 97 + k) % len(task.train)]
+            shot = f"{format_prompt(solved.question)}{solved.solution}\n"
+            if len(tok("".join(shots) + shot + format_prompt(problem.question))["input_ids"]) > tokens:
+                break
+            shots.append(shot)
+            k += 1
+        out.append(tok("".join(shots) + format_prompt(problem.question))["input_ids"])
+    return out
 
 
 def sharing(model, eos, prompts: list[list[int]], cfg: KVBenchConfig) -> dict:
@@ -226,14 +248,19 @@ def run(cfg: KVBenchConfig) -> dict:
                                             "layers": model.config.num_hidden_layers},
              "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
     records = []
-    share = sharing(model, (tok.eos_token_id,), prompts, cfg)
-    records.append({"part": "sharing", "prompts": len(prompts), "group_size": cfg.group_size, **share})
-    print(f"{len(prompts)} prompts x G={cfg.group_size}: prefill {share['shared']['prefill_seconds']:.3f}s shared vs "
-          f"{share['unshared']['prefill_seconds']:.3f}s unshared ({share['prefill_ratio']:.2f}x); peak KV "
-          f"{share['shared']['peak_kv_bytes'] / 2**20:.1f} MiB vs {share['unshared']['peak_kv_bytes'] / 2**20:.1f} MiB "
-          f"(one prompt copy per group + completions: {share['ideal_kv_bytes_one_prompt_copy'] / 2**20:.1f} MiB)",
-          flush=True)
-    path = write_results(cfg.out, "kv", records, **extra)
+    prompt_sets = {"task": prompts}
+    if cfg.few_shot_tokens:
+        prompt_sets["few-shot"] = _few_shot_prompts(tok, cfg.prompts, cfg.few_shot_tokens)
+    for name, ps in prompt_sets.items():
+        share = sharing(model, (tok.eos_token_id,), ps, cfg)
+        records.append({"part": "sharing", "prompt_set": name, "prompts": len(ps), "group_size": cfg.group_size,
+                        **share})
+        print(f"{name} prompts ({share['prompt_tokens'] / len(ps):.0f} tokens) x G={cfg.group_size}: prefill "
+              f"{share['shared']['prefill_seconds']:.3f}s shared vs {share['unshared']['prefill_seconds']:.3f}s unshared "
+              f"({share['prefill_ratio']:.2f}x); peak KV {share['shared']['peak_kv_bytes'] / 2**20:.1f} MiB vs "
+              f"{share['unshared']['peak_kv_bytes'] / 2**20:.1f} MiB (one prompt copy per group + completions: "
+              f"{share['ideal_kv_bytes_one_prompt_copy'] / 2**20:.1f} MiB)", flush=True)
+        path = write_results(cfg.out, "kv", records, **extra)
     B = 16 if cfg.quick else cfg.decode_batch
     repeats = 1 if cfg.quick else cfg.decode_repeats
     variants = [(b, None) for b in cfg.backends.split(",") if b] + ([("dense (before)", cfg.before)] if cfg.before else [])
