@@ -1,4 +1,4 @@
-"""flex_paged_attention against the gather path (index_select the rows' blocks, then SDPA) on a pool
+"""flex_paged_attention against gathering the rows' blocks and SDPA, on a pool
 whose blocks are scattered: decode rows of different lengths, a tree mask over the last region, a
 prefill whose first block is shared by two rows, and a prefill longer than one flex call.
 
@@ -21,17 +21,16 @@ SCALE = D ** -0.5
 def gather_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
                      mask: torch.Tensor) -> torch.Tensor:
     B, nb = table.shape
-    index = table.flatten()
-    k = k_pool.index_select(0, index).view(B, nb * BS, HKV, D).transpose(1, 2)  # (B, Hkv, T, D)
-    v = v_pool.index_select(0, index).view(B, nb * BS, HKV, D).transpose(1, 2)
+    k = k_pool[:, table].reshape(HKV, B, nb * BS, D).transpose(0, 1)  # (B, Hkv, T, D)
+    v = v_pool[:, table].reshape(HKV, B, nb * BS, D).transpose(0, 1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=SCALE, enable_gqa=True)
 
 
 @pytest.fixture(scope="module")
 def pool():
     g = torch.Generator().manual_seed(0)
-    k_pool = torch.randn(NUM_BLOCKS, BS, HKV, D, generator=g)
-    v_pool = torch.randn(NUM_BLOCKS, BS, HKV, D, generator=g)
+    k_pool = torch.randn(HKV, NUM_BLOCKS, BS, D, generator=g)
+    v_pool = torch.randn(HKV, NUM_BLOCKS, BS, D, generator=g)
     free = (torch.randperm(NUM_BLOCKS - 1, generator=g) + 1).tolist()  # blocks in random pool order
     try:
         flex_paged_attention(torch.randn(1, HQ, 1, D), k_pool, v_pool, torch.tensor([[free[0]]]),

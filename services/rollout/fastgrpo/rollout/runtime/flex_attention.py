@@ -1,7 +1,7 @@
 """Paged attention on FlexAttention: queries read keys/values in place from a paged KV pool.
 
-The pool, (num_blocks, block_size, Hkv, D), is one key sequence of num_blocks * block_size
-positions; the G = Hq / Hkv query heads of a KV head are folded into the query axis (row q * G + g).
+Each head's pool, (num_blocks, block_size, D) of the cache's (Hkv, num_blocks, block_size, D), is
+one key sequence of num_blocks * block_size positions; the G = Hq / Hkv query heads of a KV head are folded into the query axis (row q * G + g).
 The BlockMask, built with tensor ops from the block table and the logical mask, lists per tile of
 query rows the physical blocks to read: fully visible ones as full blocks, partly visible ones with
 a mask_mod reading visibility bits by physical key position (such a block belongs to one row).
@@ -85,11 +85,11 @@ def flex_paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Attention of q (B, Hq, Q, D) over the blocks of block_table (B, nb) in k_pool/v_pool
-    (num_blocks, block_size, Hkv, D); mask (B, Q, nb * block_size) bool over logical positions.
+    (Hkv, num_blocks, block_size, D); mask (B, Q, nb * block_size) bool over logical positions.
     Returns (B, Hq, Q, D). A block may be partly visible to one row only (listed once): a block
     shared between rows, or listed twice, must be fully visible (or not at all) to each of them."""
     B, Hq, Q, D = q.shape
-    num_blocks, block_size, Hkv, _ = k_pool.shape
+    Hkv, num_blocks, block_size, _ = k_pool.shape
     G = Hq // Hkv
     chunk = MAX_ROWS // G  # queries per flex call
     if Q > chunk:
@@ -105,7 +105,7 @@ def flex_paged_attention(
     assert k_pool.is_contiguous() and v_pool.is_contiguous()
     # (B, Hkv, N, D) views of the pool with stride 0 over B (also at B = 1): no copy, and a key batch
     # equal to the query batch, so flex does not branch on broadcasting
-    shape, strides = (B, Hkv, num_blocks * block_size, D), (0, D, Hkv * D, 1)
+    shape, strides = (B, Hkv, num_blocks * block_size, D), (0, num_blocks * block_size * D, D, 1)
     k, v = k_pool.as_strided(shape, strides), v_pool.as_strided(shape, strides)
     for t in (k, v):
         torch._dynamo.mark_static(t, 2)

@@ -1,7 +1,9 @@
 """Paged KV cache: a pool of fixed-size blocks per layer, addressed through per-sequence block tables.
 
-Layout per layer: (num_blocks, block_size, num_kv_heads, head_dim). Logical position p of a
-sequence lives in block `table[p // block_size]` at offset `p % block_size`; which blocks a
+Layout per layer: (num_kv_heads, num_blocks, block_size, head_dim), so that each head's pool is one
+contiguous key sequence (FlexAttention reads it in place) and a gathered context is contiguous in
+(positions, head_dim) per head, as SDPA reads it fastest. Logical position p of a sequence lives in
+block `table[p // block_size]` at offset `p % block_size`; which blocks a
 sequence owns, and which it shares, is the scheduler's bookkeeping (runtime.blocks.BlockManager).
 Block 0 is scratch: block tables are padded with it, so a write past a sequence's blocks (right
 padding of a batch, a row's unused tree positions) lands there, and reads of it are masked out.
@@ -17,6 +19,10 @@ import torch.nn.functional as F
 
 SCRATCH_BLOCK = 0
 ATTENTION_BACKENDS = ("gather", "flex")
+# keys and values the gather backend copies at once. Decode at B = 64, 512-token contexts on the
+# bench fixture (2-core CPU), tokens/s by this bound: 1 MiB 209, 4 MiB 365, 16 MiB 411, 32 MiB
+# 376, unbounded (48 MiB) 357
+GATHER_BYTES = 16 * 2**20
 
 
 def token_slots(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -34,7 +40,7 @@ class PagedKVCache:
                  dtype: torch.dtype, device: torch.device | str, backend: str = "gather"):
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {backend!r}")
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_kv_heads, num_blocks, block_size, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_blocks = num_blocks
@@ -53,8 +59,8 @@ class PagedKVCache:
         """Stores new keys/values at flat pool slots (B, Q) (token_slots). k/v (B, H_kv, Q, D)."""
         H, D = k.shape[1], k.shape[3]
         index = slots.reshape(-1)
-        self.k[layer].view(-1, H, D)[index] = k.transpose(1, 2).reshape(-1, H, D)
-        self.v[layer].view(-1, H, D)[index] = v.transpose(1, 2).reshape(-1, H, D)
+        self.k[layer].view(H, -1, D)[:, index] = k.transpose(0, 1).reshape(H, -1, D)
+        self.v[layer].view(H, -1, D)[:, index] = v.transpose(0, 1).reshape(H, -1, D)
 
     def attend(self, layer: int, q: torch.Tensor, table: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of queries q (B, Hq, Q, D) over the blocks of `table` (B, nb); mask (B, 1, Q, nb *
@@ -63,11 +69,25 @@ class PagedKVCache:
             from fastgrpo.rollout.runtime.flex_attention import flex_paged_attention
             return flex_paged_attention(q, self.k[layer], self.v[layer], table, mask[:, 0], scale)
         B, nb = table.shape
-        _, bs, H, D = self.k[layer].shape
-        index = table.reshape(-1)
-        # one contiguous copy of the rows' blocks; SDPA reads the (B, H_kv, T, D) view through strides
-        keys = self.k[layer].index_select(0, index).view(B, nb * bs, H, D).transpose(1, 2)
-        values = self.v[layer].index_select(0, index).view(B, nb * bs, H, D).transpose(1, 2)
+        H, num_blocks, bs, D = self.k[layer].shape
+        # rows at a time whose gathered keys and values stay within GATHER_BYTES: a long context is
+        # never copied whole, and the copy stays nearer the CPU's caches
+        rows = max(1, GATHER_BYTES // (2 * H * nb * bs * D * self.k[layer].element_size()))
+        if rows >= B:
+            return self._gather_attend(layer, q, table, mask, scale)
+        return torch.cat([self._gather_attend(layer, q[i:i + rows], table[i:i + rows], mask[i:i + rows], scale)
+                          for i in range(0, B, rows)])
+
+    def _gather_attend(self, layer: int, q: torch.Tensor, table: torch.Tensor, mask: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+        B, nb = table.shape
+        H, num_blocks, bs, D = self.k[layer].shape
+        # one copy of the rows' blocks, every head: (H_kv * B * nb) contiguous blocks, which SDPA
+        # reads as (B, H_kv, T, D) through strides (index_select over 2-D rows: a plain row copy,
+        # several times faster than over (block_size, D) ones)
+        index = (torch.arange(H, device=table.device)[:, None] * num_blocks + table.reshape(1, -1)).reshape(-1)
+        keys = self.k[layer].view(H * num_blocks, bs * D).index_select(0, index).view(H, B, nb * bs, D).transpose(0, 1)
+        values = self.v[layer].view(H * num_blocks, bs * D).index_select(0, index).view(H, B, nb * bs, D).transpose(0, 1)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                               enable_gqa=q.shape[1] != H)
 
@@ -76,8 +96,8 @@ class PagedKVCache:
         writes, so overlapping ranges are safe (used to compact an accepted tree path)."""
         src, dst = src.reshape(-1), dst.reshape(-1)
         for cache in (*self.k, *self.v):
-            flat = cache.view(-1, *cache.shape[2:])
-            flat[dst] = flat[src]
+            flat = cache.view(cache.shape[0], -1, cache.shape[-1])  # (H_kv, num_blocks * block_size, D)
+            flat[:, dst] = flat[:, src]
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Copies whole blocks src[i] -> dst[i], every layer (copy on write of a shared last block)."""
@@ -86,7 +106,7 @@ class PagedKVCache:
         s = torch.tensor(src, device=self.k[0].device)
         d = torch.tensor(dst, device=self.k[0].device)
         for cache in (*self.k, *self.v):
-            cache[d] = cache[s]
+            cache[:, d] = cache[:, s]
 
 
 _UNITS = {"": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
