@@ -43,25 +43,6 @@ class KVBenchConfig:
     quick: bool = help_field(False, "1 repeat each, B = 16: about two minutes once the fixture is cached")
 
 
-class PeakBlocks:
-    """An engine observer that keeps the most KV blocks in use after any step."""
-
-    wants_pairs = False
-
-    def __init__(self, engine_ref: list):
-        self.engine_ref = engine_ref
-        self.peak = 0
-
-    def step_done(self, report) -> None:
-        self.peak = max(self.peak, self.engine_ref[0].blocks.stats().used)
-
-    def sequence_done(self, result, seconds, pairs) -> None:
-        pass
-
-    def request_done(self, request) -> None:
-        pass
-
-
 def _task_prompts(tok, n: int) -> list[list[int]]:
     from fastgrpo.learner.tasks import format_prompt, synthetic_math
 
@@ -94,16 +75,26 @@ def sharing(model, eos, prompts: list[list[int]], cfg: KVBenchConfig) -> dict:
     from fastgrpo.rollout.scheduler.requests import GenerationRequest
     from fastgrpo.wire.records import Sampling
 
+    from fastgrpo.rollout.scheduler.observer import EngineObserver
+
+    class PeakBlocks(EngineObserver):
+        """The most KV blocks in use after any step of `engine` (set once it exists)."""
+
+        def __init__(self):
+            self.engine: Engine | None = None
+            self.peak = 0
+
+        def step_done(self, report) -> None:
+            self.peak = max(self.peak, self.engine.blocks.stats().used)
+
     G = cfg.group_size
     batch = len(prompts) * G
     out = {}
     engines, peaks = {}, {}
     for shared in (True, False):
-        ref: list = []
-        peaks[shared] = PeakBlocks(ref)
+        peaks[shared] = PeakBlocks()
         config = EngineConfig(max_running=batch, max_prefill_tokens=sum(map(len, prompts)) * G, prefix_sharing=shared)
-        engines[shared] = Engine(ModelRunner(model), eos, config, observers=[peaks[shared]])
-        ref.append(engines[shared])
+        engines[shared] = peaks[shared].engine = Engine(ModelRunner(model), eos, config, observers=[peaks[shared]])
 
     def one(engine, max_new_tokens: int) -> tuple[float, list]:
         engine.run_exclusive(engine.blocks.forget_prefixes)  # each run prefills from nothing cached
@@ -157,6 +148,7 @@ def decode_rate(model_dir: str, batch: int, new_tokens: int, repeats: int, backe
     from fastgrpo.bench.common import load_target
     from fastgrpo.rollout.runtime.model_runner import ModelRunner
     from fastgrpo.rollout.scheduler.engine import Engine, EngineConfig
+    from fastgrpo.rollout.scheduler.observer import EngineObserver
     from fastgrpo.rollout.scheduler.requests import GenerationRequest
     from fastgrpo.wire.records import Sampling
 
@@ -171,17 +163,9 @@ def decode_rate(model_dir: str, batch: int, new_tokens: int, repeats: int, backe
         config["attention_backend"] = backend
     steps: list = []
 
-    class Steps:
-        wants_pairs = False
-
+    class Steps(EngineObserver):
         def step_done(self, report):
             steps.append(report)
-
-        def sequence_done(self, *args):
-            pass
-
-        def request_done(self, request):
-            pass
 
     engine = Engine(runner, (model.config.eos_token_id,), EngineConfig(**config), observers=[Steps()])
     gen = torch.Generator().manual_seed(0)

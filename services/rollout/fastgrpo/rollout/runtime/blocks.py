@@ -11,6 +11,7 @@ the free list. `forget_prefixes` drops every registration (weights changed: old 
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -89,7 +90,7 @@ class BlockManager:
         bs, out, parent = self.block_size, [], b""
         for i in range(n_blocks):
             h = hashlib.sha256(parent)
-            h.update(b"".join(t.to_bytes(4, "little") for t in tokens[i * bs:(i + 1) * bs]))
+            h.update(array("l", tokens[i * bs:(i + 1) * bs]).tobytes())
             parent = h.digest()
             out.append(parent)
         return out

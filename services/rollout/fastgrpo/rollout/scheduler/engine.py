@@ -79,8 +79,9 @@ class Engine:
         # latest step's largest tree did
         self.lookahead = 1 if controller is None else max(controller.max_nodes(), controller.draft_headroom()) + 1
         self._lookahead_hint = 1
-        self.blocks, self._features = self._allocate_cache(runner, drafter, config)
         self.kv_bytes_per_block = self._bytes_per_block(runner, drafter, config.kv_block_size)
+        # the target features of every cached position (num_blocks * block_size, H), with a draft
+        self.blocks, self._features = self._allocate_cache(runner, drafter, config, self.kv_bytes_per_block)
         self.preemptions = 0
         self.shared_prompt_tokens = 0  # prompt tokens served from shared blocks instead of being prefilled
         self.observers = list(observers)
@@ -117,12 +118,11 @@ class Engine:
             size += drafter.kv_bytes_per_block(block_size) + block_size * runner.config.hidden_size * runner.dtype.itemsize
         return size
 
-    def _allocate_cache(self, runner: ModelRunner, drafter: Drafter | None,
-                        config: EngineConfig) -> tuple[BlockManager, torch.Tensor | None]:
+    def _allocate_cache(self, runner: ModelRunner, drafter: Drafter | None, config: EngineConfig,
+                        per_block: int) -> tuple[BlockManager, torch.Tensor | None]:
         bs = config.kv_block_size
         if bs < 1:
             raise ValueError(f"--kv-block-size must be >= 1, got {bs}")
-        per_block = self._bytes_per_block(runner, drafter, bs)
         runner.cache = None  # a profile's cache goes before the budget is measured
         if drafter is not None:
             drafter.cache = None
@@ -433,33 +433,30 @@ class Engine:
         out = self.runner.forward(ForwardBatch(tokens, positions, table, starts), logits_at=lens - starts - 1)
         if self._features is not None:  # the features of every computed position, for the draft
             self._features[token_slots(table, positions, bs).reshape(-1)] = out.hidden.reshape(-1, out.hidden.shape[-1])
+        # copy on write of the prompt's last block: the one after those a follower shares
         followers = [s for s in seqs if s.admission.leader is not None]
-        n_share = [(len(s.prompt) - 1) // bs for s in followers]
-        src = [s.admission.leader.blocks[n] for s, n in zip(followers, n_share)]
-        dst = [s.blocks[n] for s, n in zip(followers, n_share)]
-        self.runner.cache.copy_blocks(src, dst)  # copy on write of the prompt's last block
-        if self._features is not None:
-            self._copy_feature_blocks(src, dst)
+        src = [s.admission.leader.blocks[len(s.admission.shared)] for s in followers]
+        dst = [s.blocks[len(s.admission.shared)] for s in followers]
+        self.runner.cache.copy_blocks(src, dst)
+        if self._features is not None and followers:
+            features = self._features.view(-1, bs, self._features.shape[-1])  # (num_blocks, bs, H)
+            features[torch.tensor(dst, device=dev)] = features[torch.tensor(src, device=dev)]
         row_of = {id(s): r for r, s in enumerate(rows)}
         sampling = [s for s in seqs if not s.recompute]
         if sampling:
             pick = torch.tensor([row_of[id(s.admission.leader or s)] for s in sampling], device=dev)
             self._sample_and_append(sampling, out.logits[pick])
-        for s in seqs:
+        if self.spec is not None:  # pool slots of every context position, for the draft's features
+            n = max(len(s.admission.context) for s in seqs)
+            slots = token_slots(self._table(seqs), torch.arange(n, device=dev)[None].expand(len(seqs), n), bs)
+        for b, s in enumerate(seqs):
             s.cached = len(s.admission.context)
             self.shared_prompt_tokens += s.admission.compute_from
             if self.spec is not None:
-                slots = token_slots(self._table([s]), torch.arange(s.cached, device=dev)[None], bs)[0]  # (n,)
-                SpecDecoder.after_prefill(s.spec, s.admission.context, s.generated[-1], self._features[slots],
-                                          len(s.prompt))
+                SpecDecoder.after_prefill(s.spec, s.admission.context, s.generated[-1],
+                                          self._features[slots[b, : s.cached]], len(s.prompt))
             s.admission = None
             s.recompute = False
-
-    def _copy_feature_blocks(self, src: list[int], dst: list[int]) -> None:
-        bs = self.blocks.block_size
-        features = self._features.view(-1, bs, self._features.shape[-1])
-        for a, b in zip(src, dst):
-            features[b] = features[a]
 
     def _decode(self, seqs: list[SequenceState]) -> None:
         dev = self.runner.device
