@@ -47,6 +47,7 @@ class ConcurrencyBenchConfig:
     seed: int = help_field(0, "sampling seed")
     threads: int = help_field(0, "torch CPU threads; 0 = one per core (on a shared 2-core VM identical work in lockstep "
                                  "differs by +-1 % per round with 1 thread, +-3-7 % with 2)")
+    compile: str = help_field("auto", "--compile of every engine (auto / on / off; see fastgrpo-rollout --help): only plain decode steps compile so far")
 
 
 def run(cfg: ConcurrencyBenchConfig) -> dict:
@@ -115,7 +116,7 @@ def run(cfg: ConcurrencyBenchConfig) -> dict:
         for mode in MODES:
             runner = ModelRunner(model, headroom=controller.max_nodes())
             drafter = Drafter(head)
-            engines[mode] = Engine(runner, eos, EngineConfig(max_running=slots), drafter, controller)
+            engines[mode] = Engine(runner, eos, EngineConfig(max_running=slots, compile=cfg.compile), drafter, controller)
             timed_generation(engines[mode], prompts_all[:2], 1, cfg.temperature, 16, cfg.seed, mode)
         return engines
 

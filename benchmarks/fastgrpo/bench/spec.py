@@ -33,6 +33,7 @@ class SpecBenchConfig:
     verify: str = help_field("rrs", "verification of sampled sequences: rrs (children drawn from the draft) or match (top-K, sample-matching)")
     repeats: int = help_field(3, "runs of plain and speculative decoding per B, interleaved; the median counts (quick: 1)")
     seed: int = help_field(0, "sampling seed")
+    compile: str = help_field("auto", "--compile of every engine (auto / on / off; see fastgrpo-rollout --help): only plain decode steps compile so far")
 
 
 def timed_generation(engine, prompts, num_samples: int, temperature: float, max_new_tokens: int, seed: int,
@@ -102,10 +103,10 @@ def run(cfg: SpecBenchConfig) -> dict:
         n = 2 if cfg.quick else max(cfg.min_sequences, cfg.sequences_per_slot * B)
         prompts = [tok(format_prompt(p.question))["input_ids"] for p in problems[:n]]
         warm = prompts[: min(B, 2)]
-        plain = Engine(ModelRunner(model), eos, EngineConfig(max_running=B))
+        plain = Engine(ModelRunner(model), eos, EngineConfig(max_running=B, compile=cfg.compile))
         controller = SpecController("static", static_tree=shape, verify=cfg.verify)
         runner = ModelRunner(model, headroom=controller.max_nodes())
-        spec = Engine(runner, eos, EngineConfig(max_running=B), Drafter(head), controller)
+        spec = Engine(runner, eos, EngineConfig(max_running=B, compile=cfg.compile), Drafter(head), controller)
         try:
             for engine in (plain, spec):
                 timed_generation(engine, warm, 1, cfg.temperature, cfg.max_new_tokens, cfg.seed)  # warm-up: allocator, kernels

@@ -23,12 +23,15 @@ class ForwardBatch:
     starts: torch.Tensor  # (B,) long, cache position where the first new token is written
     region_mask: torch.Tensor | None = None  # (B, Q, R) bool; None = causal over the new tokens
     region_start: torch.Tensor | None = None  # (B,) long; None = starts (R = Q)
+    # blocks the keys span, known on the host (a compiled step pads it to a bucket); None: read
+    # from starts, which waits for the device
+    key_blocks: int | None = None
 
     def __post_init__(self):
         B, Q = self.tokens.shape
         assert self.positions.shape == (B, Q) and self.block_table.shape[0] == B and self.starts.shape == (B,)
         assert self.region_mask is None or self.region_mask.shape[:2] == (B, Q)
-        if self.region_start is not None:
+        if self.region_start is not None and self.key_blocks is None:  # (the check reads the device)
             assert self.region_mask is not None and bool((self.starts - self.region_start + Q == self.region_mask.shape[2]).all())
 
 

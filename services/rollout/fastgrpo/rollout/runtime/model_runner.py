@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from fastgrpo.rollout.runtime.batch import ForwardBatch, ForwardOutput
 from fastgrpo.rollout.runtime.kv_cache import PagedKVCache
-from fastgrpo.rollout.runtime.layers import decoder_layer, paged_inputs
+from fastgrpo.rollout.runtime.layers import decoder_layer, paged_inputs, project
 from fastgrpo.wire.dtypes import DTYPES
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -89,16 +89,21 @@ class ModelRunner:
         assert int(batch.starts.max()) + Q <= self.max_positions, "write past the longest sequence served"
         timed = bool(self._decode_observers) and logits_at is None  # prefill is not a decode step
         t0 = time.perf_counter() if timed else 0.0
-        out = self._forward(batch, logits_at)
+        out = self.forward_no_sync(batch, logits_at)
         if timed:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            seconds = time.perf_counter() - t0
-            for observe in self._decode_observers:
-                observe(B * Q, seconds)
+            self.report_decode(B * Q, time.perf_counter() - t0)
         return out
 
-    def _forward(self, batch: ForwardBatch, logits_at: torch.Tensor | None) -> ForwardOutput:
+    def report_decode(self, tokens: int, seconds: float) -> None:
+        """A decode or verify forward of `tokens` tokens took `seconds` (a compiled step reports its own)."""
+        for observe in self._decode_observers:
+            observe(tokens, seconds)
+
+    def forward_no_sync(self, batch: ForwardBatch, logits_at: torch.Tensor | None = None) -> ForwardOutput:
+        """`forward` without its checks and timing, which read the device: what a compiled step
+        traces (give the batch its key_blocks)."""
         B, Q = batch.tokens.shape
         inner = self.model.model
         h = inner.embed_tokens(batch.tokens)  # (B, Q, H)
@@ -110,8 +115,8 @@ class ModelRunner:
         h = inner.norm(h)  # (B, Q, H)
         if logits_at is not None:
             picked = h[torch.arange(B, device=self.device), logits_at]  # (B, H)
-            return ForwardOutput(self.model.lm_head(picked).float(), h)  # (B, V)
-        return ForwardOutput(self.model.lm_head(h).float(), h)  # (B, Q, V)
+            return ForwardOutput(project(self.model.lm_head, picked).float(), h)  # (B, V)
+        return ForwardOutput(project(self.model.lm_head, h).float(), h)  # (B, Q, V)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

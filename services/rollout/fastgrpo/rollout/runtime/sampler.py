@@ -6,6 +6,11 @@ top-k, then top-p. Two distributions matter and are kept apart:
   * the *policy* distribution softmax(logits / temperature), untruncated, whose log-probability of
     each emitted token is returned to the trainer (what a GRPO learner's importance ratio uses).
 Greedy rows (temperature 0) take the argmax; their policy logprob is under softmax(logits).
+
+Noise is a function of (sequence seed, draw counter, vocabulary index), computed on the device
+(`counter_uniforms`): a sequence's draws depend on its own seed and how many draws it made, never
+on which sequences share its batch or on any host-side generator state, and no noise crosses from
+the host.
 """
 from __future__ import annotations
 
@@ -80,6 +85,50 @@ def _truncate(logp: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     keep_sorted[:, 0] = True
     keep = torch.zeros_like(keep_sorted).scatter(-1, sorted_idx, keep_sorted)  # (B, V)
     return torch.log_softmax(logp.masked_fill(~keep, float("-inf")), dim=-1)  # (B, V)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), exactly: int64 never overflows (c split in halves)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + ((x * hi) & 0xFFFF) * 65536) & 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32) of int64 x in [0, 2**32), in int64 arithmetic."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n) float64 uniforms in (0, 1): element i of row b is a hash of (seeds[b], counters[b], i).
+
+    seeds (B,) int64 >= 0 (63-bit), counters (B,) int64 in [0, 2**32): which draw of the sequence
+    this is. Counter-based (as Philox is): no state, no sync, the same numbers in any batch."""
+    seeds, counters = seeds.long(), counters.long()
+    key = _hash32(_hash32(_hash32(seeds >> 32) ^ (seeds & 0xFFFFFFFF)) ^ counters)  # (B,)
+    i = torch.arange(n, device=seeds.device)  # (n,)
+    high = _hash32(key[:, None] ^ _hash32(2 * i)[None, :])  # (B, n) 32 bits
+    low = _hash32(key[:, None] ^ _hash32(2 * i + 1)[None, :]) >> 11  # (B, n) 21 bits
+    bits = high * 2**21 + low  # (B, n) 53 random bits
+    return (bits.double() + 0.5) * 2.0**-53  # (B, n), never 0 or 1
+
+
+def sample_no_sync(logits: torch.Tensor, params: SamplingBatch, seeds: torch.Tensor, counters: torch.Tensor,
+                   truncate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row and its policy logprob, without reading a value on the host.
+
+    logits (B, V); seeds, counters (B,) int64 (counter_uniforms); truncate: whether any row has top-k
+    or top-p (a host-side fact, so the sort is skipped without a sync). Greedy rows take the argmax.
+    Returns tokens (B,) long, logprobs (B,) float32."""
+    logp = policy_logprobs(logits, params.temperature)  # (B, V)
+    logp_sample = _truncate(logp, params) if truncate else logp  # (B, V)
+    noise = -torch.log(counter_uniforms(seeds, counters, logits.shape[-1]))  # (B, V) Exp(1)
+    sampled = sample_from_logprobs(logp_sample, noise)  # (B,)
+    tokens = torch.where(params.greedy, logits.argmax(dim=-1), sampled)  # (B,)
+    return tokens, gather_rows(logp, tokens)  # (B,), (B,)
 
 
 def exponential_noise(generators: list[torch.Generator], n: int, device: torch.device) -> torch.Tensor:

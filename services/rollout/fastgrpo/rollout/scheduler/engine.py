@@ -37,6 +37,7 @@ from fastgrpo.rollout.runtime.batch import ForwardBatch
 from fastgrpo.rollout.runtime.blocks import BlockManager, blocks_for
 from fastgrpo.rollout.runtime.kv_cache import SCRATCH_BLOCK, kv_budget_bytes, token_slots
 from fastgrpo.rollout.runtime.model_runner import ModelRunner
+from fastgrpo.rollout.runtime.steps import DecodeStep, compiled_batch, to_host
 from fastgrpo.rollout.scheduler.observer import BackgroundWork, EngineObserver
 from fastgrpo.rollout.scheduler.requests import (EngineLimits, GenerationRequest, InvalidRequest, KVCacheTooSmall,
                                                  StepReport, validate_request)
@@ -62,6 +63,7 @@ class EngineConfig:
     kv_block_size: int = help_field(16, "tokens per KV-cache block")
     prefix_sharing: bool = help_field(True, "the samples of a prompt share its KV-cache blocks and prefill it once, and later sequences reuse a prompt prefix still cached (off: every sequence prefills its own prompt)")
     attention_backend: Literal["gather", "flex"] = help_field("gather", "how attention reads the paged KV cache: gather (copies the blocks a forward reads, then SDPA) or flex (FlexAttention reads them in place; compiled at start-up, needs a C++ compiler on the CPU; faster at large-batch decode, slower at prefill and deep trees on the CPU: see fastgrpo-bench kv)")
+    compile: Literal["auto", "on", "off"] = help_field("auto", "torch.compile the plain decode step, one graph per batch bucket (CUDA graphs on a GPU): auto = on on CUDA, off on the CPU; on the CPU, on compiles the batches of at most 4, where it pays; compiling takes a while at start-up (logged, and /readyz says so)")
     max_queued: int = help_field(4096, "sequences waiting to be admitted; a request that would pass it is refused (RESOURCE_EXHAUSTED, or INVALID_ARGUMENT when it alone is larger)")
 
 
@@ -85,6 +87,9 @@ class Engine:
         self.preemptions = 0
         self.shared_prompt_tokens = 0  # prompt tokens served from shared blocks instead of being prefilled
         self.observers = list(observers)
+        self.decode_step = DecodeStep(runner, compiled_batch(config.compile, runner.device, config.max_running),
+                                      config.max_running)
+        self.warmup_seconds = self.decode_step.warm_up()
         self.spec = SpecDecoder(runner, drafter, controller.verify) if drafter is not None else None
         if self.spec is not None:
             self.spec.capture = any(o.wants_pairs for o in self.observers)
@@ -166,10 +171,11 @@ class Engine:
                                     f"limit {self.config.max_queued} (--max-queued); retry later")
             for i, prompt in enumerate(request.prompts):
                 for j in range(request.num_samples):
-                    gen = None
+                    gen, seed = None, 0
                     if s.temperature > 0:
-                        gen = torch.Generator().manual_seed(sequence_seed(base_seed, i, j))
-                    self._queue.append(SequenceState(handle, i, j, tuple(prompt), gen, stop, self.policy_version))
+                        seed = sequence_seed(base_seed, i, j)
+                        gen = torch.Generator().manual_seed(seed)
+                    self._queue.append(SequenceState(handle, i, j, tuple(prompt), gen, seed, stop, self.policy_version))
             self._cv.notify()
         return handle
 
@@ -459,16 +465,18 @@ class Engine:
             s.recompute = False
 
     def _decode(self, seqs: list[SequenceState]) -> None:
-        dev = self.runner.device
-        tokens = torch.tensor([[s.generated[-1]] for s in seqs], device=dev)  # (B, 1)
-        starts = torch.tensor([s.cached for s in seqs], device=dev)  # (B,)
-        out = self.runner.forward(ForwardBatch(tokens, starts[:, None], self._table(seqs), starts))
-        for s in seqs:
+        t0 = time.perf_counter()
+        out = self.decode_step([s.generated[-1] for s in seqs], [s.cached for s in seqs], [s.blocks for s in seqs],
+                               [self._params(s) for s in seqs], [s.seed for s in seqs],
+                               [len(s.generated) for s in seqs])
+        tokens, logprobs = to_host(out.tokens, out.logprobs)
+        self.runner.report_decode(len(seqs), time.perf_counter() - t0)
+        for b, s in enumerate(seqs):
             s.cached += 1
-        self._sample_and_append(seqs, out.logits[:, 0])
-        if self.spec is not None:  # the draft catches up on plainly decoded tokens at its next step
-            for b, s in enumerate(seqs):
-                SpecDecoder.queue_pair(s.spec, out.hidden[b, 0], s.generated[-1])
+            s.generated.append(int(tokens[b]))
+            s.logprobs.append(logprobs[b])
+            if self.spec is not None:  # the draft catches up on plainly decoded tokens at its next step
+                SpecDecoder.queue_pair(s.spec, out.hidden[b], s.generated[-1])
 
     def _trees_for(self, seqs: list[SequenceState]) -> list[tuple[TreeShape | None, bool, list[SequenceState]]]:
         """Groups the decoding sequences by the tree each gets this step (None: plain decode) and
@@ -525,18 +533,19 @@ class Engine:
 
     def _sample_and_append(self, seqs: list[SequenceState], logits: torch.Tensor) -> None:
         """logits (B, V) of the next token of each sequence -> one token each, with its logprob."""
+        dev = self.runner.device
         params = self._sampling_batch(seqs)
-        logp_sample = sampler.sampling_logprobs(logits, params)  # (B, V)
-        noise = torch.ones_like(logp_sample, dtype=torch.float64)  # (B, V); greedy rows: one-hot wins
-        sampled_rows = [b for b, s in enumerate(seqs) if s.generator is not None]
-        if sampled_rows:
-            gens = [seqs[b].generator for b in sampled_rows]
-            noise[sampled_rows] = sampler.exponential_noise(gens, logits.shape[-1], logits.device)
-        tokens = sampler.sample_from_logprobs(logp_sample, noise)  # (B,)
-        logp = sampler.gather_rows(sampler.policy_logprobs(logits, params.temperature), tokens)  # (B,)
-        for s, t, lp in zip(seqs, tokens.tolist(), logp.tolist()):
-            s.generated.append(t)
+        truncate = any(s.sampling.top_k > 0 or s.sampling.top_p < 1 for s in seqs)
+        tokens, logp = sampler.sample_no_sync(logits, params, torch.tensor([s.seed for s in seqs], device=dev),
+                                              torch.tensor([len(s.generated) for s in seqs], device=dev), truncate)
+        tokens, logp = to_host(tokens, logp)
+        for s, t, lp in zip(seqs, tokens, logp):
+            s.generated.append(int(t))
             s.logprobs.append(lp)
+
+    @staticmethod
+    def _params(seq: SequenceState) -> tuple[float, int, float]:
+        return seq.sampling.temperature, seq.sampling.top_k, seq.sampling.top_p
 
     def _sampling_batch(self, seqs: list[SequenceState]) -> sampler.SamplingBatch:
         dev = self.runner.device

@@ -78,7 +78,8 @@ class SequenceState:
     prompt_index: int
     sample_index: int
     prompt: tuple[int, ...]
-    generator: torch.Generator | None  # None for greedy
+    generator: torch.Generator | None  # None for greedy (the speculative step's draws)
+    seed: int  # of the sampling noise of its plain steps (sampler.counter_uniforms); 0 for greedy
     stop_ids: frozenset[int]
     min_version: int
     blocks: list[int] = field(default_factory=list)  # KV-cache block table (runtime.blocks)

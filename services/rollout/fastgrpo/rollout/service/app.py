@@ -3,7 +3,6 @@ learning, engine, the gRPC server (with health, reflection and auth) and the HTT
 from __future__ import annotations
 
 import logging
-import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +13,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from transformers import AutoTokenizer
 
-from fastgrpo.common.http import HttpSide
+from fastgrpo.common.http import HttpSide, Startup
 from fastgrpo.rollout.draft_learning.online import OnlineDraftLearner
 from fastgrpo.rollout.runtime.model_runner import ModelRunner, resolve_placement
+from fastgrpo.rollout.runtime.steps import compiled_batch
 from fastgrpo.rollout.scheduler.engine import Engine
 from fastgrpo.rollout.service.config import ServeConfig
 from fastgrpo.rollout.service.interceptors import BearerAuth, MalformedRequests, auth_token
@@ -82,25 +82,26 @@ def build_app(cfg: ServeConfig, interceptors: tuple[grpc.ServerInterceptor, ...]
     `interceptors` run after authentication, on every call."""
     # the deepest tree any mode can draft bounds the depth labels
     metrics = RolloutMetrics(max(cfg.spec.depth, cfg.controller.l_max) if cfg.draft else 0)
+    startup = Startup()
     if cfg.http_port < 0:
-        return _load_and_serve(cfg, metrics, interceptors)
-    # up before the model loads, so that probes see a live process that is not ready yet
-    ready = threading.Event()
-    http = HttpSide(metrics.registry, ready.is_set, cfg.host, cfg.http_port)
+        return _load_and_serve(cfg, metrics, interceptors, startup)
+    # up before the model loads, so that probes see a live process that is not ready yet, and what it does
+    http = HttpSide(metrics.registry, startup.is_ready, cfg.host, cfg.http_port, status=startup.body)
     try:
-        app = _load_and_serve(cfg, metrics, interceptors)
+        app = _load_and_serve(cfg, metrics, interceptors, startup)
     except BaseException:
         http.stop()
         raise
     app.http = http
-    ready.set()
+    startup.ready()
     return app
 
 
-def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics,
-                    interceptors: tuple[grpc.ServerInterceptor, ...]) -> RolloutApp:
+def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics, interceptors: tuple[grpc.ServerInterceptor, ...],
+                    startup: Startup) -> RolloutApp:
     if not cfg.model:
         raise ValueError("--model is required")
+    startup.begin("loading the model")
     device, dtype = resolve_placement(cfg.device, cfg.dtype)
     # the largest tree any mode can verify bounds the cache headroom, whatever C_peak turns out to be
     headroom = max_tree_nodes(cfg.controller, cfg.spec.static_tree, cfg.refine.alpha_levels) if cfg.draft else 0
@@ -110,6 +111,7 @@ def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics,
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     controller = drafter = draft_store = learner = None
     if cfg.draft:
+        startup.begin("calibrating C_peak")
         c_peak, c_peak_source = calibrated_c_peak(cfg, runner, device, dtype)
         controller = SpecController.of(cfg.spec, cfg.controller, OnlineCalibrator(c_peak, c_peak_source, cfg.refine))
         head = DraftHead.load(cfg.draft, runner.model)
@@ -118,6 +120,8 @@ def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics,
         if cfg.draft_learning.enabled:
             learner = OnlineDraftLearner(head, draft_store, cfg.draft_learning)
     observers = [metrics] + ([learner] if learner is not None else [])
+    startup.begin("allocating the KV cache and compiling the decode step"
+                  if compiled_batch(cfg.engine.compile, runner.device, cfg.engine.max_running) else "allocating the KV cache")
     engine = Engine(runner, eos_ids, cfg.engine, drafter, controller, observers)
     if learner is not None:
         engine.add_background(learner)

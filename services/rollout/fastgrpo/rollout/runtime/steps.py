@@ -1,0 +1,156 @@
+"""Decode steps as functions of device tensors: padded to a few shapes, optionally compiled, with
+one device-to-host transfer per step, after it.
+
+A step's inputs cross to the device in one copy per dtype, its outputs come back in one
+(`to_host`), and nothing between reads a value on the host: what to emit and who finished are
+decided once per step, in Python, on the numbers that came back. A compiled step
+(`torch.compile(fullgraph=True)`, and on CUDA its CUDA graphs) pads the batch to a power of two
+(`bucket`) and is traced once per batch bucket, then replayed while the batch changes inside it;
+the block table is padded to a power of two of blocks too, a symbolic size of the one graph.
+Padding rows decode token 0 at position 0 into the scratch block (runtime.kv_cache), greedily,
+and are cut from the results.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fastgrpo.rollout.runtime import sampler
+from fastgrpo.rollout.runtime.batch import ForwardBatch
+from fastgrpo.rollout.runtime.kv_cache import SCRATCH_BLOCK
+from fastgrpo.rollout.runtime.layers import GEMV_ROWS
+from fastgrpo.rollout.runtime.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+COMPILE_MODES = ("auto", "on", "off")
+# graphs one compiled step may hold (batch buckets x sampling variants, and room to spare)
+RECOMPILE_LIMIT = 256
+
+
+def bucket(n: int, cap: int | None = None) -> int:
+    """The padded size of n: the next power of two (at most cap, never below n)."""
+    size = 1 << max(0, n - 1).bit_length()
+    return max(n, min(size, cap)) if cap is not None else size
+
+
+# On the CPU a compiled step pays only where it turns matrix-vector products into streaming
+# reductions (runtime.layers.GEMV_ROWS); at larger batches inductor's graph is slower than eager.
+# Bench fixture, 2-core CPU, engine tokens/s compiled vs eager: B = 1 63 vs 38, B = 8 133 vs 200,
+# B = 64 400 vs 590; a bucket takes 40-80 s to compile there (10 s from inductor's disk cache)
+CPU_COMPILED_BATCH = GEMV_ROWS
+
+
+def compiled_batch(mode: str, device: torch.device, max_batch: int) -> int:
+    """The largest batch bucket a --compile mode compiles (0: none): auto compiles on CUDA only;
+    on the CPU, on compiles the small buckets, where it pays (CPU_COMPILED_BATCH)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return 0
+    return max_batch if device.type == "cuda" else min(bucket(max_batch), CPU_COMPILED_BATCH)
+
+
+def compile_step(fn, device: torch.device):
+    """torch.compile of a step function: the whole step one graph (fullgraph), on CUDA replayed as
+    CUDA graphs (reduce-overhead). The caller marks which sizes are symbolic (DecodeStep: the
+    context's blocks) and which stay static (the batch bucket)."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # (renamed across torch versions)
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(fn, fullgraph=True, dynamic=None, mode=mode)
+
+
+def to_host(*tensors: torch.Tensor) -> list[list[float]]:
+    """The step's one device-to-host transfer: 1-D tensors of equal length, as lists of floats
+    (float64 holds every token id and float32 logprob exactly)."""
+    return torch.stack([t.double() for t in tensors]).tolist()
+
+
+@dataclass(frozen=True)
+class DecodeOutput:
+    """One plain decode step of B sequences, on the device, padded rows cut."""
+
+    tokens: torch.Tensor  # (B,) long, the next token of each sequence
+    logprobs: torch.Tensor  # (B,) float32, its policy logprob
+    hidden: torch.Tensor  # (B, H) the target's final-norm feature at the decoded position
+
+
+class DecodeStep:
+    """Plain decode: each sequence's last token through the target, one token sampled per row."""
+
+    def __init__(self, runner: ModelRunner, compiled_batch: int, max_batch: int):
+        """compiled_batch: batches up to this size run the compiled step (compiled_batch), larger
+        ones the same function eagerly."""
+        self.runner = runner
+        self.compiled_batch = min(compiled_batch, max_batch)
+        self.max_batch = max_batch
+        self._compiled = compile_step(self._step, runner.device) if compiled_batch else None
+        if compiled_batch and runner.device.type == "cuda":
+            # CUDA graphs may write into the pools only where their addresses never change
+            for pool in (*runner.cache.k, *runner.cache.v):
+                torch._dynamo.mark_static_address(pool)
+
+    def max_blocks(self) -> int:
+        return -(-self.runner.max_positions // self.runner.cache.block_size)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: list[int], starts: list[int], tables: list[list[int]], params: list[tuple[float, int, float]],
+                 seeds: list[int], counters: list[int]) -> DecodeOutput:
+        """tokens, starts: each sequence's last token and the cache position it goes to; tables its
+        blocks (at least those covering starts + 1); params (temperature, top_k, top_p); seeds
+        (sampler.counter_uniforms, 0 for greedy) and counters: the sequence's draw number."""
+        B = len(tokens)
+        bs = self.runner.cache.block_size
+        compiled = B <= self.compiled_batch
+        Bp = bucket(B, self.max_batch) if compiled else B
+        nb = -(-(max(starts) + 1) // bs)
+        # (at least 2: torch.compile specialises a size of 1, which would cost a graph of its own)
+        nbp = max(2, bucket(nb, self.max_blocks())) if compiled else nb
+        pad = Bp - B
+        rows = [t[:nbp] + [SCRATCH_BLOCK] * (nbp - len(t[:nbp])) for t in tables] + [[SCRATCH_BLOCK] * nbp] * pad
+        ints = torch.tensor([tokens + [0] * pad, starts + [0] * pad, [p[1] for p in params] + [0] * pad,
+                             seeds + [0] * pad, counters + [0] * pad], dtype=torch.long).to(self.runner.device)  # (5, Bp)
+        floats = torch.tensor([[p[0] for p in params] + [0.0] * pad, [p[2] for p in params] + [1.0] * pad],
+                              dtype=torch.float32).to(self.runner.device)  # (2, Bp)
+        table = torch.tensor(rows, dtype=torch.long).to(self.runner.device)  # (Bp, nbp)
+        truncate = any(p[1] > 0 or p[2] < 1 for p in params)
+        if compiled:  # a graph per batch bucket, the context's blocks a symbolic size
+            torch._dynamo.mark_static(ints, 1)
+            torch._dynamo.mark_dynamic(table, 1)
+            next_tokens, logprobs, hidden = self._compiled(ints, floats, table, truncate)
+        else:
+            next_tokens, logprobs, hidden = self._step(ints, floats, table, truncate)
+        return DecodeOutput(next_tokens[:B], logprobs[:B], hidden[:B])
+
+    def _step(self, ints: torch.Tensor, floats: torch.Tensor, table: torch.Tensor, truncate: bool):
+        tokens, starts, top_k, seeds, counters = ints  # (Bp,) each
+        batch = ForwardBatch(tokens[:, None], starts[:, None], table, starts, key_blocks=table.shape[1])
+        out = self.runner.forward_no_sync(batch)  # logits (Bp, 1, V), hidden (Bp, 1, H)
+        params = sampler.SamplingBatch(floats[0], top_k, floats[1])
+        next_tokens, logprobs = sampler.sample_no_sync(out.logits[:, 0], params, seeds, counters, truncate)
+        return next_tokens, logprobs, out.hidden[:, 0]  # (Bp,), (Bp,), (Bp, H)
+
+    def warm_up(self) -> float:
+        """Compiles every compiled batch bucket (top-k / top-p compile when first asked for); returns
+        the seconds it took."""
+        if not self.compiled_batch:
+            return 0.0
+        t0 = time.perf_counter()
+        B = 1
+        while True:
+            out = self(tokens=[0] * B, starts=[0] * B, tables=[[SCRATCH_BLOCK] * 2] * B,
+                          params=[(0.0, 0, 1.0)] * B, seeds=[0] * B, counters=[0] * B)
+            to_host(out.tokens)
+            if B >= self.compiled_batch:
+                break
+            B = bucket(B + 1, self.max_batch)
+        seconds = time.perf_counter() - t0
+        log.info("compiled the decode step for batch buckets up to %d in %.1f s", self.compiled_batch, seconds)
+        return seconds

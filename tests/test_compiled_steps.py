@@ -1,0 +1,199 @@
+"""Sync-free, compiled decode steps: counter-based sampling noise, one graph per batch bucket, one
+device-to-host transfer per step, and the engine's outputs unchanged with the compiler on."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_config
+from fastgrpo.rollout.runtime import sampler
+from fastgrpo.rollout.runtime.model_runner import ModelRunner
+from fastgrpo.rollout.runtime.steps import CPU_COMPILED_BATCH, DecodeStep, bucket, compiled_batch, to_host
+from fastgrpo.rollout.scheduler.engine import Engine, EngineConfig
+from fastgrpo.rollout.scheduler.requests import GenerationRequest
+from fastgrpo.wire.records import Sampling
+
+pytestmark = pytest.mark.unit
+
+
+# ------------------------------------------------------------------ pure functions
+def test_buckets_and_what_each_compile_mode_compiles():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+    assert bucket(5, cap=6) == 6 and bucket(7, cap=6) == 7  # capped, never below n
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compiled_batch("auto", cpu, 64) == 0 and compiled_batch("off", cuda, 64) == 0
+    assert compiled_batch("auto", cuda, 64) == 64 and compiled_batch("on", cpu, 64) == CPU_COMPILED_BATCH
+    with pytest.raises(ValueError, match="--compile must be one of"):
+        compiled_batch("yes", cpu, 64)
+
+
+def test_counter_uniforms_depend_on_seed_counter_and_index_only():
+    seeds = torch.tensor([7, 2**62 + 5, 7, 0])
+    counters = torch.tensor([0, 0, 1, 3])
+    u = sampler.counter_uniforms(seeds, counters, 1000)  # (4, 1000)
+    assert u.dtype == torch.float64 and bool(((u > 0) & (u < 1)).all())
+    # row 0 alone, or in another batch, gets the same numbers; another counter or seed others
+    assert torch.equal(sampler.counter_uniforms(seeds[:1], counters[:1], 1000), u[:1])
+    assert torch.equal(sampler.counter_uniforms(seeds.flip(0), counters.flip(0), 1000).flip(0), u)
+    assert not torch.equal(u[0], u[2]) and not torch.equal(u[0], u[1])
+    # uniform: chi-square over 20 bins of 200k draws (19 dof; 43.8 is the 0.001 quantile)
+    many = sampler.counter_uniforms(torch.arange(200), torch.zeros(200, dtype=torch.long), 1000).flatten()
+    counts = torch.histc(many.float(), bins=20, min=0, max=1)
+    expected = many.numel() / 20
+    assert float(((counts - expected) ** 2 / expected).sum()) < 43.8
+    # neighbouring counters are not correlated
+    a = sampler.counter_uniforms(torch.full((1,), 3), torch.tensor([10]), 100_000)[0]
+    b = sampler.counter_uniforms(torch.full((1,), 3), torch.tensor([11]), 100_000)[0]
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 4 / math.sqrt(100_000)
+
+
+def test_sample_no_sync_draws_the_sampling_distribution():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 1.5
+    params = sampler.SamplingBatch(torch.tensor([0.8]), torch.tensor([0]), torch.tensor([0.9]))
+    n = 40_000
+    tokens, logp = sampler.sample_no_sync(logits.expand(n, 12), params.repeat_rows(n),
+                                          torch.full((n,), 11), torch.arange(n), truncate=True)
+    p = sampler.sampling_logprobs(logits, params).exp()[0]  # (12,)
+    counts = torch.bincount(tokens, minlength=12).double()
+    support = p > 0
+    assert counts[~support].sum() == 0  # nothing outside the nucleus
+    expected = n * p[support].double()
+    chi2 = float(((counts[support] - expected) ** 2 / expected).sum())
+    assert chi2 < 31.3  # chi-square, at most 11 dof, 0.001 level
+    # the logprob returned is the untruncated policy's, softmax(logits / T)
+    assert torch.allclose(logp, sampler.policy_logprobs(logits, torch.tensor([0.8]))[0, tokens])
+    greedy = sampler.SamplingBatch(torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.ones(3))
+    top, _ = sampler.sample_no_sync(logits.expand(3, 12), greedy, torch.arange(3), torch.arange(3), truncate=False)
+    assert top.tolist() == [int(logits.argmax())] * 3
+
+
+# ------------------------------------------------------------------ the step, compiled
+# (inductor compiles its C++ kernels in subprocesses: these are system tests)
+class HostReads(TorchFunctionMode):
+    """Counts the ways Python reads a tensor's values (each a device-to-host transfer and a wait on a
+    GPU). On the CPU `.to(device)` cannot tell the step's inputs going up from outputs coming back,
+    so it is left out: a step's outputs reach Python only through a read."""
+
+    READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "__array__", "cpu",
+             "__repr__", "__format__"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config("qwen2", layers=2)).eval()
+
+
+@pytest.mark.system
+def test_decode_step_compiles_once_per_batch_bucket_and_matches_eager(tiny_model):
+    from torch._dynamo.utils import counters
+
+    runner = ModelRunner(tiny_model)
+    runner.allocate_cache(num_blocks=1 + 8 * 8, block_size=4)
+    step = DecodeStep(runner, compiled_batch=8, max_batch=8)
+    eager = DecodeStep(runner, compiled_batch=0, max_batch=8)
+    g = torch.Generator().manual_seed(0)
+    tables = [list(range(1 + 8 * b, 9 + 8 * b)) for b in range(8)]  # 8 blocks (32 tokens) per sequence
+    lens = [2 + b for b in range(8)]
+    params = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 5, 0.9), (1.0, 0, 1.0)] * 2
+    before = counters["stats"]["unique_graphs"]
+    for i in range(20):  # the batch changes within the bucket of 8, the contexts grow past a block bucket
+        B = 5 + i % 4
+        tokens = torch.randint(1, 97, (B,), generator=g).tolist()
+        args = (tokens, lens[:B], tables[:B], params[:B], list(range(100, 100 + B)), [i] * B)
+        out = step(*args)
+        ref = eager(*args)  # rewrites the same keys and values
+        assert torch.equal(out.tokens, ref.tokens)
+        assert (out.logprobs - ref.logprobs).abs().max() <= 1e-4
+        assert (out.hidden - ref.hidden).abs().max() <= 1e-4
+        for b in range(B):
+            lens[b] += 1
+    # the first call compiled the bucket's graph (fullgraph: a graph break would have raised); no
+    # later step compiled another
+    assert counters["stats"]["unique_graphs"] == before + 1
+    assert 16 < max(lens) <= 32  # past the table bucket of 4 blocks (a symbolic size, not a recompile)
+
+
+def _engine(model, mode: str):
+    engine = Engine(ModelRunner(model), (0,), EngineConfig(max_running=4, compile=mode))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def eager_engine(tiny_model):
+    yield from _engine(tiny_model, "off")
+
+
+@pytest.fixture(scope="module")
+def compiled_engine(tiny_model):
+    """The same model with the compiler on (on the CPU: the batches up to 4)."""
+    yield from _engine(tiny_model, "on")
+
+
+@pytest.mark.parametrize("engine_fixture", ["eager_engine", pytest.param("compiled_engine", marks=pytest.mark.system)])
+def test_an_engine_decode_step_reads_the_device_once(request, engine_fixture):
+    engine = request.getfixturevalue(engine_fixture)
+    reads: list[list[str]] = []
+    decode = engine._decode
+
+    def counted(seqs):
+        with HostReads() as mode:
+            decode(seqs)
+        reads.append(mode.reads)
+
+    engine._decode = counted
+    try:
+        req = GenerationRequest("t", ((1, 2, 3), (4, 5)), 2, Sampling(temperature=1.0, top_p=0.9, max_new_tokens=8,
+                                                                       seed=1, ignore_eos=True))
+        assert all(len(r.token_ids) == 8 for r in engine.submit(req))
+    finally:
+        del engine._decode  # the method again
+    assert len(reads) >= 7 and all(r == ["tolist"] for r in reads), reads
+
+
+# ------------------------------------------------------------------ outputs unchanged
+def _run(engine, prompts, n=1, **sampling):
+    req = GenerationRequest("t", tuple(tuple(p) for p in prompts), n, Sampling(**sampling))
+    return sorted(engine.submit(req), key=lambda r: (r.prompt_index, r.sample_index))
+
+
+@pytest.mark.system
+def test_compiled_engine_outputs_equal_eager_and_a_fresh_forward(tiny_model, eager_engine, compiled_engine):
+    engines = {"off": eager_engine, "on": compiled_engine}
+    assert engines["on"].decode_step.compiled_batch == 4 and engines["off"].decode_step.compiled_batch == 0
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 7, 5, 9, 4, 12)]
+    for sampling in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 5}, {"temperature": 0.7, "top_p": 0.9, "seed": 6}):
+        out = {mode: _run(e, prompts, n=2, max_new_tokens=16, **sampling) for mode, e in engines.items()}
+        assert [r.token_ids for r in out["on"]] == [r.token_ids for r in out["off"]], sampling
+        for p, res in zip([p for p in prompts for _ in range(2)], out["on"]):
+            full = torch.tensor([p + res.token_ids])
+            with torch.no_grad():
+                logits = tiny_model(full).logits[0, len(p) - 1: -1].float()  # (T, V)
+            t = sampling["temperature"] or 1.0
+            ref = torch.log_softmax(logits / t, -1).gather(-1, torch.tensor(res.token_ids)[:, None])[:, 0]
+            assert (ref - torch.tensor(res.logprobs)).abs().max() <= 1e-4
+    greedy = _run(engines["on"], prompts[:1], max_new_tokens=16, temperature=0.0)[0]
+    hf = tiny_model.generate(torch.tensor(prompts[:1]), max_new_tokens=16, do_sample=False, eos_token_id=0,
+                             pad_token_id=0)
+    assert greedy.token_ids == hf[0, len(prompts[0]):].tolist()[: len(greedy.token_ids)]
+
+
+def test_to_host_is_one_list_per_tensor():
+    assert to_host(torch.tensor([3, 4]), torch.tensor([-0.5, -1.25])) == [[3.0, 4.0], [-0.5, -1.25]]
