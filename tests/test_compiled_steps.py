@@ -197,3 +197,20 @@ def test_compiled_engine_outputs_equal_eager_and_a_fresh_forward(tiny_model, eag
 
 def test_to_host_is_one_list_per_tensor():
     assert to_host(torch.tensor([3, 4]), torch.tensor([-0.5, -1.25])) == [[3.0, 4.0], [-0.5, -1.25]]
+
+
+@pytest.mark.system
+def test_a_compiled_profile_times_every_count_on_one_graph(tiny_model):
+    from torch._dynamo.utils import counters
+
+    from fastgrpo.rollout.speculative.calibration import Calibration, profile
+
+    runner = ModelRunner(tiny_model, headroom=64)
+    before = counters["stats"]["unique_graphs"]
+    points = profile(runner, [2, 3, 4, 6, 8, 11, 16, 23, 32], context=20, repeats=2, compiled=True)
+    assert [t for t, _ in points] == [2, 3, 4, 6, 8, 11, 16, 23, 32] and all(s > 0 for _, s in points)
+    # the token count is a symbolic size: one graph up to GEMV_ROWS tokens (multiply-reduce
+    # projections, on the CPU) and one past it, whatever the counts
+    assert counters["stats"]["unique_graphs"] == before + 2
+    cal = Calibration(8.0, "m", "cpu", "float32", points, compiled=True)
+    assert cal.key() == "m|cpu|float32|compiled" != Calibration(8.0, "m", "cpu", "float32").key()

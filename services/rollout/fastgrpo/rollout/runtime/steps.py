@@ -54,6 +54,12 @@ def compiled_batch(mode: str, device: torch.device, max_batch: int) -> int:
     return max_batch if device.type == "cuda" else min(bucket(max_batch), CPU_COMPILED_BATCH)
 
 
+def profile_compiled(mode: str, device: torch.device) -> bool:
+    """Whether C_peak is profiled on compiled forwards: where --compile compiles every batch (CUDA);
+    on the CPU the steps that verify trees run eagerly, and so are profiled."""
+    return compiled_batch(mode, device, 1) > 0 and device.type == "cuda"
+
+
 def compile_step(fn, device: torch.device):
     """torch.compile of a step function: the whole step one graph (fullgraph), on CUDA replayed as
     CUDA graphs (reduce-overhead). The caller marks which sizes are symbolic (DecodeStep: the
@@ -67,10 +73,28 @@ def compile_step(fn, device: torch.device):
     return torch.compile(fn, fullgraph=True, dynamic=None, mode=mode)
 
 
+def compiled_forward(runner: ModelRunner):
+    """runner.forward_no_sync compiled as a step is (compile_step), the new tokens per sequence a
+    symbolic size: what a compiled profile times. Batches must carry key_blocks."""
+    fn = compile_step(runner.forward_no_sync, runner.device)
+
+    def forward(batch: ForwardBatch):
+        torch._dynamo.mark_dynamic(batch.tokens, 1)
+        torch._dynamo.mark_dynamic(batch.positions, 1)
+        return fn(batch)
+
+    return forward
+
+
 def to_host(*tensors: torch.Tensor) -> list[list[float]]:
     """The step's one device-to-host transfer: 1-D tensors of equal length, as lists of floats
     (float64 holds every token id and float32 logprob exactly)."""
     return torch.stack([t.double() for t in tensors]).tolist()
+
+
+def to_host_rows(*columns: torch.Tensor) -> list[list[float]]:
+    """Per-row results in one transfer: columns (B,) or (B, n) side by side -> B lists of floats."""
+    return torch.cat([c.double().reshape(c.shape[0], -1) for c in columns], dim=1).tolist()
 
 
 @dataclass(frozen=True)

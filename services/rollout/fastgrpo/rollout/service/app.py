@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from fastgrpo.common.http import HttpSide, Startup
 from fastgrpo.rollout.draft_learning.online import OnlineDraftLearner
 from fastgrpo.rollout.runtime.model_runner import ModelRunner, resolve_placement
-from fastgrpo.rollout.runtime.steps import compiled_batch
+from fastgrpo.rollout.runtime.steps import compiled_batch, profile_compiled
 from fastgrpo.rollout.scheduler.engine import Engine
 from fastgrpo.rollout.service.config import ServeConfig
 from fastgrpo.rollout.service.interceptors import BearerAuth, MalformedRequests, auth_token
@@ -60,15 +60,18 @@ class RolloutApp:
 
 def calibrated_c_peak(cfg: ServeConfig, runner: ModelRunner, device: str, dtype: torch.dtype) -> tuple[float, str]:
     """C_peak from the calibration file's entry for this model, device and dtype; when the entry is
-    missing, a profile bounded by --profile-budget-s is run now and saved; without a file, --c-peak."""
+    missing, a profile bounded by --profile-budget-s is run now and saved; without a file, --c-peak.
+    With --compile, the profile and the entry are of compiled forwards (profile_compiled)."""
     if not cfg.calibration:
         return cfg.controller.c_peak, "configured"
     key = (str(cfg.model), str(torch.device(device)), dtype_name(dtype))
-    cal = Calibration.load(cfg.calibration, *key)
+    compiled = profile_compiled(cfg.engine.compile, runner.device)
+    cal = Calibration.load(cfg.calibration, *key, compiled)
     if cal is None:
-        log.info("no calibration for %s in %s: profiling (at most %.0fs)", key, cfg.calibration, cfg.profile_budget_s)
-        points = profile(runner, DEFAULT_SWEEP, budget_s=cfg.profile_budget_s)
-        cal = Calibration(knee(points), *key, points)
+        log.info("no calibration for %s in %s: profiling%s (at most %.0fs)", key, cfg.calibration,
+                 " compiled forwards" if compiled else "", cfg.profile_budget_s)
+        points = profile(runner, DEFAULT_SWEEP, budget_s=cfg.profile_budget_s, compiled=compiled)
+        cal = Calibration(knee(points), *key, points, compiled=compiled)
         cal.save(cfg.calibration)
         if knee_past_sweep(points, cal.c_peak):
             log.warning("latency never bent within %d tokens: C_peak %.0f is a lower bound (the online refinement "

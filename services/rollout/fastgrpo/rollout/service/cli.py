@@ -57,6 +57,7 @@ def run_profile(args) -> int:
     import torch
 
     from fastgrpo.rollout.runtime.model_runner import ModelRunner, resolve_placement
+    from fastgrpo.rollout.runtime.steps import profile_compiled
     from fastgrpo.rollout.speculative.calibration import DEFAULT_SWEEP, Calibration, profile
     from fastgrpo.rollout.speculative.knee import knee, knee_past_sweep
     from fastgrpo.wire.dtypes import dtype_name
@@ -64,8 +65,10 @@ def run_profile(args) -> int:
     device, dtype = resolve_placement(args.device, args.dtype)
     sweep = [t for t in DEFAULT_SWEEP if t <= args.max_tokens]
     runner = ModelRunner.load(args.model, dtype, device, headroom=max(sweep))
-    points = profile(runner, sweep, budget_s=args.budget_s)
-    cal = Calibration(knee(points), str(args.model), str(torch.device(device)), dtype_name(dtype), points)
+    compiled = profile_compiled(args.compile, runner.device)
+    points = profile(runner, sweep, budget_s=args.budget_s, compiled=compiled)
+    cal = Calibration(knee(points), str(args.model), str(torch.device(device)), dtype_name(dtype), points,
+                      compiled=compiled)
     cal.save(args.out)
     for t, sec in points:
         print(f"{t:5d} tokens  {sec * 1e3:9.2f} ms")
@@ -92,11 +95,14 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--log-level", default="INFO", help="logging level")
     prof = sub.add_parser("profile", help="measure C_peak: target forward latency against tokens per forward")
     prof.add_argument("--model", required=True, help="HF model directory of the target")
-    prof.add_argument("--out", required=True, help="calibration JSON file (entries keyed by model, device, dtype)")
+    prof.add_argument("--out", required=True, help="calibration JSON file (entries keyed by model, device, dtype, compiled)")
     prof.add_argument("--device", default="auto", help="torch device (default: auto)")
     prof.add_argument("--dtype", default="auto", help="weights dtype (default: auto)")
     prof.add_argument("--max-tokens", type=int, default=512, help="largest tokens per forward swept (default: 512)")
     prof.add_argument("--budget-s", type=float, default=120.0, help="stop the sweep after this many seconds (default: 120)")
+    prof.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                      help="profile compiled forwards, as `serve --compile` runs them on CUDA (auto: on CUDA); the "
+                           "calibration entry is keyed by it too (default: auto)")
     prof.add_argument("--log-level", default="INFO", help="logging level")
     return top
 

@@ -21,6 +21,7 @@ import torch
 from fastgrpo.rollout.runtime.batch import ForwardBatch
 from fastgrpo.rollout.runtime.blocks import blocks_for
 from fastgrpo.rollout.runtime.model_runner import ModelRunner
+from fastgrpo.rollout.runtime.steps import compiled_forward
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,10 @@ class Calibration:
     dtype: str
     points: list[tuple[int, float]] = field(default_factory=list)  # (tokens per forward, seconds)
     source: str = "profile"
+    compiled: bool = False  # timed compiled forwards (--compile): their knee is the compute knee
 
     def key(self) -> str:
-        return calibration_key(self.model, self.device, self.dtype)
+        return calibration_key(self.model, self.device, self.dtype, self.compiled)
 
     def save(self, path: str | Path) -> None:
         """Writes this calibration into a JSON file of calibrations keyed by model, device and dtype."""
@@ -43,39 +45,45 @@ class Calibration:
         path.write_text(json.dumps(table, indent=1))
 
     @staticmethod
-    def load(path: str | Path, model: str, device: str, dtype: str) -> "Calibration | None":
+    def load(path: str | Path, model: str, device: str, dtype: str, compiled: bool = False) -> "Calibration | None":
         path = Path(path)
         if not path.exists():
             return None
-        entry = json.loads(path.read_text()).get(calibration_key(model, device, dtype))
+        entry = json.loads(path.read_text()).get(calibration_key(model, device, dtype, compiled))
         if entry is None:
             return None
         entry["points"] = [tuple(p) for p in entry["points"]]
         return Calibration(**entry)
 
 
-def calibration_key(model: str, device: str, dtype: str) -> str:
-    return f"{model}|{device}|{dtype}"
+def calibration_key(model: str, device: str, dtype: str, compiled: bool = False) -> str:
+    return f"{model}|{device}|{dtype}" + ("|compiled" if compiled else "")
 
 
-def one_sequence_batch(runner: ModelRunner, tokens: int, context: int) -> ForwardBatch:
+def one_sequence_batch(runner: ModelRunner, tokens: int, context: int, blocks: int | None = None) -> ForwardBatch:
     """One sequence verifying `tokens` random tokens after `context` cached ones, in blocks 1, 2, ...
-    of the runner's cache (allocated here when it has too few: a profile runs before serving)."""
+    of the runner's cache (allocated here when it has too few: a profile runs before serving).
+    blocks: the table's width, given as the batch's key_blocks (the same for every count of a
+    compiled profile); None: what the tokens need, found by the forward."""
     dev = runner.device
     bs = runner.cache.block_size if runner.cache is not None else PROFILE_BLOCK_SIZE
-    n = blocks_for(context + tokens, bs)
+    n = blocks or blocks_for(context + tokens, bs)
     if runner.cache is None or runner.cache.num_blocks < n + 1:
         runner.allocate_cache(n + 1, bs)
     start = torch.tensor([context], device=dev)
     ids = torch.randint(0, runner.vocab_size, (1, tokens), device=dev)  # (1, T)
     positions = (context + torch.arange(tokens, device=dev))[None]  # (1, T)
-    return ForwardBatch(ids, positions, torch.arange(1, n + 1, device=dev)[None], start)
+    return ForwardBatch(ids, positions, torch.arange(1, n + 1, device=dev)[None], start, key_blocks=blocks)
 
 
 @torch.inference_mode()
 def profile(runner: ModelRunner, token_counts: list[int], context: int = 128, repeats: int = 7,
-            budget_s: float = 60.0) -> list[tuple[int, float]]:
+            budget_s: float = 60.0, compiled: bool = False) -> list[tuple[int, float]]:
     """Median latency of one target forward over T new tokens after `context` cached tokens.
+
+    compiled: time the forward as a compiled step runs it (runtime.steps.compiled_forward: one
+    graph, T a symbolic size; on CUDA a CUDA graph per T), so that the knee is where compute starts
+    to dominate, not where it overtakes Python and kernel launches; round 0 compiles.
 
     Repeats go round the whole sweep (T = 2, 3, 4, ..., then again) rather than timing each count
     `repeats` times in a row, so a slow spell of the machine lands on every count alike instead of
@@ -85,16 +93,20 @@ def profile(runner: ModelRunner, token_counts: list[int], context: int = 128, re
     dev = runner.device
     deadline = time.perf_counter() + budget_s
     counts = [T for T in sorted(token_counts) if context + T <= runner.max_positions]
+    blocks = None
     if counts:  # the largest first: one cache for every count
         one_sequence_batch(runner, max(counts), context)
-    batches = {T: one_sequence_batch(runner, T, context) for T in counts}
+        if compiled:
+            blocks = blocks_for(context + max(counts), runner.cache.block_size)
+    batches = {T: one_sequence_batch(runner, T, context, blocks) for T in counts}
+    forward = compiled_forward(runner) if compiled else runner.forward
     times: dict[int, list[float]] = {}
     for r in range(repeats + 1):  # round 0 warms every shape up
         for T in counts:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            runner.forward(batches[T])
+            forward(batches[T])
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             if r:

@@ -20,6 +20,7 @@ from fastgrpo.rollout.runtime import sampler
 from fastgrpo.rollout.runtime.batch import ForwardBatch
 from fastgrpo.rollout.runtime.kv_cache import token_slots
 from fastgrpo.rollout.runtime.model_runner import ModelRunner
+from fastgrpo.rollout.runtime.steps import to_host_rows
 from fastgrpo.rollout.speculative.draft_runner import ChildDraw, Drafter, GrownTree
 from fastgrpo.rollout.speculative.pairs import FeatureSequence
 from fastgrpo.rollout.speculative.tree import TreeShape
@@ -140,13 +141,15 @@ class SpecDecoder:
                                             params.temperature.repeat_interleave(D1)).view(B, D1, V)
         emitted_logp = path_logp.gather(2, result.tokens[:, :, None])[:, :, 0]  # (B, D+1)
         path_feat = out.hidden.gather(1, result.path[:, :, None].expand(B, D1, out.hidden.shape[-1]))  # (B, D+1, H)
-        n_acc = result.accepted.tolist()
-        toks, lps = result.tokens.tolist(), emitted_logp.tolist()
-        depths = tree.depths.amax(dim=1).tolist()  # (B,) a tree keeps its best N_verify nodes, not always L deep
+        # one transfer for everything the host decides on: (B, 2 + 2 (D+1)) float64, exact for ids,
+        # counts and float32 logprobs; a tree keeps its best N_verify nodes, not always L deep
+        host = to_host_rows(result.accepted, tree.depths.amax(dim=1), result.tokens, emitted_logp)
         steps = []
         for b, st in enumerate(states):
-            n = n_acc[b] + 1
-            st.pending_tokens = toks[b][:n]
+            n = int(host[b][0]) + 1
+            toks = [int(t) for t in host[b][2: 2 + D1]]
+            lps = host[b][2 + D1:]
+            st.pending_tokens = toks[:n]
             st.pending_chunks = [path_feat[b, :n]]
             st.drafted += N - 1
             st.accepted += n - 1
@@ -155,7 +158,7 @@ class SpecDecoder:
                 st.accepted_per_depth += [0] * (shape.depth - len(st.accepted_per_depth))
             for d in range(n - 1):
                 st.accepted_per_depth[d] += 1
-            steps.append(StepTokens(toks[b][:n], lps[b][:n], n - 1, depths[b]))
+            steps.append(StepTokens(toks[:n], lps[:n], n - 1, int(host[b][1])))
         return steps
 
     def _catch_up(self, table: torch.Tensor, settled: torch.Tensor, states: list[SpecState]) -> torch.Tensor:
