@@ -27,7 +27,7 @@ from conftest import REPO
 from debian_tools import require_commands
 from fastgrpo.client import RolloutClient, Sampling
 from fastgrpo.client.local import ServiceProcess
-from fastgrpo.common.http import HttpSide
+from fastgrpo.common.http import HttpSide, Startup
 from fastgrpo.learner.config import LearnerConfig
 from fastgrpo.learner.metrics import exported
 from fastgrpo.learner.run import run_training
@@ -76,6 +76,28 @@ def test_http_side_probes_and_port_release():
         assert status == 200 and ctype.startswith("text/plain")
         assert samples(text)[("fastgrpo_test_events_total", ())] == 3
         assert http_get(base + "/nope")[0] == 404
+    finally:
+        side.stop()
+
+
+@pytest.mark.service
+def test_readyz_says_what_a_starting_service_is_doing():
+    startup = Startup()
+    side = HttpSide(CollectorRegistry(), startup.is_ready, "127.0.0.1", 0, status=startup.body)
+    base = f"http://127.0.0.1:{side.port}"
+    try:
+        startup.begin("loading the model")
+        startup.begin("allocating the KV cache and compiling the decode step")
+        status, _, body = http_get(base + "/readyz")
+        doc = json.loads(body)
+        assert status == 503 and doc["ready"] is False
+        assert doc["stage"] == "allocating the KV cache and compiling the decode step" and doc["stage_seconds"] >= 0
+        assert set(doc["stages_done"]) == {"starting", "loading the model"}
+        startup.ready()
+        status, _, body = http_get(base + "/readyz")
+        doc = json.loads(body)
+        assert status == 200 and doc["ready"] is True and doc["stage"] == "serving" and "stage_seconds" not in doc
+        assert "allocating the KV cache and compiling the decode step" in doc["stages_done"]
     finally:
         side.stop()
     with pytest.raises(OSError):

@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastgrpo.bench.concurrency import ConcurrencyBenchConfig, run as run_concurrency
     from fastgrpo.bench.drift import DriftBenchConfig, run as run_drift
     from fastgrpo.bench.kv import KVBenchConfig, run as run_kv
+    from fastgrpo.bench.peers import PeersBenchConfig, run as run_peers
     from fastgrpo.bench.spec import SpecBenchConfig, run as run_spec
 
     parser = argparse.ArgumentParser(prog="fastgrpo-bench", description="fastgrpo benchmarks")
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_args(drift, DriftBenchConfig)
     kv = sub.add_parser("kv", help="paged KV cache: prefill and KV bytes with shared prompts vs not; decode vs the dense cache")
     add_dataclass_args(kv, KVBenchConfig)
+    peers = sub.add_parser("peers", help="the rollout service (through gRPC) vs HF transformers generate / assisted generation, and the bandwidth floor")
+    add_dataclass_args(peers, PeersBenchConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.suite == "spec":
@@ -39,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         run_drift(from_args(DriftBenchConfig, args))
     elif args.suite == "kv":
         run_kv(from_args(KVBenchConfig, args))
+    elif args.suite == "peers":
+        run_peers(from_args(PeersBenchConfig, args))
     return 0
 
 

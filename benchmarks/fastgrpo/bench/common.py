@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -47,6 +48,25 @@ def placement(model: torch.nn.Module) -> dict:
     """Where a loaded model runs, as a results file records it: {"device": "cuda", "dtype": "bfloat16"}."""
     param = next(model.parameters())
     return {"device": param.device.type, "dtype": str(param.dtype).removeprefix("torch.")}
+
+
+def copy_bandwidth(nbytes: int, repeats: int, device: torch.device) -> dict:
+    """Bytes copied per second by `dst.copy_(src)` over a buffer of nbytes (each byte read once and
+    written once); the fastest of `repeats` copies counts, as for any ceiling (noise only slows)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)  # (N,)
+    dst = torch.empty_like(src)  # (N,)
+    dst.copy_(src)  # first touch of dst's pages
+    seconds = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - t0)
+    return {"bytes": nbytes, "seconds_runs": seconds, "bytes_per_s": nbytes / min(seconds),
+            "bytes_per_s_median": nbytes / statistics.median(seconds)}
 
 
 def commit() -> str:
