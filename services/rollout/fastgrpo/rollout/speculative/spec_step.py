@@ -120,7 +120,7 @@ class SpecDecoder:
         B = table.shape[0]
         dev = table.device
         root_feature = self._catch_up(table, settled, states)  # (B, H)
-        greedy = bool(params.greedy.all())
+        greedy = all(g is None for g in generators)  # (greedy rows have no generator: no device read)
         draw = None if greedy or self.rule != "rrs" else self._child_draw(shape, params, generators)
         grown = self.drafter.grow(table, settled, roots, root_feature, shape, draw)
         tree = grown.tree
@@ -163,8 +163,9 @@ class SpecDecoder:
 
     def _catch_up(self, table: torch.Tensor, settled: torch.Tensor, states: list[SpecState]) -> torch.Tensor:
         dev = table.device
-        counts = torch.tensor([len(s.pending_tokens) for s in states], device=dev)  # (B,)
-        P = int(counts.max())
+        lengths = [len(s.pending_tokens) for s in states]
+        counts = torch.tensor(lengths, device=dev)  # (B,)
+        P = max(lengths)  # (from the host's lists: no wait for the device)
         H = states[0].pending_features.shape[-1]
         tokens = torch.zeros(len(states), P, dtype=torch.long, device=dev)  # (B, P)
         feats = torch.zeros(len(states), P, H, dtype=states[0].pending_features.dtype, device=dev)  # (B, P, H)
