@@ -116,6 +116,17 @@ def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor, n: int) -> tor
     return (bits.double() + 0.5) * 2.0**-53  # (B, n), never 0 or 1
 
 
+# A sequence's draws are numbered: counter = stream * 2**28 + tokens drawn before them (at most
+# 2**28 tokens a sequence). The plain step's token draw, a speculative step's child draws and its
+# verification uniforms are three streams, so no two uses of one step share their numbers.
+STREAM_TOKEN, STREAM_CHILDREN, STREAM_VERIFY = 0, 1, 2
+
+
+def draw_counters(drawn: torch.Tensor, stream: int) -> torch.Tensor:
+    """(B,) tokens each sequence has drawn -> the counters of `stream` (counter_uniforms)."""
+    return drawn + stream * 2**28
+
+
 def sample_no_sync(logits: torch.Tensor, params: SamplingBatch, seeds: torch.Tensor, counters: torch.Tensor,
                    truncate: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row and its policy logprob, without reading a value on the host.
@@ -129,14 +140,6 @@ def sample_no_sync(logits: torch.Tensor, params: SamplingBatch, seeds: torch.Ten
     sampled = sample_from_logprobs(logp_sample, noise)  # (B,)
     tokens = torch.where(params.greedy, logits.argmax(dim=-1), sampled)  # (B,)
     return tokens, gather_rows(logp, tokens)  # (B,), (B,)
-
-
-def exponential_noise(generators: list[torch.Generator], n: int, device: torch.device) -> torch.Tensor:
-    """(B, n) i.i.d. Exp(1) noise, row b drawn from generators[b] so each sequence's draws depend only
-    on its own seed, never on which other sequences share the batch."""
-    rows = [torch.rand(n, generator=g, dtype=torch.float64) for g in generators]  # B x (n,)
-    u = torch.stack(rows).clamp_(min=1e-300).to(device)  # (B, n)
-    return -torch.log(u)  # (B, n)
 
 
 def sample_from_logprobs(logp: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -171,11 +171,8 @@ class Engine:
                                     f"limit {self.config.max_queued} (--max-queued); retry later")
             for i, prompt in enumerate(request.prompts):
                 for j in range(request.num_samples):
-                    gen, seed = None, 0
-                    if s.temperature > 0:
-                        seed = sequence_seed(base_seed, i, j)
-                        gen = torch.Generator().manual_seed(seed)
-                    self._queue.append(SequenceState(handle, i, j, tuple(prompt), gen, seed, stop, self.policy_version))
+                    seed = sequence_seed(base_seed, i, j) if s.temperature > 0 else 0
+                    self._queue.append(SequenceState(handle, i, j, tuple(prompt), seed, stop, self.policy_version))
             self._cv.notify()
         return handle
 
@@ -466,6 +463,7 @@ class Engine:
 
     def _decode(self, seqs: list[SequenceState]) -> None:
         t0 = time.perf_counter()
+        # (the token stream's counter is the tokens drawn: sampler.draw_counters with STREAM_TOKEN = 0)
         out = self.decode_step([s.generated[-1] for s in seqs], [s.cached for s in seqs], [s.blocks for s in seqs],
                                [self._params(s) for s in seqs], [s.seed for s in seqs],
                                [len(s.generated) for s in seqs])
@@ -511,7 +509,9 @@ class Engine:
             roots=torch.tensor([s.generated[-1] for s in seqs], device=dev),
             states=[s.spec for s in seqs],
             params=self._sampling_batch(seqs),
-            generators=[s.generator for s in seqs],
+            seeds=torch.tensor([s.seed for s in seqs], device=dev),
+            drawn=torch.tensor([len(s.generated) for s in seqs], device=dev),
+            greedy=all(s.sampling.temperature == 0 for s in seqs),
             shape=tree,
         )
         for s, st in zip(seqs, steps):
@@ -536,8 +536,9 @@ class Engine:
         dev = self.runner.device
         params = self._sampling_batch(seqs)
         truncate = any(s.sampling.top_k > 0 or s.sampling.top_p < 1 for s in seqs)
+        drawn = torch.tensor([len(s.generated) for s in seqs], device=dev)
         tokens, logp = sampler.sample_no_sync(logits, params, torch.tensor([s.seed for s in seqs], device=dev),
-                                              torch.tensor([len(s.generated) for s in seqs], device=dev), truncate)
+                                              sampler.draw_counters(drawn, sampler.STREAM_TOKEN), truncate)
         tokens, logp = to_host(tokens, logp)
         for s, t, lp in zip(seqs, tokens, logp):
             s.generated.append(int(t))

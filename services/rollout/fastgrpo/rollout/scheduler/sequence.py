@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import torch
 
 from fastgrpo.rollout.scheduler.requests import GenerationRequest
 from fastgrpo.rollout.speculative.spec_step import SpecState
@@ -78,8 +77,7 @@ class SequenceState:
     prompt_index: int
     sample_index: int
     prompt: tuple[int, ...]
-    generator: torch.Generator | None  # None for greedy (the speculative step's draws)
-    seed: int  # of the sampling noise of its plain steps (sampler.counter_uniforms); 0 for greedy
+    seed: int  # of its sampling noise (sampler.counter_uniforms); 0 for greedy
     stop_ids: frozenset[int]
     min_version: int
     blocks: list[int] = field(default_factory=list)  # KV-cache block table (runtime.blocks)

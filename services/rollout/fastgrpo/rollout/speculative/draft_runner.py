@@ -29,7 +29,7 @@ class ChildDraw:
     Greedy rows take the draft's top-k instead."""
 
     params: sampler.SamplingBatch  # (B,) rows
-    uniforms: torch.Tensor  # (B, L', E, k) float64 U[0, 1) from each sequence's generator
+    uniforms: torch.Tensor  # (B, L', E, k) float64 U(0, 1), each sequence's own noise
 
 
 @dataclass(frozen=True)

@@ -108,11 +108,14 @@ class SpecDecoder:
         roots: torch.Tensor,
         states: list[SpecState],
         params: sampler.SamplingBatch,
-        generators: list[torch.Generator | None],
+        seeds: torch.Tensor,
+        drawn: torch.Tensor,
+        greedy: bool,
         shape: TreeShape,
     ) -> list[StepTokens]:
         """table (B, nb) block tables (covering every tree position), settled (tokens in the cache),
-        roots (last emitted token) (B,) -> tokens per sequence.
+        roots (last emitted token) (B,) -> tokens per sequence. seeds, drawn (B,): each sequence's
+        noise seed and tokens drawn so far (sampler.counter_uniforms); greedy: every row is.
 
         Leaves each state's pending pairs set to the accepted path, and its counters advanced; the
         caller appends the tokens and advances its settled count by len(tokens).
@@ -120,15 +123,14 @@ class SpecDecoder:
         B = table.shape[0]
         dev = table.device
         root_feature = self._catch_up(table, settled, states)  # (B, H)
-        greedy = all(g is None for g in generators)  # (greedy rows have no generator: no device read)
-        draw = None if greedy or self.rule != "rrs" else self._child_draw(shape, params, generators)
+        draw = None if greedy or self.rule != "rrs" else self._child_draw(shape, params, seeds, drawn)
         grown = self.drafter.grow(table, settled, roots, root_feature, shape, draw)
         tree = grown.tree
         N = tree.size
         out = self.runner.forward(ForwardBatch(tree.tokens, settled[:, None] + tree.depths, table, settled, tree.ancestors))
         logits = out.logits  # (B, N, V)
         V = logits.shape[-1]
-        result = verify_greedy(tree, logits) if greedy else self._verify(grown, logits, params, generators, shape)
+        result = verify_greedy(tree, logits) if greedy else self._verify(grown, logits, params, seeds, drawn, shape)
         D1 = result.path.shape[1]
         # settle the accepted path onto consecutive cache positions settled + k
         k = torch.arange(D1, device=dev)[None, :]
@@ -179,27 +181,25 @@ class SpecDecoder:
         return self.drafter.catch_up(table, settled - counts, tokens, feats, counts)
 
     @staticmethod
-    def _uniforms(generators: list[torch.Generator | None], shape: tuple[int, ...], device) -> torch.Tensor:
-        """(B, *shape) float64 U[0, 1), row b from generators[b] (0.5 for greedy rows, whose
-        outcome no uniform changes)."""
-        n = math.prod(shape)
-        return torch.stack([torch.rand(n, generator=g, dtype=torch.float64) if g is not None
-                            else torch.full((n,), 0.5, dtype=torch.float64) for g in generators]
-                           ).view(len(generators), *shape).to(device)
+    def _uniforms(seeds: torch.Tensor, drawn: torch.Tensor, stream: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """(B, *shape) float64 U(0, 1), row b a function of (seeds[b], drawn[b], stream) only
+        (greedy rows get some too: no uniform changes their outcome)."""
+        u = sampler.counter_uniforms(seeds, sampler.draw_counters(drawn, stream), math.prod(shape))  # (B, n)
+        return u.view(len(seeds), *shape)
 
-    def _child_draw(self, shape: TreeShape, params: sampler.SamplingBatch,
-                    generators: list[torch.Generator | None]) -> ChildDraw:
+    def _child_draw(self, shape: TreeShape, params: sampler.SamplingBatch, seeds: torch.Tensor,
+                    drawn: torch.Tensor) -> ChildDraw:
         k, e, levels = shape.sampled_layout()
-        return ChildDraw(params, self._uniforms(generators, (levels, e, k), params.temperature.device))
+        return ChildDraw(params, self._uniforms(seeds, drawn, sampler.STREAM_CHILDREN, (levels, e, k)))
 
     def _verify(self, grown: GrownTree, logits: torch.Tensor, params: sampler.SamplingBatch,
-                generators: list[torch.Generator | None], shape: TreeShape) -> VerifyResult:
+                seeds: torch.Tensor, drawn: torch.Tensor, shape: TreeShape) -> VerifyResult:
         tree = grown.tree
         B, N, V = logits.shape
         logp = sampler.sampling_logprobs(logits.reshape(B * N, V), params.repeat_rows(N)).view(B, N, V)
         # greedy rows have a one-hot distribution: any uniform picks the argmax
         if grown.draft_logq is None:
-            return verify_sampled(tree, logp, self._uniforms(generators, (N,), logits.device))
+            return verify_sampled(tree, logp, self._uniforms(seeds, drawn, sampler.STREAM_VERIFY, (N,)))
         k, _, levels = shape.sampled_layout()  # at most k children per node, `levels` deep
         return verify_rrs(tree, logp, grown.draft_logq, grown.candidate,
-                          self._uniforms(generators, (levels + 1, k + 1), logits.device))
+                          self._uniforms(seeds, drawn, sampler.STREAM_VERIFY, (levels + 1, k + 1)))

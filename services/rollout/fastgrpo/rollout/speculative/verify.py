@@ -23,7 +23,7 @@ replacement, in order c_1, c_2, ...):
     deterministic child accepts only its p. Applied to top-K children this test is biased; greedy
     rows (p one-hot) reduce it to exact matching whatever q is.
 
-Drawing t at every node up front (one uniform per node, from the sequence's own generator) is
+Drawing t at every node up front (one uniform per node, from the sequence's own noise: sampler.counter_uniforms) is
 equivalent to drawing it lazily along the walk: nodes off the walk never influence the output.
 """
 from __future__ import annotations
@@ -85,7 +85,7 @@ def verify_greedy(tree: DraftTree, target_logits: torch.Tensor) -> VerifyResult:
 
 def verify_sampled(tree: DraftTree, sampling_logp: torch.Tensor, uniforms: torch.Tensor) -> VerifyResult:
     """Sample-matching. sampling_logp (B, N, V): the target's sampling distribution at each node
-    (sampler.sampling_logprobs); uniforms (B, N) i.i.d. U[0, 1) from each sequence's generator."""
+    (sampler.sampling_logprobs); uniforms (B, N) i.i.d. U(0, 1), each sequence's own."""
     return accept_path(tree, sample_inverse_cdf(sampling_logp.double().exp(), uniforms))
 
 
