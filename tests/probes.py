@@ -84,14 +84,6 @@ def new_state(model_dir: Path, seed: int) -> dict[str, torch.Tensor]:
             for name, t in load_file(str(model_dir / "model.safetensors")).items()}
 
 
-def vm_bytes(pid: int, field: str) -> int:
-    """A /proc/<pid>/status field in bytes (VmHWM: peak resident set, VmRSS: resident set now)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def refused_calls(http_address: str, code: str = "RESOURCE_EXHAUSTED") -> float | None:
     """fastgrpo_rollout_refused_calls_total with this code, summed over methods, from /metrics (None:
     the service exports no such counter)."""

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from conftest import tiny_config
 from fastgrpo.rollout.runtime import sampler
 from fastgrpo.rollout.runtime.model_runner import ModelRunner
-from fastgrpo.rollout.runtime.steps import CPU_COMPILED_BATCH, DecodeStep, bucket, compiled_batch, to_host
+from fastgrpo.rollout.runtime.steps import CPU_COMPILED_BATCH, DecodeStep, bucket, compiled_batch, to_host_rows
 from fastgrpo.rollout.scheduler.engine import Engine, EngineConfig
 from fastgrpo.rollout.scheduler.requests import GenerationRequest
 from fastgrpo.wire.records import Sampling
@@ -195,8 +195,9 @@ def test_compiled_engine_outputs_equal_eager_and_a_fresh_forward(tiny_model, eag
     assert greedy.token_ids == hf[0, len(prompts[0]):].tolist()[: len(greedy.token_ids)]
 
 
-def test_to_host_is_one_list_per_tensor():
-    assert to_host(torch.tensor([3, 4]), torch.tensor([-0.5, -1.25])) == [[3.0, 4.0], [-0.5, -1.25]]
+def test_to_host_rows_puts_each_rows_columns_side_by_side():
+    assert to_host_rows(torch.tensor([3, 4]), torch.tensor([-0.5, -1.25])) == [[3.0, -0.5], [4.0, -1.25]]
+    assert to_host_rows(torch.tensor([1, 2]), torch.tensor([[5, 6], [7, 8]])) == [[1.0, 5.0, 6.0], [2.0, 7.0, 8.0]]
 
 
 @pytest.mark.system

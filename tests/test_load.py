@@ -17,10 +17,10 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 import fastgrpo.rollout
-from fastgrpo.bench.common import write_results
+from fastgrpo.bench.common import vm_bytes, write_results
 from fastgrpo.client import NO_RETRY, AsyncRolloutClient, RetryPolicy, RolloutError, Sampling
 from probes import (CALL_TIMEOUT, FAST_S, PROMPT, RESPONSIVE_S, SERVING, ms, percentile, poll, readline,
-                    refused_calls, vm_bytes)
+                    refused_calls)
 
 pytestmark = pytest.mark.system
 

@@ -69,6 +69,15 @@ def copy_bandwidth(nbytes: int, repeats: int, device: torch.device) -> dict:
             "bytes_per_s_median": nbytes / statistics.median(seconds)}
 
 
+def vm_bytes(pid: int | str, field: str) -> int:
+    """A /proc/<pid>/status field in bytes (VmHWM: peak resident set, VmRSS: resident set now);
+    pid "self" for this process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
 def commit() -> str:
     """HEAD (with -dirty for uncommitted changes to tracked files); FASTGRPO_COMMIT where the tree
     came without its .git (a device machine gets a copy of the working tree)."""

@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from fastgrpo.bench.common import copy_bandwidth
+from fastgrpo.bench.common import copy_bandwidth, vm_bytes
 from fastgrpo.common.config import help_field
 
 # Named flag sets of `fastgrpo-rollout serve`: every scenario runs once per variant (one line adds one).
@@ -208,14 +208,6 @@ def plot_ratios(path: Path, records: list[dict], title: str) -> Path:
 
 
 # ---------------------------------------------------------------- measurements
-def vm_hwm(pid: int | str = "self") -> int:
-    """Peak resident set of a process in bytes (VmHWM in /proc/<pid>/status)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise KeyError("VmHWM")
-
-
 def cpu_seconds(pids: list[int]) -> tuple[float, float]:
     """(busy CPU seconds of the whole machine, CPU seconds of the processes `pids`) since boot."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -468,7 +460,7 @@ def run(cfg: PeersBenchConfig) -> dict:
         return o, p
 
     def server_memory(svc, what: str) -> None:
-        records.append({"scenario": "memory", "process": what, "vm_hwm_bytes": vm_hwm(svc.proc.pid)})
+        records.append({"scenario": "memory", "process": what, "vm_hwm_bytes": vm_bytes(svc.proc.pid, "VmHWM")})
         save()
 
     def sampling(temperature: float, r: int, max_new_tokens: int | None = None):
@@ -515,7 +507,7 @@ def run(cfg: PeersBenchConfig) -> dict:
                         "HF assisted")
             server_memory(svc, f"rollout server ({variant}, speculative)")
     # this process before the bandwidth buffers: HF's models, its generations and the client
-    records.append({"scenario": "memory", "process": "bench process (HF transformers + client)", "vm_hwm_bytes": vm_hwm()})
+    records.append({"scenario": "memory", "process": "bench process (HF transformers + client)", "vm_hwm_bytes": vm_bytes("self", "VmHWM")})
     extra["bandwidth"] = copy_bandwidth(max(256, cfg.copy_mib) * 2**20, 10, model.device)
     extra["floor_tokens_per_s"] = floor = floor_tokens_per_s(extra["bandwidth"]["bytes_per_s"], weight_bytes)
     for variant, (o, p) in b1.items():

@@ -25,6 +25,13 @@ ATTENTION_BACKENDS = ("gather", "flex")
 GATHER_BYTES = 16 * 2**20
 
 
+def padded_tables(tables: list[list[int]], width: int, device: torch.device | str) -> torch.Tensor:
+    """Block tables (lists of block ids) as a (B, width) tensor: cut to width, or padded with the
+    scratch block."""
+    return torch.tensor([t[:width] + [SCRATCH_BLOCK] * (width - len(t[:width])) for t in tables], dtype=torch.long,
+                        device=device)
+
+
 def token_slots(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
     """Flat pool index of logical `positions` (B, Q) of the rows of `table` (B, nb): (B, Q) long.
     Positions past a row's table map into the scratch block."""

@@ -127,6 +127,11 @@ def draw_counters(drawn: torch.Tensor, stream: int) -> torch.Tensor:
     return drawn + stream * 2**28
 
 
+def truncates(top_k: int, top_p: float) -> bool:
+    """Whether sampling parameters cut the distribution (top-k or top-p): a host-side fact."""
+    return top_k > 0 or top_p < 1
+
+
 def sample_no_sync(logits: torch.Tensor, params: SamplingBatch, seeds: torch.Tensor, counters: torch.Tensor,
                    truncate: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row and its policy logprob, without reading a value on the host.

@@ -2,7 +2,7 @@
 one device-to-host transfer per step, after it.
 
 A step's inputs cross to the device in one copy per dtype, its outputs come back in one
-(`to_host`), and nothing between reads a value on the host: what to emit and who finished are
+(`to_host_rows`), and nothing between reads a value on the host: what to emit and who finished are
 decided once per step, in Python, on the numbers that came back. A compiled step
 (`torch.compile(fullgraph=True)`, and on CUDA its CUDA graphs) pads the batch to a power of two
 (`bucket`) and is traced once per batch bucket, then replayed while the batch changes inside it;
@@ -20,7 +20,7 @@ import torch
 
 from fastgrpo.rollout.runtime import sampler
 from fastgrpo.rollout.runtime.batch import ForwardBatch
-from fastgrpo.rollout.runtime.kv_cache import SCRATCH_BLOCK
+from fastgrpo.rollout.runtime.kv_cache import SCRATCH_BLOCK, padded_tables
 from fastgrpo.rollout.runtime.layers import GEMV_ROWS
 from fastgrpo.rollout.runtime.model_runner import ModelRunner
 
@@ -86,14 +86,9 @@ def compiled_forward(runner: ModelRunner):
     return forward
 
 
-def to_host(*tensors: torch.Tensor) -> list[list[float]]:
-    """The step's one device-to-host transfer: 1-D tensors of equal length, as lists of floats
-    (float64 holds every token id and float32 logprob exactly)."""
-    return torch.stack([t.double() for t in tensors]).tolist()
-
-
 def to_host_rows(*columns: torch.Tensor) -> list[list[float]]:
-    """Per-row results in one transfer: columns (B,) or (B, n) side by side -> B lists of floats."""
+    """A step's one device-to-host transfer: columns (B,) or (B, n) side by side -> B lists of
+    floats (float64 holds every token id, count and float32 logprob exactly)."""
     return torch.cat([c.double().reshape(c.shape[0], -1) for c in columns], dim=1).tolist()
 
 
@@ -126,10 +121,10 @@ class DecodeStep:
 
     @torch.inference_mode()
     def __call__(self, tokens: list[int], starts: list[int], tables: list[list[int]], params: list[tuple[float, int, float]],
-                 seeds: list[int], counters: list[int]) -> DecodeOutput:
+                 seeds: list[int], drawn: list[int]) -> DecodeOutput:
         """tokens, starts: each sequence's last token and the cache position it goes to; tables its
         blocks (at least those covering starts + 1); params (temperature, top_k, top_p); seeds
-        (sampler.counter_uniforms, 0 for greedy) and counters: the sequence's draw number."""
+        (sampler.counter_uniforms, 0 for greedy) and drawn: the tokens each sequence has drawn."""
         B = len(tokens)
         bs = self.runner.cache.block_size
         compiled = B <= self.compiled_batch
@@ -138,13 +133,12 @@ class DecodeStep:
         # (at least 2: torch.compile specialises a size of 1, which would cost a graph of its own)
         nbp = max(2, bucket(nb, self.max_blocks())) if compiled else nb
         pad = Bp - B
-        rows = [t[:nbp] + [SCRATCH_BLOCK] * (nbp - len(t[:nbp])) for t in tables] + [[SCRATCH_BLOCK] * nbp] * pad
         ints = torch.tensor([tokens + [0] * pad, starts + [0] * pad, [p[1] for p in params] + [0] * pad,
-                             seeds + [0] * pad, counters + [0] * pad], dtype=torch.long).to(self.runner.device)  # (5, Bp)
+                             seeds + [0] * pad, drawn + [0] * pad], dtype=torch.long).to(self.runner.device)  # (5, Bp)
         floats = torch.tensor([[p[0] for p in params] + [0.0] * pad, [p[2] for p in params] + [1.0] * pad],
                               dtype=torch.float32).to(self.runner.device)  # (2, Bp)
-        table = torch.tensor(rows, dtype=torch.long).to(self.runner.device)  # (Bp, nbp)
-        truncate = any(p[1] > 0 or p[2] < 1 for p in params)
+        table = padded_tables(tables + [[]] * pad, nbp, self.runner.device)  # (Bp, nbp)
+        truncate = any(sampler.truncates(top_k, top_p) for _, top_k, top_p in params)
         if compiled:  # a graph per batch bucket, the context's blocks a symbolic size
             torch._dynamo.mark_static(ints, 1)
             torch._dynamo.mark_dynamic(table, 1)
@@ -154,10 +148,11 @@ class DecodeStep:
         return DecodeOutput(next_tokens[:B], logprobs[:B], hidden[:B])
 
     def _step(self, ints: torch.Tensor, floats: torch.Tensor, table: torch.Tensor, truncate: bool):
-        tokens, starts, top_k, seeds, counters = ints  # (Bp,) each
+        tokens, starts, top_k, seeds, drawn = ints  # (Bp,) each
         batch = ForwardBatch(tokens[:, None], starts[:, None], table, starts, key_blocks=table.shape[1])
         out = self.runner.forward_no_sync(batch)  # logits (Bp, 1, V), hidden (Bp, 1, H)
         params = sampler.SamplingBatch(floats[0], top_k, floats[1])
+        counters = sampler.draw_counters(drawn, sampler.STREAM_TOKEN)  # (Bp,)
         next_tokens, logprobs = sampler.sample_no_sync(out.logits[:, 0], params, seeds, counters, truncate)
         return next_tokens, logprobs, out.hidden[:, 0]  # (Bp,), (Bp,), (Bp, H)
 
@@ -170,8 +165,8 @@ class DecodeStep:
         B = 1
         while True:
             out = self(tokens=[0] * B, starts=[0] * B, tables=[[SCRATCH_BLOCK] * 2] * B,
-                          params=[(0.0, 0, 1.0)] * B, seeds=[0] * B, counters=[0] * B)
-            to_host(out.tokens)
+                       params=[(0.0, 0, 1.0)] * B, seeds=[0] * B, drawn=[0] * B)
+            to_host_rows(out.tokens)
             if B >= self.compiled_batch:
                 break
             B = bucket(B + 1, self.max_batch)

@@ -35,9 +35,9 @@ from fastgrpo.common.config import help_field
 from fastgrpo.rollout.runtime import sampler
 from fastgrpo.rollout.runtime.batch import ForwardBatch
 from fastgrpo.rollout.runtime.blocks import BlockManager, blocks_for
-from fastgrpo.rollout.runtime.kv_cache import SCRATCH_BLOCK, kv_budget_bytes, token_slots
+from fastgrpo.rollout.runtime.kv_cache import kv_budget_bytes, padded_tables, token_slots
 from fastgrpo.rollout.runtime.model_runner import ModelRunner
-from fastgrpo.rollout.runtime.steps import DecodeStep, compiled_batch, to_host
+from fastgrpo.rollout.runtime.steps import DecodeStep, compiled_batch, to_host_rows
 from fastgrpo.rollout.scheduler.observer import BackgroundWork, EngineObserver
 from fastgrpo.rollout.scheduler.requests import (EngineLimits, GenerationRequest, InvalidRequest, KVCacheTooSmall,
                                                  StepReport, validate_request)
@@ -413,9 +413,7 @@ class Engine:
 
     def _table(self, seqs: list[SequenceState]) -> torch.Tensor:
         """(B, nb) block tables of seqs, padded with the scratch block."""
-        width = max(len(s.blocks) for s in seqs)
-        return torch.tensor([s.blocks + [SCRATCH_BLOCK] * (width - len(s.blocks)) for s in seqs],
-                            device=self.runner.device)
+        return padded_tables([s.blocks for s in seqs], max(len(s.blocks) for s in seqs), self.runner.device)
 
     def _prefill(self, seqs: list[SequenceState]) -> None:
         """One forward over the admitted sequences that compute anything (every token from their
@@ -463,16 +461,13 @@ class Engine:
 
     def _decode(self, seqs: list[SequenceState]) -> None:
         t0 = time.perf_counter()
-        # (the token stream's counter is the tokens drawn: sampler.draw_counters with STREAM_TOKEN = 0)
         out = self.decode_step([s.generated[-1] for s in seqs], [s.cached for s in seqs], [s.blocks for s in seqs],
                                [self._params(s) for s in seqs], [s.seed for s in seqs],
                                [len(s.generated) for s in seqs])
-        tokens, logprobs = to_host(out.tokens, out.logprobs)
+        self._append_drawn(seqs, out.tokens, out.logprobs)
         self.runner.report_decode(len(seqs), time.perf_counter() - t0)
         for b, s in enumerate(seqs):
             s.cached += 1
-            s.generated.append(int(tokens[b]))
-            s.logprobs.append(logprobs[b])
             if self.spec is not None:  # the draft catches up on plainly decoded tokens at its next step
                 SpecDecoder.queue_pair(s.spec, out.hidden[b], s.generated[-1])
 
@@ -503,14 +498,15 @@ class Engine:
         """One draft-and-verify step; returns the tokens each sequence's verify step emitted.
         Adaptive trees report how deep their accepted paths reached (the controller's alpha)."""
         dev = self.runner.device
+        seeds, drawn = self._noise(seqs)
         steps = self.spec.step(
             table=self._table(seqs),
             settled=torch.tensor([s.cached for s in seqs], device=dev),
             roots=torch.tensor([s.generated[-1] for s in seqs], device=dev),
             states=[s.spec for s in seqs],
             params=self._sampling_batch(seqs),
-            seeds=torch.tensor([s.seed for s in seqs], device=dev),
-            drawn=torch.tensor([len(s.generated) for s in seqs], device=dev),
+            seeds=seeds,
+            drawn=drawn,
             greedy=all(s.sampling.temperature == 0 for s in seqs),
             shape=tree,
         )
@@ -533,16 +529,24 @@ class Engine:
 
     def _sample_and_append(self, seqs: list[SequenceState], logits: torch.Tensor) -> None:
         """logits (B, V) of the next token of each sequence -> one token each, with its logprob."""
-        dev = self.runner.device
-        params = self._sampling_batch(seqs)
-        truncate = any(s.sampling.top_k > 0 or s.sampling.top_p < 1 for s in seqs)
-        drawn = torch.tensor([len(s.generated) for s in seqs], device=dev)
-        tokens, logp = sampler.sample_no_sync(logits, params, torch.tensor([s.seed for s in seqs], device=dev),
+        seeds, drawn = self._noise(seqs)
+        truncate = any(sampler.truncates(s.sampling.top_k, s.sampling.top_p) for s in seqs)
+        tokens, logp = sampler.sample_no_sync(logits, self._sampling_batch(seqs), seeds,
                                               sampler.draw_counters(drawn, sampler.STREAM_TOKEN), truncate)
-        tokens, logp = to_host(tokens, logp)
-        for s, t, lp in zip(seqs, tokens, logp):
+        self._append_drawn(seqs, tokens, logp)
+
+    @staticmethod
+    def _append_drawn(seqs: list[SequenceState], tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
+        """Each sequence's drawn token (B,) and its logprob (B,), fetched in the step's one transfer."""
+        for s, (t, lp) in zip(seqs, to_host_rows(tokens, logprobs)):
             s.generated.append(int(t))
             s.logprobs.append(lp)
+
+    def _noise(self, seqs: list[SequenceState]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The counter-based noise's inputs on the device: seeds (B,), and tokens drawn so far (B,)."""
+        dev = self.runner.device
+        return (torch.tensor([s.seed for s in seqs], device=dev),
+                torch.tensor([len(s.generated) for s in seqs], device=dev))
 
     @staticmethod
     def _params(seq: SequenceState) -> tuple[float, int, float]:

@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-
 from fastgrpo.rollout.scheduler.requests import GenerationRequest
 from fastgrpo.rollout.speculative.spec_step import SpecState
 from fastgrpo.wire.records import Completion, Sampling
