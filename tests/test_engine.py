@@ -27,7 +27,7 @@ def _params(t, k, p):
 def test_sampling_logprobs_top_k_top_p_by_hand():
     # probs at T=1: [0.5, 0.25, 0.15, 0.1]
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]] * 3))
-    out = sampler.sampling_logprobs(logits, _params([1.0, 1.0, 1.0], [-1, 2, -1], [1.0, 1.0, 0.7])).exp()
+    out = sampler.sampling_logprobs(logits, _params([1.0, 1.0, 1.0], [-1, 2, -1], [1.0, 1.0, 0.7]), True).exp()
     assert torch.allclose(out[0], torch.tensor([0.5, 0.25, 0.15, 0.1]), atol=1e-6)
     # top-k 2 keeps 0.5, 0.25 -> renormalised 2/3, 1/3
     assert torch.allclose(out[1], torch.tensor([2 / 3, 1 / 3, 0, 0]), atol=1e-6)
@@ -37,7 +37,7 @@ def test_sampling_logprobs_top_k_top_p_by_hand():
 
 def test_temperature_and_greedy_rows():
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
-    out = sampler.sampling_logprobs(logits, _params([0.5, 0.0], [-1, -1], [1.0, 1.0]))
+    out = sampler.sampling_logprobs(logits, _params([0.5, 0.0], [-1, -1], [1.0, 1.0]), False)
     expect0 = torch.softmax(logits[0] / 0.5, -1)
     assert torch.allclose(out[0].exp(), expect0, atol=1e-6)
     assert out[1].tolist() == [-math.inf, 0.0, -math.inf]  # greedy: one-hot at the argmax
@@ -54,7 +54,7 @@ def test_a_tiny_temperature_gives_a_one_hot_not_nan():
     assert not torch.isnan(logp).any()
     assert logp[:, 0].tolist() == [0.0, 0.0, 0.0] and bool((logp[:, 1:] < -1e20).all())
     params = sampler.SamplingBatch(t, torch.full((3,), -1), torch.ones(3))
-    assert sampler.sampling_logprobs(logits, params).exp().sum(-1).tolist() == [1.0, 1.0, 1.0]
+    assert sampler.sampling_logprobs(logits, params, False).exp().sum(-1).tolist() == [1.0, 1.0, 1.0]
 
 
 def test_exponential_race_matches_distribution():

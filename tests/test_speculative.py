@@ -75,8 +75,11 @@ def test_draw_without_replacement_order_and_exhaustion():
 
 def test_children_table_in_index_order():
     parents = torch.tensor([[0, 0, 0, 1, 1, 2]])
-    table = children_table(parents, torch.tensor([[True, True, True, True, False, True]]))
+    table = children_table(parents, torch.tensor([[True, True, True, True, False, True]]), 2)
     assert table.tolist() == [[[1, 2], [3, -1], [5, -1], [-1, -1], [-1, -1], [-1, -1]]]
+    # room for more children than any node has: the columns past them stay -1
+    assert children_table(parents, torch.ones(1, 6, dtype=torch.bool), 3).tolist() == [
+        [[1, 2, -1], [3, 4, -1], [5, -1, -1], [-1, -1, -1], [-1, -1, -1], [-1, -1, -1]]]
 
 
 def _one_level_rrs(p, q, k, rows, seed):
@@ -88,12 +91,12 @@ def _one_level_rrs(p, q, k, rows, seed):
     toks, lq = pick_children(logq, k, torch.rand(rows, 1, k, generator=g, dtype=torch.float64),
                              torch.ones(rows, dtype=torch.bool))
     tree = select_tree(torch.zeros(rows, dtype=torch.long), toks[:, 0], torch.full((rows, k), -1),
-                       torch.zeros(rows, k), torch.ones(rows, k, dtype=torch.long), k + 1)
+                       torch.zeros(rows, k), torch.ones(rows, k, dtype=torch.long), k + 1, 1)
     candidate = torch.cat([torch.ones(rows, 1, dtype=torch.bool), lq[:, 0] > float("-inf")], 1)
     N = k + 1
     logp = p.log().expand(rows, N, V)
     node_q = q.log().expand(rows, N, V)
-    res = verify_rrs(tree, logp, node_q, candidate, torch.rand(rows, 2, k + 1, generator=g, dtype=torch.float64))
+    res = verify_rrs(tree, logp, node_q, candidate, torch.rand(rows, 2, k + 1, generator=g, dtype=torch.float64), 1, k)
     return torch.bincount(res.tokens[:, 0], minlength=V), res.accepted
 
 
@@ -121,9 +124,9 @@ def test_rrs_on_deterministic_children_is_biased():
     g = torch.Generator().manual_seed(9)
     toks, _ = pick_children(q.log().expand(rows, 1, V), 2)  # top-2 of q, not drawn
     tree = select_tree(torch.zeros(rows, dtype=torch.long), toks[:, 0], torch.full((rows, 2), -1),
-                       torch.zeros(rows, 2), torch.ones(rows, 2, dtype=torch.long), 3)
+                       torch.zeros(rows, 2), torch.ones(rows, 2, dtype=torch.long), 3, 1)
     res = verify_rrs(tree, p.log().expand(rows, 3, V), q.log().expand(rows, 3, V), torch.ones(rows, 3, dtype=torch.bool),
-                     torch.rand(rows, 2, 3, generator=g, dtype=torch.float64))
+                     torch.rand(rows, 2, 3, generator=g, dtype=torch.float64), 1, 2)
     counts = torch.bincount(res.tokens[:, 0], minlength=V)
     assert chisquare(counts.double().numpy(), (p * rows).numpy()).pvalue < 1e-3
 
@@ -138,10 +141,12 @@ def test_select_tree_keeps_best_nodes_closed_under_ancestors():
         cand_scores=torch.log(torch.tensor([[0.5, 0.3, 0.45, 0.05]])),
         cand_depths=torch.tensor([[1, 1, 2, 2]]),
         n_nodes=4,
+        max_depth=2,
     )
     assert tree.tokens.tolist() == [[9, 5, 6, 7]]
     assert tree.parents.tolist() == [[0, 0, 0, 1]]
     assert tree.depths.tolist() == [[0, 1, 1, 2]]
+    assert tree.ancestors[0, 3].tolist() == [True, True, False, True]  # node 3: itself, node 1, the root
 
 
 def _hand_tree():
@@ -163,7 +168,7 @@ def _hand_tree():
     ],
 )
 def test_accept_path_by_hand(targets, accepted, emitted):
-    res = accept_path(_hand_tree(), torch.tensor([targets]))
+    res = accept_path(_hand_tree(), torch.tensor([targets]), 2)
     assert int(res.accepted[0]) == accepted
     assert res.tokens[0, : accepted + 1].tolist() == emitted
 
@@ -268,7 +273,7 @@ def _exact_first3(model, temperature, top_p) -> dict[tuple[int, ...], float]:
             ids = torch.tensor([PROMPT + list(seq)])
             logits = model(ids).logits[0, -3:].float()  # predicts x1, x2, x3
             lp = sampler.sampling_logprobs(logits, sampler.SamplingBatch(
-                params.temperature.expand(3), params.top_k.expand(3), params.top_p.expand(3))).double().exp()
+                params.temperature.expand(3), params.top_k.expand(3), params.top_p.expand(3)), True).double().exp()
             for x3 in range(V_SMALL):
                 probs[(seq[0], seq[1], x3)] = float(lp[0, seq[0]] * lp[1, seq[1]] * lp[2, x3])
     return probs
@@ -331,8 +336,8 @@ def test_chi2_detects_a_broken_acceptance_rule(small_vocab_engines, monkeypatch)
     top-K children instead of drawn ones."""
     model, spec = small_vocab_engines
     if spec.spec.rule == "match":
-        def biased(tree, logp, uniforms):
-            return accept_path(tree, logp.argmax(-1))  # greedy matching under a sampling request
+        def biased(tree, logp, uniforms, max_depth):
+            return accept_path(tree, logp.argmax(-1), max_depth)  # greedy matching under a sampling request
 
         monkeypatch.setattr(spec_decode, "verify_sampled", biased)
     else:

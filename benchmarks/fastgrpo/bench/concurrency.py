@@ -47,7 +47,7 @@ class ConcurrencyBenchConfig:
     seed: int = help_field(0, "sampling seed")
     threads: int = help_field(0, "torch CPU threads; 0 = one per core (on a shared 2-core VM identical work in lockstep "
                                  "differs by +-1 % per round with 1 thread, +-3-7 % with 2)")
-    compile: str = help_field("auto", "--compile of every engine (auto / on / off; see fastgrpo-rollout --help): only plain decode steps compile so far")
+    compile: str = help_field("auto", "--compile of every engine (auto / on / off; see fastgrpo-rollout --help)")
 
 
 def run(cfg: ConcurrencyBenchConfig) -> dict:

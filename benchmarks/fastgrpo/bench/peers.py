@@ -46,9 +46,8 @@ ENGINE_VARIANTS: dict[str, tuple[str, ...]] = {
     "plain": (),
     "compiled": ("--compile", "on"),  # on the CPU: the batch buckets up to 4 (runtime.steps)
 }
-# the variants whose speculative server is measured too: --compile compiles plain decode steps only,
-# which a static tree never runs
-SPEC_VARIANTS = ("plain",)
+# the variants whose speculative server is measured too
+SPEC_VARIANTS = ("plain", "compiled")
 
 
 @dataclass(frozen=True)
@@ -491,7 +490,8 @@ def run(cfg: PeersBenchConfig) -> dict:
         with ServiceProcess(fixture, *server_flags, *flags, *spec, threads=cfg.threads) as svc, \
                 RolloutClient(svc.address) as client:
             client.wait_ready()
-            ours_one_at_a_time(client, prompts[:1], sampling(0.0, 0, 16))  # warm-up
+            for temperature in (0.0, cfg.temperature):  # warm-up (a compiled server: its sampled graphs)
+                ours_one_at_a_time(client, prompts[:1], sampling(temperature, 0, 16))
             hf_one_at_a_time(model, prompts[:1], 16, hf_sampling(0.0, 1.0), cfg.seed, assistant)
             for scenario, temperature in (("spec-greedy", 0.0), ("spec-sampled", cfg.temperature)):
                 hf_kw = hf_sampling(temperature, cfg.top_p)

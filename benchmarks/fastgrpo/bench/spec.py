@@ -33,7 +33,7 @@ class SpecBenchConfig:
     verify: str = help_field("rrs", "verification of sampled sequences: rrs (children drawn from the draft) or match (top-K, sample-matching)")
     repeats: int = help_field(3, "runs of plain and speculative decoding per B, interleaved; the median counts (quick: 1)")
     seed: int = help_field(0, "sampling seed")
-    compile: str = help_field("auto", "--compile of every engine (auto / on / off; see fastgrpo-rollout --help): only plain decode steps compile so far")
+    compile: str = help_field("auto", "--compile of every engine (auto / on / off; see fastgrpo-rollout --help)")
 
 
 def timed_generation(engine, prompts, num_samples: int, temperature: float, max_new_tokens: int, seed: int,

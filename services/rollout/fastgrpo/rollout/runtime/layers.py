@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fastgrpo.rollout.runtime.batch import ForwardBatch
 from fastgrpo.rollout.runtime.kv_cache import SCRATCH_BLOCK, PagedKVCache, token_slots
@@ -49,8 +50,11 @@ GEMV_ROWS = 4
 
 
 def project(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """linear(x), as a multiply-reduce where that reads the weights faster (GEMV_ROWS)."""
-    if x.device.type == "cpu" and x.numel() <= GEMV_ROWS * x.shape[-1] and torch.compiler.is_compiling():
+    """linear(x), as a multiply-reduce where that reads the weights faster (GEMV_ROWS): at a row
+    count known when compiling (a symbolic one, such as a catch-up's pending pairs, is left to
+    the matrix product rather than specialised)."""
+    if (x.device.type == "cpu" and torch.compiler.is_compiling()
+            and statically_known_true(x.numel() <= GEMV_ROWS * x.shape[-1])):
         y = (x[..., None, :] * linear.weight).sum(-1)  # (..., out)
         return y if linear.bias is None else y + linear.bias
     return linear(x)

@@ -52,22 +52,19 @@ def policy_logprobs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Te
     return torch.log_softmax(shifted / t[:, None], dim=-1)  # (B, V)
 
 
-def sampling_logprobs(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
+def sampling_logprobs(logits: torch.Tensor, params: SamplingBatch, truncate: bool) -> torch.Tensor:
     """Log-probs of the distribution tokens are drawn from: temperature, top-k, top-p; -inf outside.
 
-    logits (B, V) -> (B, V). Greedy rows get a one-hot at the argmax (log 1 = 0, -inf elsewhere), so
-    that verification code can treat greedy as the degenerate case of sampling.
+    logits (B, V) -> (B, V); truncate: whether any row has top-k or top-p (`truncates`, a host-side
+    fact: without it the sort is skipped, with no sync). Greedy rows get a one-hot at the argmax
+    (log 1 = 0, -inf elsewhere), so that verification code can treat greedy as the degenerate case
+    of sampling.
     """
     assert logits.dim() == 2 and logits.shape[0] == params.temperature.shape[0]
     logp = policy_logprobs(logits, params.temperature)  # (B, V)
-    truncated = (params.top_k > 0) | (params.top_p < 1)  # (B,)
-    out = _truncate(logp, params) if bool(truncated.any()) else logp  # no row truncates: skip the sort
-    greedy = params.greedy
-    if bool(greedy.any()):
-        onehot = torch.full_like(out, float("-inf"))
-        onehot.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 0.0)
-        out = torch.where(greedy[:, None], onehot, out)
-    return out
+    out = _truncate(logp, params) if truncate else logp
+    onehot = torch.full_like(out, float("-inf")).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 0.0)
+    return torch.where(params.greedy[:, None], onehot, out)
 
 
 def _truncate(logp: torch.Tensor, params: SamplingBatch) -> torch.Tensor:

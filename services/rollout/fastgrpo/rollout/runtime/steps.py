@@ -37,6 +37,18 @@ def bucket(n: int, cap: int | None = None) -> int:
     return max(n, min(size, cap)) if cap is not None else size
 
 
+def batch_buckets(largest: int, max_batch: int) -> list[int]:
+    """The batch buckets up to `largest` (bucket, capped at max_batch): the graphs a compiled step
+    holds."""
+    sizes, size = [], 1
+    while size <= largest:
+        sizes.append(size)
+        if size >= largest:
+            break
+        size = bucket(size + 1, max_batch)
+    return sizes
+
+
 # On the CPU a compiled step pays only where it turns matrix-vector products into streaming
 # reductions (runtime.layers.GEMV_ROWS); at larger batches inductor's graph is slower than eager.
 # Bench fixture, 2-core CPU, engine tokens/s compiled vs eager: B = 1 63 vs 38, B = 8 133 vs 200,
@@ -69,6 +81,9 @@ def compile_step(fn, device: torch.device):
     for name in ("recompile_limit", "cache_size_limit"):  # (renamed across torch versions)
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
+    # the steps say which sizes are symbolic; a size that merely differed between two compiles
+    # (another model in the same process) stays static rather than turning symbolic behind our back
+    dynamo_config.automatic_dynamic_shapes = False
     mode = "reduce-overhead" if device.type == "cuda" else None
     return torch.compile(fn, fullgraph=True, dynamic=None, mode=mode)
 
@@ -86,10 +101,31 @@ def compiled_forward(runner: ModelRunner):
     return forward
 
 
+def mark_static_pools(*caches) -> None:
+    """On CUDA, the KV pools of caches (runtime.kv_cache.PagedKVCache) as static addresses: CUDA
+    graphs may write into them only where their addresses never change."""
+    for cache in caches:
+        if cache.k[0].device.type == "cuda":
+            for pool in (*cache.k, *cache.v):
+                torch._dynamo.mark_static_address(pool)
+
+
+def begin_compiled_step(device: torch.device) -> None:
+    """Tells CUDA graph trees a new step begins (the previous step's outputs are consumed), so
+    that replaying a step's graphs may reuse their memory."""
+    if device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def host_rows(*columns: torch.Tensor) -> torch.Tensor:
+    """Columns (B,) or (B, n) side by side as one (B, n_total) float64 tensor, which holds every
+    token id, count and float32 logprob exactly: what a step brings back in its one transfer."""
+    return torch.cat([c.double().reshape(c.shape[0], -1) for c in columns], dim=1)
+
+
 def to_host_rows(*columns: torch.Tensor) -> list[list[float]]:
-    """A step's one device-to-host transfer: columns (B,) or (B, n) side by side -> B lists of
-    floats (float64 holds every token id, count and float32 logprob exactly)."""
-    return torch.cat([c.double().reshape(c.shape[0], -1) for c in columns], dim=1).tolist()
+    """A step's one device-to-host transfer: host_rows(*columns) -> B lists of floats."""
+    return host_rows(*columns).tolist()
 
 
 @dataclass(frozen=True)
@@ -111,10 +147,8 @@ class DecodeStep:
         self.compiled_batch = min(compiled_batch, max_batch)
         self.max_batch = max_batch
         self._compiled = compile_step(self._step, runner.device) if compiled_batch else None
-        if compiled_batch and runner.device.type == "cuda":
-            # CUDA graphs may write into the pools only where their addresses never change
-            for pool in (*runner.cache.k, *runner.cache.v):
-                torch._dynamo.mark_static_address(pool)
+        if compiled_batch:
+            mark_static_pools(runner.cache)
 
     def max_blocks(self) -> int:
         return -(-self.runner.max_positions // self.runner.cache.block_size)
@@ -140,9 +174,11 @@ class DecodeStep:
         table = padded_tables(tables + [[]] * pad, nbp, self.runner.device)  # (Bp, nbp)
         truncate = any(sampler.truncates(top_k, top_p) for _, top_k, top_p in params)
         if compiled:  # a graph per batch bucket, the context's blocks a symbolic size
+            begin_compiled_step(self.runner.device)
             torch._dynamo.mark_static(ints, 1)
             torch._dynamo.mark_dynamic(table, 1)
             next_tokens, logprobs, hidden = self._compiled(ints, floats, table, truncate)
+            hidden = hidden.clone()  # (queued for the draft; a CUDA graph's next replay overwrites it)
         else:
             next_tokens, logprobs, hidden = self._step(ints, floats, table, truncate)
         return DecodeOutput(next_tokens[:B], logprobs[:B], hidden[:B])
@@ -162,14 +198,10 @@ class DecodeStep:
         if not self.compiled_batch:
             return 0.0
         t0 = time.perf_counter()
-        B = 1
-        while True:
+        for B in batch_buckets(self.compiled_batch, self.max_batch):
             out = self(tokens=[0] * B, starts=[0] * B, tables=[[SCRATCH_BLOCK] * 2] * B,
                        params=[(0.0, 0, 1.0)] * B, seeds=[0] * B, drawn=[0] * B)
             to_host_rows(out.tokens)
-            if B >= self.compiled_batch:
-                break
-            B = bucket(B + 1, self.max_batch)
         seconds = time.perf_counter() - t0
         log.info("compiled the decode step for batch buckets up to %d in %.1f s", self.compiled_batch, seconds)
         return seconds

@@ -37,7 +37,7 @@ from fastgrpo.rollout.runtime.batch import ForwardBatch
 from fastgrpo.rollout.runtime.blocks import BlockManager, blocks_for
 from fastgrpo.rollout.runtime.kv_cache import kv_budget_bytes, padded_tables, token_slots
 from fastgrpo.rollout.runtime.model_runner import ModelRunner
-from fastgrpo.rollout.runtime.steps import DecodeStep, compiled_batch, to_host_rows
+from fastgrpo.rollout.runtime.steps import DecodeStep, batch_buckets, compiled_batch, to_host_rows
 from fastgrpo.rollout.scheduler.observer import BackgroundWork, EngineObserver
 from fastgrpo.rollout.scheduler.requests import (EngineLimits, GenerationRequest, InvalidRequest, KVCacheTooSmall,
                                                  StepReport, validate_request)
@@ -63,7 +63,7 @@ class EngineConfig:
     kv_block_size: int = help_field(16, "tokens per KV-cache block")
     prefix_sharing: bool = help_field(True, "the samples of a prompt share its KV-cache blocks and prefill it once, and later sequences reuse a prompt prefix still cached (off: every sequence prefills its own prompt)")
     attention_backend: Literal["gather", "flex"] = help_field("gather", "how attention reads the paged KV cache: gather (copies the blocks a forward reads, then SDPA) or flex (FlexAttention reads them in place; compiled at start-up, needs a C++ compiler on the CPU; faster at large-batch decode, slower at prefill and deep trees on the CPU: see fastgrpo-bench kv)")
-    compile: Literal["auto", "on", "off"] = help_field("auto", "torch.compile the plain decode step, one graph per batch bucket (CUDA graphs on a GPU): auto = on on CUDA, off on the CPU; on the CPU, on compiles the batches of at most 4, where it pays; compiling takes a while at start-up (logged, and /readyz says so)")
+    compile: Literal["auto", "on", "off"] = help_field("auto", "torch.compile the decode steps (plain; speculative draft and verify), the batch padded to a power of two (CUDA graphs on a GPU): auto = on on CUDA, off on the CPU; on the CPU, on compiles the batches of at most 4, where it pays; compiling takes a while at start-up (logged, and /readyz says so)")
     max_queued: int = help_field(4096, "sequences waiting to be admitted; a request that would pass it is refused (RESOURCE_EXHAUSTED, or INVALID_ARGUMENT when it alone is larger)")
 
 
@@ -87,12 +87,15 @@ class Engine:
         self.preemptions = 0
         self.shared_prompt_tokens = 0  # prompt tokens served from shared blocks instead of being prefilled
         self.observers = list(observers)
-        self.decode_step = DecodeStep(runner, compiled_batch(config.compile, runner.device, config.max_running),
-                                      config.max_running)
+        compiled = compiled_batch(config.compile, runner.device, config.max_running)
+        self.decode_step = DecodeStep(runner, compiled, config.max_running)
         self.warmup_seconds = self.decode_step.warm_up()
-        self.spec = SpecDecoder(runner, drafter, controller.verify) if drafter is not None else None
-        if self.spec is not None:
+        self.spec = None
+        if drafter is not None:
+            self.spec = SpecDecoder(runner, drafter, controller.verify, compiled, config.max_running)
             self.spec.capture = any(o.wants_pairs for o in self.observers)
+            self.warmup_seconds += self.spec.warm_up(
+                {size: controller.tree_for(size) for size in batch_buckets(self.spec.compiled_batch, config.max_running)})
         elif any(o.wants_pairs for o in self.observers):
             raise ValueError("an observer wants draft pairs, but without a drafter the engine captures none")
         if controller is not None and controller.calibrator is not None:
@@ -483,6 +486,7 @@ class Engine:
             return [(None, False, seqs)]
         B = len(seqs)
         self.last_batch_size = B
+        B = self.spec.batch_size(B)  # the rows a step computes: a compiled step's batch bucket
         c_peak = self.controller.step_c_peak()
         trees: dict[str | None, TreeShape | None] = {}  # per request mode, computed once per step
         groups: dict[tuple[TreeShape | None, bool], list[SequenceState]] = {}
@@ -497,19 +501,10 @@ class Engine:
     def _spec_decode(self, seqs: list[SequenceState], tree: TreeShape, adaptive: bool) -> list[int]:
         """One draft-and-verify step; returns the tokens each sequence's verify step emitted.
         Adaptive trees report how deep their accepted paths reached (the controller's alpha)."""
-        dev = self.runner.device
-        seeds, drawn = self._noise(seqs)
-        steps = self.spec.step(
-            table=self._table(seqs),
-            settled=torch.tensor([s.cached for s in seqs], device=dev),
-            roots=torch.tensor([s.generated[-1] for s in seqs], device=dev),
-            states=[s.spec for s in seqs],
-            params=self._sampling_batch(seqs),
-            seeds=seeds,
-            drawn=drawn,
-            greedy=all(s.sampling.temperature == 0 for s in seqs),
-            shape=tree,
-        )
+        steps = self.spec.step(roots=[s.generated[-1] for s in seqs], settled=[s.cached for s in seqs],
+                               tables=[s.blocks for s in seqs], states=[s.spec for s in seqs],
+                               params=[self._params(s) for s in seqs], seeds=[s.seed for s in seqs],
+                               drawn=[len(s.generated) for s in seqs], shape=tree)
         for s, st in zip(seqs, steps):
             s.cached += st.accepted + 1  # the root and the accepted draft tokens are now in the cache
             self._append(s, st.tokens, st.logprobs)

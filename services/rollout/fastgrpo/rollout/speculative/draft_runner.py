@@ -30,6 +30,7 @@ class ChildDraw:
 
     params: sampler.SamplingBatch  # (B,) rows
     uniforms: torch.Tensor  # (B, L', E, k) float64 U(0, 1), each sequence's own noise
+    truncate: bool  # whether any row has top-k or top-p (sampler.truncates)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class GrownTree:
 
 
 class Drafter:
+    """The draft head over its cache. catch_up and grow are traced into compiled steps, so they
+    set no autograd mode of their own: run them under torch.inference_mode (SpecDecoder.step does)."""
+
     def __init__(self, head: DraftHead):
         cfg = head.config
         self.head = head.eval()
@@ -68,7 +72,6 @@ class Drafter:
         return decoder_layer(self.head.layer, x, cos[:, None], sin[:, None], mask, self.cache, 0, write_slots,
                              table, self.head_dim, query_at)
 
-    @torch.inference_mode()
     def catch_up(self, table: torch.Tensor, starts: torch.Tensor, tokens: torch.Tensor, features: torch.Tensor,
                  counts: torch.Tensor) -> torch.Tensor:
         """Feeds the pairs (features[b, i], tokens[b, i]) at positions starts[b] + i, i < counts[b].
@@ -78,7 +81,7 @@ class Drafter:
         """
         P = tokens.shape[1]
         positions = starts[:, None] + torch.arange(P, device=tokens.device)[None, :]  # (B, P)
-        batch = ForwardBatch(tokens, positions, table, starts)
+        batch = ForwardBatch(tokens, positions, table, starts, key_blocks=table.shape[1])
         # every pair's keys and values enter the cache; only the last pair's output is computed
         return self._layer(batch, self.head.fuse(tokens, features), query_at=counts - 1)[:, 0]  # (B, H)
 
@@ -88,14 +91,11 @@ class Drafter:
         if draw is None:
             return torch.log_softmax(logits, -1)  # (B, E, V)
         B, E, V = logits.shape
-        shaped = sampler.sampling_logprobs(logits.reshape(B * E, V), draw.params.repeat_rows(E)).view(B, E, V)
-        greedy = draw.params.greedy
-        if not bool(greedy.any()):
-            return shaped
+        shaped = sampler.sampling_logprobs(logits.reshape(B * E, V), draw.params.repeat_rows(E),
+                                           draw.truncate).view(B, E, V)
         # greedy rows rank their top-k children by the untruncated draft distribution
-        return torch.where(greedy[:, None, None], torch.log_softmax(logits, -1), shaped)
+        return torch.where(draw.params.greedy[:, None, None], torch.log_softmax(logits, -1), shaped)
 
-    @torch.inference_mode()
     def grow(self, table: torch.Tensor, settled: torch.Tensor, root: torch.Tensor, root_feature: torch.Tensor,
              shape: TreeShape, draw: ChildDraw | None = None) -> GrownTree:
         """Builds one tree per sequence under `root` (B,) whose predicted feature is root_feature (B, H).
@@ -147,6 +147,7 @@ class Drafter:
                 settled + (d - 1) * e,
                 region,
                 settled,
+                key_blocks=table.shape[1],
             )
             feat = self._layer(batch, self.head.fuse(x_tok, x_feat))  # (B, e, H)
             logq = self._child_logq(feat, draw)  # (B, e, V)
@@ -164,9 +165,9 @@ class Drafter:
         all_tokens, all_parents = torch.cat(cand_tokens, 1), torch.cat(cand_parents, 1)
         all_scores, all_depths = torch.cat(cand_scores, 1), torch.cat(cand_depths, 1)
         if draw is None:
-            return GrownTree(select_tree(root, all_tokens, all_parents, all_scores, all_depths, shape.n_verify))
+            return GrownTree(select_tree(root, all_tokens, all_parents, all_scores, all_depths, shape.n_verify, L))
         # sampled: every candidate is a node (node = pool index + 1), in the order drawn
-        tree = select_tree(root, all_tokens, all_parents, all_scores, all_depths, pool + 1)
+        tree = select_tree(root, all_tokens, all_parents, all_scores, all_depths, pool + 1, L)
         V = root_logq.shape[-1]
         node_logq = torch.zeros(B, pool + 1, V, dtype=root_logq.dtype, device=dev)  # (B, N, V)
         for index, logq in drawn_from:

@@ -8,24 +8,38 @@
   4. settle: the accepted path's keys/values move onto consecutive cache positions (rejected nodes
      are simply overwritten later), emitted tokens and their exact logprobs go to the sequences,
      and the accepted path's target features become the draft's next catch-up pairs.
+
+Steps 1-2 (the draft step) and 3-4 (the verify step) are functions of device tensors, shaped by
+host-side facts only (the tree's shape, whether every row is greedy, whether any truncates): no
+value is read on the host between them, and one transfer after the verify step brings back what
+the host decides on (runtime.steps). With --compile both are compiled: the batch (padded to its
+bucket), the pending pairs a catch-up reads and the block tables (both padded to powers of two)
+are symbolic sizes, so one graph serves every batch of 2 or more for a tree shape (and on CUDA
+records a CUDA graph per bucket), and a batch of 1 has its own. Unlike the plain decode step's
+rows, a tree's are never few enough for multiply-reduce projections (runtime.layers.GEMV_ROWS),
+so a symbolic batch costs nothing there, and saves a compile per bucket.
 """
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from fastgrpo.rollout.runtime import sampler
 from fastgrpo.rollout.runtime.batch import ForwardBatch
-from fastgrpo.rollout.runtime.kv_cache import token_slots
+from fastgrpo.rollout.runtime.kv_cache import SCRATCH_BLOCK, padded_tables, token_slots
 from fastgrpo.rollout.runtime.model_runner import ModelRunner
-from fastgrpo.rollout.runtime.steps import to_host_rows
+from fastgrpo.rollout.runtime.steps import begin_compiled_step, bucket, compile_step, host_rows, mark_static_pools
 from fastgrpo.rollout.speculative.draft_runner import ChildDraw, Drafter, GrownTree
 from fastgrpo.rollout.speculative.pairs import FeatureSequence
-from fastgrpo.rollout.speculative.tree import TreeShape
-from fastgrpo.rollout.speculative.verify import VERIFY_RULES, VerifyResult, verify_greedy, verify_rrs, verify_sampled
+from fastgrpo.rollout.speculative.tree import DraftTree, TreeShape
+from fastgrpo.rollout.speculative.verify import VERIFY_RULES, verify_greedy, verify_rrs, verify_sampled
 from fastgrpo.wire.records import SpecStats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,16 +80,30 @@ class StepTokens:
 
 
 class SpecDecoder:
-    def __init__(self, runner: ModelRunner, drafter: Drafter, rule: str = "rrs"):
+    def __init__(self, runner: ModelRunner, drafter: Drafter, rule: str = "rrs", compiled_batch: int = 0,
+                 max_batch: int = 1):
         """rule: how sampled sequences verify: "rrs" (children drawn from the draft, recursive
         rejection sampling) or "match" (top-K children, sample-matching). Greedy batches always
-        use top-K trees and exact matching."""
+        use top-K trees and exact matching. compiled_batch: batches up to this size run the
+        compiled draft and verify steps (runtime.steps.compiled_batch), larger ones the same
+        functions eagerly; max_batch: the most sequences a step holds."""
         if rule not in VERIFY_RULES:
             raise ValueError(f"verify rule must be one of {', '.join(VERIFY_RULES)}; got {rule!r}")
         self.runner = runner
         self.drafter = drafter
         self.rule = rule
         self.capture = False  # keep consumed pairs for online draft learning
+        self.compiled_batch = min(compiled_batch, max_batch)
+        self.max_batch = max_batch
+        self._compiled = None
+        if compiled_batch:
+            self._compiled = (compile_step(self._draft, runner.device), compile_step(self._verify, runner.device))
+            mark_static_pools(runner.cache, drafter.cache)
+
+    def batch_size(self, n: int) -> int:
+        """The rows a step of n sequences computes: its batch bucket where it runs compiled (the
+        controller sizes trees for these)."""
+        return bucket(n, self.max_batch) if n <= self.compiled_batch else n
 
     @staticmethod
     def captured(state: SpecState) -> FeatureSequence:
@@ -101,51 +129,21 @@ class SpecDecoder:
         state.pending_tokens.append(next_token)
         state.pending_chunks.append(feature[None])
 
-    def step(
-        self,
-        table: torch.Tensor,
-        settled: torch.Tensor,
-        roots: torch.Tensor,
-        states: list[SpecState],
-        params: sampler.SamplingBatch,
-        seeds: torch.Tensor,
-        drawn: torch.Tensor,
-        greedy: bool,
-        shape: TreeShape,
-    ) -> list[StepTokens]:
-        """table (B, nb) block tables (covering every tree position), settled (tokens in the cache),
-        roots (last emitted token) (B,) -> tokens per sequence. seeds, drawn (B,): each sequence's
-        noise seed and tokens drawn so far (sampler.counter_uniforms); greedy: every row is.
+    @torch.inference_mode()
+    def step(self, roots: list[int], settled: list[int], tables: list[list[int]], states: list[SpecState],
+             params: list[tuple[float, int, float]], seeds: list[int], drawn: list[int],
+             shape: TreeShape) -> list[StepTokens]:
+        """One draft-and-verify step of B sequences, from host lists: each sequence's last emitted
+        token (the root, not yet in the cache), its settled length (tokens in the cache), its
+        blocks (covering every position the step writes), its sampling parameters (temperature,
+        top_k, top_p), noise seed (0 for greedy) and tokens drawn so far (sampler.counter_uniforms).
 
         Leaves each state's pending pairs set to the accepted path, and its counters advanced; the
         caller appends the tokens and advances its settled count by len(tokens).
         """
-        B = table.shape[0]
-        dev = table.device
-        root_feature = self._catch_up(table, settled, states)  # (B, H)
-        draw = None if greedy or self.rule != "rrs" else self._child_draw(shape, params, seeds, drawn)
-        grown = self.drafter.grow(table, settled, roots, root_feature, shape, draw)
-        tree = grown.tree
-        N = tree.size
-        out = self.runner.forward(ForwardBatch(tree.tokens, settled[:, None] + tree.depths, table, settled, tree.ancestors))
-        logits = out.logits  # (B, N, V)
-        V = logits.shape[-1]
-        result = verify_greedy(tree, logits) if greedy else self._verify(grown, logits, params, seeds, drawn, shape)
-        D1 = result.path.shape[1]
-        # settle the accepted path onto consecutive cache positions settled + k
-        k = torch.arange(D1, device=dev)[None, :]
-        bs = self.runner.cache.block_size
-        self.runner.cache.copy_slots(token_slots(table, settled[:, None] + result.path, bs),
-                                     token_slots(table, settled[:, None] + k, bs))
-        # exact logprobs of the emitted tokens, computed only at the path's nodes
-        path_logits = logits.gather(1, result.path[:, :, None].expand(B, D1, V))  # (B, D+1, V)
-        path_logp = sampler.policy_logprobs(path_logits.reshape(B * D1, V),
-                                            params.temperature.repeat_interleave(D1)).view(B, D1, V)
-        emitted_logp = path_logp.gather(2, result.tokens[:, :, None])[:, :, 0]  # (B, D+1)
-        path_feat = out.hidden.gather(1, result.path[:, :, None].expand(B, D1, out.hidden.shape[-1]))  # (B, D+1, H)
-        # one transfer for everything the host decides on: (B, 2 + 2 (D+1)) float64, exact for ids,
-        # counts and float32 logprobs; a tree keeps its best N_verify nodes, not always L deep
-        host = to_host_rows(result.accepted, tree.depths.amax(dim=1), result.tokens, emitted_logp)
+        host, path_feat, N, Bp, seconds = self._run(roots, settled, tables, states, params, seeds, drawn, shape)
+        self.runner.report_decode(Bp * N, seconds)
+        D1 = (len(host[0]) - 2) // 2
         steps = []
         for b, st in enumerate(states):
             n = int(host[b][0]) + 1
@@ -163,22 +161,126 @@ class SpecDecoder:
             steps.append(StepTokens(toks[:n], lps[:n], n - 1, int(host[b][1])))
         return steps
 
-    def _catch_up(self, table: torch.Tensor, settled: torch.Tensor, states: list[SpecState]) -> torch.Tensor:
-        dev = table.device
+    def _run(self, roots: list[int], settled: list[int], tables: list[list[int]], states: list[SpecState],
+             params: list[tuple[float, int, float]], seeds: list[int], drawn: list[int], shape: TreeShape
+             ) -> tuple[list[list[float]], torch.Tensor, int, int, float]:
+        """The draft and verify steps on the step's inputs, padded. Returns the host's rows (see
+        _verify), the path features (B, D+1, H), the tree's nodes N, the rows computed, and the
+        verify step's seconds."""
+        B = len(roots)
+        compiled = B <= self.compiled_batch
+        Bp = self.batch_size(B)
+        pad = Bp - B
+        dev = self.runner.device
+        bs = self.runner.cache.block_size
+        nb = max(len(t) for t in tables)
+        # pending pairs per sequence (from the host's lists: no wait for the device); a size of 1
+        # would be specialised by the compiler, hence at least 2
         lengths = [len(s.pending_tokens) for s in states]
-        counts = torch.tensor(lengths, device=dev)  # (B,)
-        P = max(lengths)  # (from the host's lists: no wait for the device)
-        H = states[0].pending_features.shape[-1]
-        tokens = torch.zeros(len(states), P, dtype=torch.long, device=dev)  # (B, P)
-        feats = torch.zeros(len(states), P, H, dtype=states[0].pending_features.dtype, device=dev)  # (B, P, H)
-        for b, s in enumerate(states):
-            n = len(s.pending_tokens)
-            tokens[b, :n] = torch.tensor(s.pending_tokens, device=dev)
-            feats[b, :n] = s.pending_features
-            if self.capture:
+        P = max(2, bucket(max(lengths))) if compiled else max(lengths)
+        nbp = max(2, bucket(nb, -(-self.runner.max_positions // bs))) if compiled else nb
+        # padding rows: one pending pair at position 0 and the root at 1, in the scratch block
+        ints = torch.tensor([settled + [1] * pad, roots + [0] * pad, lengths + [1] * pad,
+                             [p[1] for p in params] + [0] * pad, seeds + [0] * pad, drawn + [0] * pad],
+                            dtype=torch.long).to(dev)  # (6, Bp)
+        floats = torch.tensor([[p[0] for p in params] + [0.0] * pad, [p[2] for p in params] + [1.0] * pad],
+                              dtype=torch.float32).to(dev)  # (2, Bp)
+        table = padded_tables(tables + [[SCRATCH_BLOCK]] * pad, nbp, dev)  # (Bp, nbp)
+        pending, features = self._pending(states, Bp, P)
+        greedy = all(p[0] == 0 for p in params)
+        truncate = any(sampler.truncates(p[1], p[2]) for p in params)
+        draft, verify = self._compiled if compiled else (self._draft, self._verify)
+        if compiled:  # a graph per tree shape (and one for a batch of 1); batch, pairs and blocks symbolic
+            begin_compiled_step(dev)
+            for t in (table, pending, features):
+                torch._dynamo.mark_dynamic(t, 1)
+            if Bp > 1:  # (a size of 1 is always specialised)
+                for t in (table, pending, features):
+                    torch._dynamo.mark_dynamic(t, 0)
+                for t in (ints, floats):
+                    torch._dynamo.mark_dynamic(t, 1)
+        tree = draft(table, ints, floats, pending, features, shape, greedy, truncate)
+        timer = _ForwardTimer(dev)
+        host, path_feat = verify(table, ints, floats, tree, shape, greedy, truncate)
+        timer.stop()
+        rows = host.tolist()  # the step's one device-to-host transfer
+        # (a compiled step's outputs are overwritten by its next replay on CUDA: keep a copy)
+        return rows, path_feat.clone() if compiled else path_feat, tree[0].shape[1], Bp, timer.seconds()
+
+    def _pending(self, states: list[SpecState], rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs each sequence's draft has not read, right-padded: tokens (rows, width) and
+        features (rows, width, H), each put on the device in one copy."""
+        dev = self.runner.device
+        chunks = [s.pending_features for s in states]
+        tokens = [s.pending_tokens + [0] * (width - len(s.pending_tokens)) for s in states]
+        tokens += [[0] * width] * (rows - len(states))
+        where = [b * width + i for b, s in enumerate(states) for i in range(len(s.pending_tokens))]
+        features = torch.zeros(rows * width, chunks[0].shape[-1], dtype=chunks[0].dtype, device=dev)
+        features.index_copy_(0, torch.tensor(where, device=dev), torch.cat(chunks))
+        if self.capture:
+            for s in states:
                 s.captured_tokens.extend(s.pending_tokens)
                 s.captured_features.append(s.pending_features)
-        return self.drafter.catch_up(table, settled - counts, tokens, feats, counts)
+        return torch.tensor(tokens, device=dev), features.view(rows, width, -1)
+
+    def _draft(self, table: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor, pending: torch.Tensor,
+               features: torch.Tensor, shape: TreeShape, greedy: bool, truncate: bool) -> tuple:
+        """The draft step: catch up on the pending pairs, then grow a tree per row. Returns the
+        tree's tensors (DraftTree's fields, then the draft distributions and candidates of a
+        sampled tree, or None)."""
+        settled, roots, counts, top_k, seeds, drawn = ints  # (Bp,) each
+        root_feature = self.drafter.catch_up(table, settled - counts, pending, features, counts)  # (Bp, H)
+        draw = None
+        if not greedy and self.rule == "rrs":
+            k, e, levels = shape.sampled_layout()
+            params = sampler.SamplingBatch(floats[0], top_k, floats[1])
+            draw = ChildDraw(params, self._uniforms(seeds, drawn, sampler.STREAM_CHILDREN, (levels, e, k)), truncate)
+        grown = self.drafter.grow(table, settled, roots, root_feature, shape, draw)
+        t = grown.tree
+        return t.tokens, t.parents, t.depths, t.ancestors, grown.draft_logq, grown.candidate
+
+    def _verify(self, table: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor, tree: tuple,
+                shape: TreeShape, greedy: bool, truncate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The verify step: the target over every node, acceptance, and settling the accepted path.
+        Returns what the host reads (Bp, 2 + 2 (D+1)) float64 -- accepted count, deepest node's
+        depth, the D+1 tokens, their logprobs -- and the path's target features (Bp, D+1, H)."""
+        settled, _, _, top_k, seeds, drawn = ints  # (Bp,) each
+        params = sampler.SamplingBatch(floats[0], top_k, floats[1])
+        tokens, parents, depths, ancestors, draft_logq, candidate = tree
+        t = DraftTree(tokens, parents, depths, ancestors)
+        B, N = tokens.shape
+        sampled_tree = draft_logq is not None
+        k, _, levels = shape.sampled_layout()
+        D = levels if sampled_tree else shape.depth  # no node is deeper
+        out = self.runner.forward_no_sync(ForwardBatch(tokens, settled[:, None] + depths, table, settled, ancestors,
+                                                       key_blocks=table.shape[1]))
+        logits = out.logits  # (B, N, V)
+        V = logits.shape[-1]
+        if greedy:
+            result = verify_greedy(t, logits, D)
+        else:
+            logp = sampler.sampling_logprobs(logits.reshape(B * N, V), params.repeat_rows(N), truncate).view(B, N, V)
+            # greedy rows have a one-hot distribution: any uniform picks the argmax
+            if sampled_tree:
+                u = self._uniforms(seeds, drawn, sampler.STREAM_VERIFY, (levels + 1, k + 1))
+                result = verify_rrs(t, logp, draft_logq, candidate, u, D, k)
+            else:
+                result = verify_sampled(t, logp, self._uniforms(seeds, drawn, sampler.STREAM_VERIFY, (N,)), D)
+        D1 = D + 1
+        # settle the accepted path onto consecutive cache positions settled + k
+        bs = self.runner.cache.block_size
+        steps = torch.arange(D1, device=tokens.device)[None, :]
+        self.runner.cache.copy_slots(token_slots(table, settled[:, None] + result.path, bs),
+                                     token_slots(table, settled[:, None] + steps, bs))
+        # exact logprobs of the emitted tokens, computed only at the path's nodes
+        path_logits = logits.gather(1, result.path[:, :, None].expand(B, D1, V))  # (B, D+1, V)
+        path_logp = sampler.policy_logprobs(path_logits.reshape(B * D1, V),
+                                            params.temperature.repeat_interleave(D1)).view(B, D1, V)
+        emitted_logp = path_logp.gather(2, result.tokens[:, :, None])[:, :, 0]  # (B, D+1)
+        path_feat = out.hidden.gather(1, result.path[:, :, None].expand(B, D1, out.hidden.shape[-1]))  # (B, D+1, H)
+        # float64 is exact for ids, counts and float32 logprobs; a tree keeps its best N_verify
+        # nodes, not always L deep
+        return host_rows(result.accepted, depths.amax(dim=1), result.tokens, emitted_logp), path_feat
 
     @staticmethod
     def _uniforms(seeds: torch.Tensor, drawn: torch.Tensor, stream: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -187,19 +289,48 @@ class SpecDecoder:
         u = sampler.counter_uniforms(seeds, sampler.draw_counters(drawn, stream), math.prod(shape))  # (B, n)
         return u.view(len(seeds), *shape)
 
-    def _child_draw(self, shape: TreeShape, params: sampler.SamplingBatch, seeds: torch.Tensor,
-                    drawn: torch.Tensor) -> ChildDraw:
-        k, e, levels = shape.sampled_layout()
-        return ChildDraw(params, self._uniforms(seeds, drawn, sampler.STREAM_CHILDREN, (levels, e, k)))
+    @torch.inference_mode()
+    def warm_up(self, trees: dict[int, TreeShape | None]) -> float:
+        """Compiles the greedy draft and verify steps for the tree the controller gives each compiled
+        batch bucket (trees: bucket -> shape, None where speculation is off); sampled variants
+        compile when first asked for. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        H = self.runner.config.hidden_size
+        done = set()
+        for size, shape in sorted(trees.items()):
+            graph = (size == 1, shape)  # (batches of 2 and more share a graph: a symbolic size)
+            if shape is None or size > self.compiled_batch or graph in done:
+                continue
+            done.add(graph)
+            states = [SpecState([0, 0], [torch.zeros(2, H, dtype=self.runner.dtype, device=self.runner.device)])
+                      for _ in range(size)]
+            self._run([0] * size, [2] * size, [[SCRATCH_BLOCK] * 2] * size, states, [(0.0, 0, 1.0)] * size,
+                      [0] * size, [0] * size, shape)
+        seconds = time.perf_counter() - t0
+        if done:
+            log.info("compiled the draft and verify steps for %d tree shapes and batch buckets up to %d in %.1f s",
+                     len({shape for _, shape in done}), self.compiled_batch, seconds)
+        return seconds
 
-    def _verify(self, grown: GrownTree, logits: torch.Tensor, params: sampler.SamplingBatch,
-                seeds: torch.Tensor, drawn: torch.Tensor, shape: TreeShape) -> VerifyResult:
-        tree = grown.tree
-        B, N, V = logits.shape
-        logp = sampler.sampling_logprobs(logits.reshape(B * N, V), params.repeat_rows(N)).view(B, N, V)
-        # greedy rows have a one-hot distribution: any uniform picks the argmax
-        if grown.draft_logq is None:
-            return verify_sampled(tree, logp, self._uniforms(seeds, drawn, sampler.STREAM_VERIFY, (N,)))
-        k, _, levels = shape.sampled_layout()  # at most k children per node, `levels` deep
-        return verify_rrs(tree, logp, grown.draft_logq, grown.candidate,
-                          self._uniforms(seeds, drawn, sampler.STREAM_VERIFY, (levels + 1, k + 1)))
+
+class _ForwardTimer:
+    """Times the verify step without waiting for the device: CUDA events around it, read after the
+    step's transfer; on the CPU, where work is done when the call returns, the wall clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.end.record()
+        else:
+            self.t1 = time.perf_counter()
+
+    def seconds(self) -> float:
+        """(call after the step's transfer: the events have completed by then)"""
+        return self.start.elapsed_time(self.end) / 1000 if self.cuda else self.t1 - self.t0

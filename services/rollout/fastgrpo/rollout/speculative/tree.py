@@ -92,10 +92,12 @@ def select_tree(
     cand_scores: torch.Tensor,
     cand_depths: torch.Tensor,
     n_nodes: int,
+    max_depth: int,
 ) -> DraftTree:
     """Keeps the n_nodes - 1 best candidates (by cumulative draft log-prob) under the root.
 
-    root (B,), cand_* (B, M) in topological order; cand_parents index the candidates, -1 = root.
+    root (B,), cand_* (B, M) in topological order; cand_parents index the candidates, -1 = root;
+    max_depth: the deepest candidate's depth at most (the levels grown: a host-side fact).
     A child's cumulative log-prob never exceeds its parent's, and a stable sort puts the parent
     (lower index) first on ties, so the kept set is closed under taking ancestors.
     """
@@ -108,12 +110,10 @@ def select_tree(
     new_index.scatter_(1, keep, torch.arange(1, k + 1, device=root.device).expand(B, k))
     par = cand_parents.gather(1, keep)  # (B, k) candidate index of the parent, -1 = root
     par_node = torch.where(par < 0, torch.zeros_like(par), new_index.gather(1, par.clamp(min=0)))  # (B, k)
-    assert bool((par_node >= 0).all()), "selected set is not closed under ancestors"
     zero = torch.zeros(B, 1, dtype=torch.long, device=root.device)
     tokens = torch.cat([root[:, None], cand_tokens.gather(1, keep)], dim=1)  # (B, N)
     parents = torch.cat([zero, par_node], dim=1)  # (B, N)
     depths = torch.cat([zero, cand_depths.gather(1, keep)], dim=1)  # (B, N)
-    max_depth = int(cand_depths.max()) if M else 0
     return DraftTree(tokens, parents, depths, ancestor_mask(parents, max_depth))
 
 
@@ -141,9 +141,10 @@ def pick_children(logq: torch.Tensor, k: int, uniforms: torch.Tensor | None = No
 
     logq (B, E, V) draft log-probs, uniforms (B, E, k), sampled (B,) bool -> tokens (B, E, k) and
     their draft log-probs (B, E, k); a draw past the support of q has log-prob -inf.
+    sampled None: every row takes the top-k (a tree grown without draws).
     """
     top_lq, top_tok = logq.topk(k, dim=-1)  # (B, E, k)
-    if sampled is None or not bool(sampled.any()):
+    if sampled is None:
         return top_tok, top_lq
     drawn = draw_without_replacement(logq, k, uniforms)  # (B, E, k)
     # a repeated (exhausted) draw is no candidate: give it q = 0
@@ -163,7 +164,7 @@ def reach_scores(child_logq: torch.Tensor, sampled: torch.Tensor | None, accept:
 
     child_logq (B, E, k), sampled (B,) -> (B, E, k).
     """
-    if sampled is None or not bool(sampled.any()):
+    if sampled is None:
         return child_logq
     k = child_logq.shape[-1]
     i = torch.arange(k, device=child_logq.device, dtype=child_logq.dtype)  # (k,)
@@ -197,15 +198,17 @@ def expand_level(level_scores: torch.Tensor, child_tokens: torch.Tensor, child_l
     return Expansion(child_tokens.reshape(B, E * k), parent, cum, keep)
 
 
-def children_table(parents: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+def children_table(parents: torch.Tensor, candidate: torch.Tensor, max_children: int) -> torch.Tensor:
     """Each node's children in index order (the order they were drawn in): (B, N, C) node
-    indices, -1 past the last. parents (B, N); candidate (B, N) bool, False drops a node."""
+    indices, -1 past the last. parents (B, N); candidate (B, N) bool, False drops a node;
+    max_children C: the most children a node has (the tree's width: a host-side fact)."""
     B, N = parents.shape
+    C = max_children
     idx = torch.arange(N, device=parents.device)
     is_child = (parents[:, None, :] == idx[None, :, None]) & (idx > 0) & candidate[:, None, :]  # (B, N, N)
-    C = max(int(is_child.sum(-1).max()), 1)
     rank = is_child.long().cumsum(-1) - 1  # (B, N, N) position of child j among node i's children
-    table = torch.full((B, N, C), -1, dtype=torch.long, device=parents.device)
-    b, i, j = is_child.nonzero(as_tuple=True)
-    table[b, i, rank[b, i, j]] = j
-    return table
+    # every non-child (and, were C too small, a child past it) goes to a column C that is dropped
+    column = torch.where(is_child, rank.clamp(max=C), torch.full_like(rank, C))  # (B, N, N)
+    table = torch.full((B, N, C + 1), -1, dtype=torch.long, device=parents.device)
+    table.scatter_(2, column, torch.where(is_child, idx, -1).expand(B, N, N))
+    return table[:, :, :C]

@@ -51,8 +51,10 @@ class VerifyResult:
         return self.accepted + 1  # (B,)
 
 
-def accept_path(tree: DraftTree, target_tokens: torch.Tensor) -> VerifyResult:
-    """Walks the tree against the target token drawn at every node. target_tokens (B, N)."""
+def accept_path(tree: DraftTree, target_tokens: torch.Tensor, max_depth: int) -> VerifyResult:
+    """Walks the tree against the target token drawn at every node. target_tokens (B, N);
+    max_depth D: no node is deeper (a host-side fact: the results are D + 1 wide whatever the
+    trees hold)."""
     B, N = tree.tokens.shape
     parent_target = target_tokens.gather(1, tree.parents)  # (B, N) token the target drew at the parent
     match = tree.tokens == parent_target  # (B, N)
@@ -62,7 +64,7 @@ def accept_path(tree: DraftTree, target_tokens: torch.Tensor) -> VerifyResult:
     accepted_node = ~(tree.ancestors & ~match[:, None, :]).any(-1)  # (B, N)
     deepest = torch.where(accepted_node, tree.depths, torch.full_like(tree.depths, -1)).argmax(1)  # (B,)
     n_acc = tree.depths.gather(1, deepest[:, None])[:, 0]  # (B,)
-    D = int(tree.depths.max())
+    D = max_depth
     on_path = tree.ancestors[torch.arange(B, device=tree.tokens.device), deepest]  # (B, N)
     # nodes of the path sorted by depth: off-path nodes get a key past every depth
     key = torch.where(on_path, tree.depths, torch.full_like(tree.depths, N + D + 1))  # (B, N)
@@ -78,31 +80,32 @@ def accept_path(tree: DraftTree, target_tokens: torch.Tensor) -> VerifyResult:
     return VerifyResult(n_acc, path, tokens)
 
 
-def verify_greedy(tree: DraftTree, target_logits: torch.Tensor) -> VerifyResult:
+def verify_greedy(tree: DraftTree, target_logits: torch.Tensor, max_depth: int) -> VerifyResult:
     """Longest path whose tokens equal the target's argmax at their parent. target_logits (B, N, V)."""
-    return accept_path(tree, target_logits.argmax(-1))
+    return accept_path(tree, target_logits.argmax(-1), max_depth)
 
 
-def verify_sampled(tree: DraftTree, sampling_logp: torch.Tensor, uniforms: torch.Tensor) -> VerifyResult:
+def verify_sampled(tree: DraftTree, sampling_logp: torch.Tensor, uniforms: torch.Tensor, max_depth: int) -> VerifyResult:
     """Sample-matching. sampling_logp (B, N, V): the target's sampling distribution at each node
     (sampler.sampling_logprobs); uniforms (B, N) i.i.d. U(0, 1), each sequence's own."""
-    return accept_path(tree, sample_inverse_cdf(sampling_logp.double().exp(), uniforms))
+    return accept_path(tree, sample_inverse_cdf(sampling_logp.double().exp(), uniforms), max_depth)
 
 
 def verify_rrs(tree: DraftTree, sampling_logp: torch.Tensor, draft_logq: torch.Tensor, candidate: torch.Tensor,
-               uniforms: torch.Tensor) -> VerifyResult:
+               uniforms: torch.Tensor, max_depth: int, max_children: int) -> VerifyResult:
     """Recursive rejection sampling down a tree of drawn children.
 
     sampling_logp (B, N, V) the target's sampling distribution at each node; draft_logq (B, N, V)
     the distribution each node's children were drawn from (without replacement, in index order);
     candidate (B, N) False for draws past q's support; uniforms (B, >= D+1, >= C+1) i.i.d. U[0, 1),
-    C the most children of a node: at each depth one per child test and the last for the bonus.
+    D = max_depth the deepest node, C = max_children the most children of a node (host-side facts:
+    the walk is D + 1 rounds of C tests, whoever stopped early): at each depth one uniform per
+    child test and the last for the bonus.
     """
     B, N = tree.tokens.shape
     dev = tree.tokens.device
-    kids = children_table(tree.parents, candidate)  # (B, N, C)
-    C = kids.shape[-1]
-    D = int(tree.depths.max())
+    D, C = max_depth, max_children
+    kids = children_table(tree.parents, candidate, C)  # (B, N, C)
     assert uniforms.shape[0] == B and uniforms.shape[1] >= D + 1 and uniforms.shape[2] >= C + 1, uniforms.shape
     rows = torch.arange(B, device=dev)
     node = torch.zeros(B, dtype=torch.long, device=dev)  # (B,) where each walk stands
@@ -133,13 +136,7 @@ def verify_rrs(tree: DraftTree, sampling_logp: torch.Tensor, draft_logq: torch.T
         node = torch.where(done | stop, node, nxt)
         path.append(node)
         done = done | stop
-        if bool(done.all()):  # one host sync per depth; deeper rounds would only pad
-            break
-    tokens = torch.stack(emitted, dim=1)  # (B, m+1)
-    path_t = torch.stack(path[:-1], dim=1)  # (B, m+1): root, a_1 .. a_m, then padding
+    tokens = torch.stack(emitted, dim=1)  # (B, D+1)
+    path_t = torch.stack(path[:-1], dim=1)  # (B, D+1): root, a_1 .. a_m, then padding
     accepted = tree.depths.gather(1, node[:, None])[:, 0]  # (B,)
-    pad = D + 1 - tokens.shape[1]
-    if pad:
-        tokens = torch.cat([tokens, tokens[:, -1:].expand(B, pad)], dim=1)
-        path_t = torch.cat([path_t, path_t[:, -1:].expand(B, pad)], dim=1)
     return VerifyResult(accepted, path_t, tokens)
