@@ -124,9 +124,10 @@ def draw_counters(drawn: torch.Tensor, stream: int) -> torch.Tensor:
     return drawn + stream * 2**28
 
 
-def truncates(top_k: int, top_p: float) -> bool:
-    """Whether sampling parameters cut the distribution (top-k or top-p): a host-side fact."""
-    return top_k > 0 or top_p < 1
+def truncates(params: list[tuple[float, int, float]]) -> bool:
+    """Whether any row's sampling parameters (temperature, top_k, top_p) cut the distribution
+    (top-k or top-p): a host-side fact."""
+    return any(top_k > 0 or top_p < 1 for _, top_k, top_p in params)
 
 
 def sample_no_sync(logits: torch.Tensor, params: SamplingBatch, seeds: torch.Tensor, counters: torch.Tensor,

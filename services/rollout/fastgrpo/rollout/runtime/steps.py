@@ -123,6 +123,20 @@ def host_rows(*columns: torch.Tensor) -> torch.Tensor:
     return torch.cat([c.double().reshape(c.shape[0], -1) for c in columns], dim=1)
 
 
+def table_width(runner: ModelRunner, blocks: int) -> int:
+    """The block-table width a compiled step pads `blocks` to: a power of two, at most the longest
+    sequence's blocks, and at least 2 (torch.compile specialises a size of 1, which would cost a
+    graph of its own)."""
+    return max(2, bucket(blocks, -(-runner.max_positions // runner.cache.block_size)))
+
+
+def sampling_floats(params: list[tuple[float, int, float]], pad: int, device: torch.device) -> torch.Tensor:
+    """(2, B + pad) float32 temperature and top_p of params (temperature, top_k, top_p) on the
+    device, in one copy; padding rows greedy and untruncated."""
+    return torch.tensor([[p[0] for p in params] + [0.0] * pad, [p[2] for p in params] + [1.0] * pad],
+                        dtype=torch.float32).to(device)
+
+
 def to_host_rows(*columns: torch.Tensor) -> list[list[float]]:
     """A step's one device-to-host transfer: host_rows(*columns) -> B lists of floats."""
     return host_rows(*columns).tolist()
@@ -150,9 +164,6 @@ class DecodeStep:
         if compiled_batch:
             mark_static_pools(runner.cache)
 
-    def max_blocks(self) -> int:
-        return -(-self.runner.max_positions // self.runner.cache.block_size)
-
     @torch.inference_mode()
     def __call__(self, tokens: list[int], starts: list[int], tables: list[list[int]], params: list[tuple[float, int, float]],
                  seeds: list[int], drawn: list[int]) -> DecodeOutput:
@@ -164,15 +175,13 @@ class DecodeStep:
         compiled = B <= self.compiled_batch
         Bp = bucket(B, self.max_batch) if compiled else B
         nb = -(-(max(starts) + 1) // bs)
-        # (at least 2: torch.compile specialises a size of 1, which would cost a graph of its own)
-        nbp = max(2, bucket(nb, self.max_blocks())) if compiled else nb
+        nbp = table_width(self.runner, nb) if compiled else nb
         pad = Bp - B
         ints = torch.tensor([tokens + [0] * pad, starts + [0] * pad, [p[1] for p in params] + [0] * pad,
                              seeds + [0] * pad, drawn + [0] * pad], dtype=torch.long).to(self.runner.device)  # (5, Bp)
-        floats = torch.tensor([[p[0] for p in params] + [0.0] * pad, [p[2] for p in params] + [1.0] * pad],
-                              dtype=torch.float32).to(self.runner.device)  # (2, Bp)
+        floats = sampling_floats(params, pad, self.runner.device)  # (2, Bp)
         table = padded_tables(tables + [[]] * pad, nbp, self.runner.device)  # (Bp, nbp)
-        truncate = any(sampler.truncates(top_k, top_p) for _, top_k, top_p in params)
+        truncate = sampler.truncates(params)
         if compiled:  # a graph per batch bucket, the context's blocks a symbolic size
             begin_compiled_step(self.runner.device)
             torch._dynamo.mark_static(ints, 1)

@@ -525,7 +525,7 @@ class Engine:
     def _sample_and_append(self, seqs: list[SequenceState], logits: torch.Tensor) -> None:
         """logits (B, V) of the next token of each sequence -> one token each, with its logprob."""
         seeds, drawn = self._noise(seqs)
-        truncate = any(sampler.truncates(s.sampling.top_k, s.sampling.top_p) for s in seqs)
+        truncate = sampler.truncates([self._params(s) for s in seqs])
         tokens, logp = sampler.sample_no_sync(logits, self._sampling_batch(seqs), seeds,
                                               sampler.draw_counters(drawn, sampler.STREAM_TOKEN), truncate)
         self._append_drawn(seqs, tokens, logp)

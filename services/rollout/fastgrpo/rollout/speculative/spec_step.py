@@ -32,8 +32,9 @@ from fastgrpo.rollout.runtime import sampler
 from fastgrpo.rollout.runtime.batch import ForwardBatch
 from fastgrpo.rollout.runtime.kv_cache import SCRATCH_BLOCK, padded_tables, token_slots
 from fastgrpo.rollout.runtime.model_runner import ModelRunner
-from fastgrpo.rollout.runtime.steps import begin_compiled_step, bucket, compile_step, host_rows, mark_static_pools
-from fastgrpo.rollout.speculative.draft_runner import ChildDraw, Drafter, GrownTree
+from fastgrpo.rollout.runtime.steps import (begin_compiled_step, bucket, compile_step, host_rows, mark_static_pools,
+                                            sampling_floats, table_width)
+from fastgrpo.rollout.speculative.draft_runner import ChildDraw, Drafter
 from fastgrpo.rollout.speculative.pairs import FeatureSequence
 from fastgrpo.rollout.speculative.tree import DraftTree, TreeShape
 from fastgrpo.rollout.speculative.verify import VERIFY_RULES, verify_greedy, verify_rrs, verify_sampled
@@ -172,23 +173,21 @@ class SpecDecoder:
         Bp = self.batch_size(B)
         pad = Bp - B
         dev = self.runner.device
-        bs = self.runner.cache.block_size
         nb = max(len(t) for t in tables)
         # pending pairs per sequence (from the host's lists: no wait for the device); a size of 1
         # would be specialised by the compiler, hence at least 2
         lengths = [len(s.pending_tokens) for s in states]
         P = max(2, bucket(max(lengths))) if compiled else max(lengths)
-        nbp = max(2, bucket(nb, -(-self.runner.max_positions // bs))) if compiled else nb
+        nbp = table_width(self.runner, nb) if compiled else nb
         # padding rows: one pending pair at position 0 and the root at 1, in the scratch block
         ints = torch.tensor([settled + [1] * pad, roots + [0] * pad, lengths + [1] * pad,
                              [p[1] for p in params] + [0] * pad, seeds + [0] * pad, drawn + [0] * pad],
                             dtype=torch.long).to(dev)  # (6, Bp)
-        floats = torch.tensor([[p[0] for p in params] + [0.0] * pad, [p[2] for p in params] + [1.0] * pad],
-                              dtype=torch.float32).to(dev)  # (2, Bp)
+        floats = sampling_floats(params, pad, dev)  # (2, Bp)
         table = padded_tables(tables + [[SCRATCH_BLOCK]] * pad, nbp, dev)  # (Bp, nbp)
         pending, features = self._pending(states, Bp, P)
         greedy = all(p[0] == 0 for p in params)
-        truncate = any(sampler.truncates(p[1], p[2]) for p in params)
+        truncate = sampler.truncates(params)
         draft, verify = self._compiled if compiled else (self._draft, self._verify)
         if compiled:  # a graph per tree shape (and one for a batch of 1); batch, pairs and blocks symbolic
             begin_compiled_step(dev)
