@@ -9,6 +9,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fastgrpo.rollout.runtime.batch import ForwardBatch
 from fastgrpo.rollout.runtime.kv_cache import SCRATCH_BLOCK, PagedKVCache, token_slots
+from fastgrpo.rollout.runtime.packed import linear_packed, packable
 
 
 def attention_mask(batch: ForwardBatch, key_len: int) -> torch.Tensor:
@@ -42,7 +43,8 @@ def paged_inputs(batch: ForwardBatch, block_size: int) -> tuple[torch.Tensor, to
     return table, token_slots(table, write_pos, block_size), attention_mask(batch, nb * block_size)
 
 
-# rows (tokens) up to which a compiled CPU step computes x @ W.T as a fused multiply-reduce. A
+# rows (tokens) up to which a compiled CPU step computes x @ W.T as a fused multiply-reduce (larger
+# ones take the packed oneDNN op, runtime.packed). A
 # matrix-vector product is bound by reading W; MKL's runs on one core (about 12 GB/s on the 2-core
 # CPU here) while inductor's reduction streams W on both (about 30). The bench fixture's linears
 # at 1 / 2 / 4 / 8 rows: eager 19.5 / 30.7 / 25.8 / 22.6 ms, reduction 8.2 / 9.9 / 17.7 / 33.7 ms
@@ -50,14 +52,18 @@ GEMV_ROWS = 4
 
 
 def project(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """linear(x), as a multiply-reduce where that reads the weights faster (GEMV_ROWS): at a row
-    count known when compiling (a symbolic one, such as a catch-up's pending pairs, is left to
-    the matrix product rather than specialised)."""
-    if (x.device.type == "cpu" and torch.compiler.is_compiling()
-            and statically_known_true(x.numel() <= GEMV_ROWS * x.shape[-1])):
+    """linear(x). On the CPU in inference: through oneDNN's packed weights (runtime.packed), and in
+    a compiled step as a multiply-reduce where that reads the weights faster (GEMV_ROWS), at a row
+    count known when compiling (a symbolic one, such as a catch-up's pending pairs, is left to the
+    matrix product rather than specialised)."""
+    if not packable(linear.weight):
+        return linear(x)
+    if not torch.compiler.is_compiling():
+        return linear_packed(x, linear.weight, linear.bias)
+    if statically_known_true(x.numel() <= GEMV_ROWS * x.shape[-1]):
         y = (x[..., None, :] * linear.weight).sum(-1)  # (..., out)
         return y if linear.bias is None else y + linear.bias
-    return linear(x)
+    return torch.ops.fastgrpo.linear_packed(x, linear.weight, linear.bias)
 
 
 def gated_mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
