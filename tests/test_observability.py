@@ -116,7 +116,7 @@ def test_help_documents_the_http_port(argv):
 def test_rollout_metrics_agree_with_completions_and_status(fixture_dir, draft_dir, start_service):
     """Counters equal the sums of what the client received; scrape-time gauges equal GetStatus."""
     app = start_service(fixture_dir, draft=str(draft_dir), max_running=8, http_port=0, draft_every_n_batches=0,
-                        spec_mode="static")
+                        spec_mode="static", spec_sources="head,siblings,history")
     base = f"http://127.0.0.1:{app.http.port}"
     assert http_get(base + "/healthz")[0] == 200 and http_get(base + "/readyz")[0] == 200
     client = RolloutClient(f"127.0.0.1:{app.port}")
@@ -140,6 +140,15 @@ def test_rollout_metrics_agree_with_completions_and_status(fixture_dir, draft_di
     for d in range(1, depths + 1):
         by_depth = sum(c.spec.accepted_per_depth[d - 1] for c in done if len(c.spec.accepted_per_depth) >= d)
         assert m[("fastgrpo_rollout_accepted_tokens_total", (("depth", str(d)),))] == by_depth
+    spec = status.speculation
+    assert spec.sources == "head,siblings,history"
+    for source in ("head", "siblings", "history"):
+        total = sum(getattr(c.spec, f"accepted_{source}") for c in done)
+        assert m[("fastgrpo_rollout_source_accepted_tokens_total", (("source", source),))] == total, source
+        assert getattr(spec, f"accepted_{source}") == total, source
+    assert sum(c.spec.accepted_siblings for c in done) > 0  # 3 samples of a prompt drafted from each other
+    assert spec.history_prompts == 2 and spec.history_tokens == sum(len(c.token_ids) for c in done)
+    assert m[("fastgrpo_rollout_draft_history_tokens", ())] == spec.history_tokens
     # the histogram is fed per step by the engine, the counters per sequence: both count the same steps
     assert m[("fastgrpo_rollout_acceptance_length_count", ())] == verify
     assert m[("fastgrpo_rollout_acceptance_length_sum", ())] == verify + accepted
@@ -151,7 +160,6 @@ def test_rollout_metrics_agree_with_completions_and_status(fixture_dir, draft_di
     assert m[("fastgrpo_rollout_estimated_speedup", ())] > 1
     assert m[("fastgrpo_rollout_weight_update_seconds_count", (("target", "policy"),))] == 1
     assert m[("fastgrpo_rollout_weight_update_bytes_total", (("target", "policy"),))] == pushed.bytes_sent > 0
-    spec = status.speculation
     for metric, value in [("running_sequences", status.running_sequences), ("queued_sequences", status.queued_sequences),
                           ("max_running_sequences", 8), ("policy_version", 1), ("draft_version", status.draft_version),
                           ("spec_n_verify", spec.n_verify), ("spec_width", spec.width), ("spec_depth", spec.depth),
@@ -240,7 +248,8 @@ def scraped_run(fixture_dir, draft_dir, tmp_path_factory):
                         eval_size=0, micro_batch=24, lr=2e-4, http_port=0)
     out = io.StringIO()  # receives the 'http on HOST:PORT' line, as a script reading the learner's stdout would
     with ServiceProcess(fixture_dir, "--draft", str(draft_dir), "--spec-mode", "adaptive", "--c-peak", "64",
-                        "--max-running", "24", threads=1, http_port=0) as rollout, \
+                        "--spec-sources", "head,siblings,history", "--max-running", "24", threads=1,
+                        http_port=0) as rollout, \
             exported(cfg.http_host, cfg.http_port, out) as metrics:
         learner_address = re.search(r"http on (\S+)", out.getvalue()).group(1)
         prom = Prometheus(scrape_config(rollout.http_address, learner_address), tmp_path_factory.mktemp("prometheus"))

@@ -298,13 +298,15 @@ def _chi2_pvalue(counts: dict, probs: dict, n: int) -> float:
     return float(chi2.sf(stat, dof))
 
 
-def _sd_first3_counts(spec, temperature, top_p):
+def _sd_first3_counts(spec, temperature, top_p, accepted=lambda s: s.accepted_tokens):
+    """Counts of each first-3-token outcome over N_SAMPLES samples of PROMPT, and the draft tokens
+    accepted (`accepted` of each sequence's SpecStats)."""
     res = _run(spec, [PROMPT], n=N_SAMPLES, temperature=temperature, top_p=top_p, max_new_tokens=3,
                ignore_eos=True, seed=1234)
     counts = {}
     for r in res:
         counts[tuple(r.token_ids)] = counts.get(tuple(r.token_ids), 0) + 1
-    return counts, sum(r.spec.accepted_tokens for r in res)
+    return counts, sum(accepted(r.spec) for r in res)
 
 
 @pytest.fixture(scope="module", params=["rrs", "match"])

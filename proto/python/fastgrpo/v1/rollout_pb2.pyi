@@ -98,16 +98,20 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., num_samples: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
 
 class SpecStats(_message.Message):
-    __slots__ = ("drafted_tokens", "accepted_tokens", "verify_steps", "accepted_per_depth")
+    __slots__ = ("drafted_tokens", "accepted_tokens", "verify_steps", "accepted_per_depth", "accepted_siblings", "accepted_history")
     DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_STEPS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_PER_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_SIBLINGS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_HISTORY_FIELD_NUMBER: _ClassVar[int]
     drafted_tokens: int
     accepted_tokens: int
     verify_steps: int
     accepted_per_depth: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., verify_steps: _Optional[int] = ..., accepted_per_depth: _Optional[_Iterable[int]] = ...) -> None: ...
+    accepted_siblings: int
+    accepted_history: int
+    def __init__(self, drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., verify_steps: _Optional[int] = ..., accepted_per_depth: _Optional[_Iterable[int]] = ..., accepted_siblings: _Optional[int] = ..., accepted_history: _Optional[int] = ...) -> None: ...
 
 class Completion(_message.Message):
     __slots__ = ("request_id", "prompt_index", "sample_index", "token_ids", "logprobs", "finish_reason", "policy_version", "spec", "text")
@@ -292,7 +296,7 @@ class KVCacheStatus(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., blocks_total: _Optional[int] = ..., bytes_total: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_cached: _Optional[int] = ..., blocks_free: _Optional[int] = ..., preemptions: _Optional[int] = ..., shared_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class SpeculationStatus(_message.Message):
-    __slots__ = ("mode", "c_peak", "c_peak_source", "batch_size", "n_verify", "width", "depth", "c_peak_start", "c_peak_start_source", "c_peak_updates", "alpha", "alpha_start", "alpha_updates")
+    __slots__ = ("mode", "c_peak", "c_peak_source", "batch_size", "n_verify", "width", "depth", "c_peak_start", "c_peak_start_source", "c_peak_updates", "alpha", "alpha_start", "alpha_updates", "sources", "accepted_head", "accepted_siblings", "accepted_history", "history_tokens", "history_prompts")
     MODE_FIELD_NUMBER: _ClassVar[int]
     C_PEAK_FIELD_NUMBER: _ClassVar[int]
     C_PEAK_SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -306,6 +310,12 @@ class SpeculationStatus(_message.Message):
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     ALPHA_START_FIELD_NUMBER: _ClassVar[int]
     ALPHA_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_HEAD_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_SIBLINGS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     mode: str
     c_peak: float
     c_peak_source: str
@@ -319,4 +329,10 @@ class SpeculationStatus(_message.Message):
     alpha: float
     alpha_start: float
     alpha_updates: int
-    def __init__(self, mode: _Optional[str] = ..., c_peak: _Optional[float] = ..., c_peak_source: _Optional[str] = ..., batch_size: _Optional[int] = ..., n_verify: _Optional[int] = ..., width: _Optional[int] = ..., depth: _Optional[int] = ..., c_peak_start: _Optional[float] = ..., c_peak_start_source: _Optional[str] = ..., c_peak_updates: _Optional[int] = ..., alpha: _Optional[float] = ..., alpha_start: _Optional[float] = ..., alpha_updates: _Optional[int] = ...) -> None: ...
+    sources: str
+    accepted_head: int
+    accepted_siblings: int
+    accepted_history: int
+    history_tokens: int
+    history_prompts: int
+    def __init__(self, mode: _Optional[str] = ..., c_peak: _Optional[float] = ..., c_peak_source: _Optional[str] = ..., batch_size: _Optional[int] = ..., n_verify: _Optional[int] = ..., width: _Optional[int] = ..., depth: _Optional[int] = ..., c_peak_start: _Optional[float] = ..., c_peak_start_source: _Optional[str] = ..., c_peak_updates: _Optional[int] = ..., alpha: _Optional[float] = ..., alpha_start: _Optional[float] = ..., alpha_updates: _Optional[int] = ..., sources: _Optional[str] = ..., accepted_head: _Optional[int] = ..., accepted_siblings: _Optional[int] = ..., accepted_history: _Optional[int] = ..., history_tokens: _Optional[int] = ..., history_prompts: _Optional[int] = ...) -> None: ...

@@ -34,6 +34,13 @@ class SpecStats:
     accepted_tokens: int = 0
     verify_steps: int = 0
     accepted_per_depth: tuple[int, ...] = ()  # [d]: draft tokens accepted at tree depth d + 1
+    accepted_siblings: int = 0  # of accepted_tokens, proposed from the sibling samples' text
+    accepted_history: int = 0  # of accepted_tokens, proposed from the prompt's earlier completions
+
+    @property
+    def accepted_head(self) -> int:
+        """Of accepted_tokens, those the draft head proposed."""
+        return self.accepted_tokens - self.accepted_siblings - self.accepted_history
 
     @property
     def acceptance_length(self) -> float:
@@ -47,7 +54,8 @@ class SpecStats:
         return SpecStats(sum(s.drafted_tokens for s in stats), sum(s.accepted_tokens for s in stats),
                          sum(s.verify_steps for s in stats),
                          tuple(sum(s.accepted_per_depth[d] for s in stats if d < len(s.accepted_per_depth))
-                               for d in range(depth)))
+                               for d in range(depth)),
+                         sum(s.accepted_siblings for s in stats), sum(s.accepted_history for s in stats))
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,12 @@ class Speculation:
     alpha: float = 0.0  # depth scaling, L = log2(N_verify / alpha): live, as started, and moves so far
     alpha_start: float = 0.0
     alpha_updates: int = 0
+    sources: str = ""  # --spec-sources
+    accepted_head: int = 0  # draft tokens accepted since start, by source
+    accepted_siblings: int = 0
+    accepted_history: int = 0
+    history_tokens: int = 0  # completion tokens and prompts the history store holds
+    history_prompts: int = 0
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from fastgrpo.rollout.scheduler.sequence import Admission, RequestHandle, Sequen
 from fastgrpo.rollout.speculative.controller import SpecController
 from fastgrpo.rollout.speculative.draft_runner import Drafter
 from fastgrpo.rollout.speculative.spec_step import SpecDecoder
+from fastgrpo.rollout.speculative.text_drafts import Proposal, TextDrafts
 from fastgrpo.rollout.speculative.tree import TreeShape
 from fastgrpo.wire.records import Completion, FinishReason
 
@@ -70,9 +71,13 @@ class EngineConfig:
 class Engine:
     def __init__(self, runner: ModelRunner, eos_token_ids: tuple[int, ...], config: EngineConfig = EngineConfig(),
                  drafter: Drafter | None = None, controller: SpecController | None = None,
-                 observers: Iterable[EngineObserver] = ()):
+                 observers: Iterable[EngineObserver] = (), text_drafts: TextDrafts | None = None):
+        """text_drafts: chains from the sibling samples' and earlier completions' text, joining the
+        drafter's trees (speculative.text_drafts); needs a drafter."""
         if (drafter is None) != (controller is None):
             raise ValueError("speculative decoding needs both a drafter and a speculation controller")
+        if text_drafts is not None and drafter is None:
+            raise ValueError("drafting from text needs a drafter (the draft head) for now")
         if controller is not None and runner.max_positions < runner.max_len + controller.max_nodes():
             raise ValueError(f"the runner needs {controller.max_nodes()} positions of headroom for the largest tree")
         self.runner = runner
@@ -101,6 +106,8 @@ class Engine:
         if controller is not None and controller.calibrator is not None:
             runner.observe_decode_forwards(controller.calibrator.observe)
         self.controller = controller
+        self.text_drafts = text_drafts
+        self.accepted_by_source = {"head": 0, "siblings": 0, "history": 0}  # draft tokens accepted since start
         self.background: list[BackgroundWork] = []
         self.last_tree: TreeShape | None = None  # tree of the latest decode step (None: plain)
         self.last_batch_size = 0
@@ -269,6 +276,8 @@ class Engine:
                 for seq in {id(s): s for s in admitted + self._running}.values():
                     seq.handle._fail(exc)
                     self._release(seq)
+                    if self.text_drafts is not None:
+                        self.text_drafts.close(id(seq.handle))
                 self._running, self._prefilling = [], []
                 self.blocks.forget_prefixes()  # blocks registered this step may never have been written
             # background work takes the engine only between steps, one piece at a time
@@ -501,17 +510,31 @@ class Engine:
     def _spec_decode(self, seqs: list[SequenceState], tree: TreeShape, adaptive: bool) -> list[int]:
         """One draft-and-verify step; returns the tokens each sequence's verify step emitted.
         Adaptive trees report how deep their accepted paths reached (the controller's alpha)."""
+        chains = [self._proposal(s, tree) for s in seqs] if self.text_drafts is not None else None
         steps = self.spec.step(roots=[s.generated[-1] for s in seqs], settled=[s.cached for s in seqs],
                                tables=[s.blocks for s in seqs], states=[s.spec for s in seqs],
                                params=[self._params(s) for s in seqs], seeds=[s.seed for s in seqs],
-                               drawn=[len(s.generated) for s in seqs], shape=tree)
-        for s, st in zip(seqs, steps):
+                               drawn=[len(s.generated) for s in seqs], shape=tree, chains=chains)
+        for b, (s, st) in enumerate(zip(seqs, steps)):
             s.cached += st.accepted + 1  # the root and the accepted draft tokens are now in the cache
             self._append(s, st.tokens, st.logprobs)
+            self.accepted_by_source["head"] += st.accepted - st.text_accepted
+            if st.text_accepted:
+                self.accepted_by_source[chains[b].source] += st.text_accepted
         if adaptive and self.controller.calibrator is not None and tree.n_verify > 2:
             # (a two-node tree is one level deep whatever alpha says: it tells nothing about alpha)
             self.controller.calibrator.observe_acceptance([st.depth for st in steps], [st.accepted for st in steps])
         return [st.accepted + 1 for st in steps]
+
+    @staticmethod
+    def _group_key(seq: SequenceState) -> tuple[int, int]:
+        return id(seq.handle), seq.prompt_index
+
+    def _proposal(self, seq: SequenceState, tree: TreeShape) -> Proposal | None:
+        """seq's text chain for this step: from what its siblings (and itself) wrote so far and the
+        prompt's earlier completions; at most as long as the tree could keep."""
+        group = self.text_drafts.group(self._group_key(seq), seq.prompt, self.policy_version)
+        return self.text_drafts.propose(group, seq.sample_index, seq.prompt, seq.generated, tree.n_verify - 1)
 
     @staticmethod
     def _append(seq: SequenceState, tokens: list[int], logprobs: list[float]) -> None:
@@ -569,6 +592,9 @@ class Engine:
 
     def _finish(self, seq: SequenceState, reason: FinishReason) -> None:
         self._release(seq)
+        if self.text_drafts is not None:
+            self.text_drafts.finished(self._group_key(seq), seq.prompt, seq.sample_index, seq.generated,
+                                      seq.min_version, keep=reason != "abort")
         pairs = None
         if self.spec is not None and self.spec.capture and reason != "abort" and seq.spec.pending_chunks:
             pairs = SpecDecoder.captured(seq.spec)
@@ -586,6 +612,8 @@ class Engine:
         for observer in self.observers:
             observer.sequence_done(result, seconds, pairs)
         seq.handle._deliver(result)
+        if seq.handle._remaining == 0 and self.text_drafts is not None:
+            self.text_drafts.close(id(seq.handle))
         if seq.handle._remaining == 0 and not seq.handle.cancelled:
             for observer in self.observers:
                 observer.request_done(seq.handle.request)

@@ -125,7 +125,8 @@ def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics, interceptors: tup
     observers = [metrics] + ([learner] if learner is not None else [])
     startup.begin("allocating the KV cache and compiling the decode step"
                   if compiled_batch(cfg.engine.compile, runner.device, cfg.engine.max_running) else "allocating the KV cache")
-    engine = Engine(runner, eos_ids, cfg.engine, drafter, controller, observers)
+    engine = Engine(runner, eos_ids, cfg.engine, drafter, controller, observers,
+                    cfg.spec.text_drafts() if drafter is not None else None)
     if learner is not None:
         engine.add_background(learner)
     info = ModelInfo(

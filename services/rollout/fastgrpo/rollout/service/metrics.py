@@ -45,6 +45,10 @@ class RolloutMetrics(EngineObserver):
         self.accepted = Counter("fastgrpo_rollout_accepted_tokens",
                                 "Draft tokens accepted by verification, by tree depth (1 = the root's child)",
                                 ["depth"], registry=r)
+        self.accepted_by_source = Counter("fastgrpo_rollout_source_accepted_tokens",
+                                          "Draft tokens accepted by verification, by where the draft came from: head "
+                                          "(the draft model), siblings (the other samples' text), history (the "
+                                          "prompt's earlier completions)", ["source"], registry=r)
         self.verify_steps = Counter("fastgrpo_rollout_verify_steps",
                                     "Verify steps (one per sequence and speculative decode step)", registry=r)
         self.acceptance_length = Histogram(
@@ -75,6 +79,8 @@ class RolloutMetrics(EngineObserver):
         self.update_bytes.labels("policy")
         for depth in range(1, max_depth + 1):
             self.accepted.labels(str(depth))
+        for source in ("head", "siblings", "history"):
+            self.accepted_by_source.labels(source)
 
     # ---------------------------------------------------------------- engine thread
     def step_done(self, report: StepReport) -> None:
@@ -96,6 +102,9 @@ class RolloutMetrics(EngineObserver):
             self.verify_steps.inc(spec.verify_steps)
             for depth, n in enumerate(spec.accepted_per_depth, start=1):
                 self.accepted.labels(str(depth)).inc(n)
+            for source, n in (("head", spec.accepted_head), ("siblings", spec.accepted_siblings),
+                              ("history", spec.accepted_history)):
+                self.accepted_by_source.labels(source).inc(n)
         if result.finish_reason != "abort":
             self.e2e.observe(seconds)
 
@@ -158,6 +167,11 @@ class _StatusCollector(Collector):
                          spec.c_peak_start)
             yield _counter("fastgrpo_rollout_spec_c_peak_updates", "Online re-estimates of C_peak", spec.c_peak_updates)
             yield _gauge("fastgrpo_rollout_spec_alpha", "alpha: adaptive tree depth L = log2(N_verify / alpha) (live)", spec.alpha)
+            if "history" in spec.sources:
+                yield _gauge("fastgrpo_rollout_draft_history_tokens", "Completion tokens the draft history holds "
+                             "(--spec-history-tokens bounds it)", spec.history_tokens)
+                yield _gauge("fastgrpo_rollout_draft_history_prompts", "Prompts the draft history holds completions of",
+                             spec.history_prompts)
         if self._learner is not None:
             ls = self._learner.stats()
             yield _counter("fastgrpo_rollout_draft_rounds", "Online draft-learning rounds swapped in", ls.rounds)

@@ -21,11 +21,13 @@ from typing import Literal
 
 from fastgrpo.common.config import help_field
 from fastgrpo.rollout.speculative.online_calibration import OnlineCalibrator
+from fastgrpo.rollout.speculative.text_drafts import TEXT_SOURCES, TextDrafts
 from fastgrpo.rollout.speculative.tree import TreeShape
 from fastgrpo.rollout.speculative.verify import VERIFY_RULES
 
 SpecMode = Literal["adaptive", "static", "off"]
 SPEC_MODES: tuple[SpecMode, ...] = ("adaptive", "static", "off")
+DRAFT_SOURCES = ("head",) + TEXT_SOURCES
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class SpecConfig:
     width: int = help_field(4, "static K: children per tree node and nodes expanded per level")
     depth: int = help_field(5, "static L: tree depth (draft steps per verify step)")
     n_verify: int = help_field(16, "static N_verify: tree nodes (root included) verified per sequence and step")
+    sources: str = help_field("head", "where drafts come from, comma-separated: head (the draft model), siblings (what the other samples of the same prompt have written so far), history (earlier completions of the same prompt, kept across requests); text chains from siblings and history compete with the head's candidates in one tree (steps with any verify sampled sequences by sample-matching); head is required")
+    history_tokens: int = help_field(1_000_000, "history: completion tokens kept in all, the least recently used prompts dropped first (about 40 bytes a token)")
+    history_max_age: int = help_field(4, "history: completions written more than this many policy versions ago are dropped")
 
     def __post_init__(self):
         if self.mode not in SPEC_MODES:
@@ -57,6 +62,23 @@ class SpecConfig:
         if self.verify not in VERIFY_RULES:
             raise ValueError(f"--spec-verify must be one of {', '.join(VERIFY_RULES)}; got {self.verify!r}")
         TreeShape(self.width, self.depth, self.n_verify)  # a static tree that cannot be built is refused here
+        sources = self.source_list
+        unknown = [s for s in sources if s not in DRAFT_SOURCES]
+        if unknown or not sources:
+            raise ValueError(f"--spec-sources takes a comma-separated list of {', '.join(DRAFT_SOURCES)}; got {self.sources!r}")
+        if "head" not in sources:
+            raise ValueError(f"--spec-sources must include head (drafting from text alone, without a draft model, is not built yet); got {self.sources!r}")
+        if self.history_tokens < 0 or self.history_max_age < 0:
+            raise ValueError(f"--spec-history-tokens and --spec-history-max-age must be >= 0; got {self.history_tokens}, {self.history_max_age}")
+
+    @property
+    def source_list(self) -> tuple[str, ...]:
+        return tuple(s.strip() for s in self.sources.split(",") if s.strip())
+
+    def text_drafts(self) -> TextDrafts | None:
+        """The engine's text drafting for these sources (None: the head alone drafts)."""
+        text = [s for s in self.source_list if s in TEXT_SOURCES]
+        return TextDrafts(text, self.history_tokens, self.history_max_age) if text else None
 
     @property
     def static_tree(self) -> TreeShape:

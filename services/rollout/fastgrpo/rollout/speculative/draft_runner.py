@@ -18,8 +18,8 @@ from fastgrpo.rollout.runtime.batch import ForwardBatch
 from fastgrpo.rollout.runtime.kv_cache import PagedKVCache
 from fastgrpo.rollout.runtime.layers import decoder_layer, paged_inputs
 from fastgrpo.rollout.speculative.draft_head import DraftHead
-from fastgrpo.rollout.speculative.tree import (DraftTree, TreeShape, expand_level, pick_children, reach_scores,
-                                               select_tree)
+from fastgrpo.rollout.speculative.tree import (DraftTree, TextChain, TreeShape, expand_level, merge_chain,
+                                               pick_children, reach_scores, select_tree)
 
 
 @dataclass(frozen=True)
@@ -97,14 +97,17 @@ class Drafter:
         return torch.where(draw.params.greedy[:, None, None], torch.log_softmax(logits, -1), shaped)
 
     def grow(self, table: torch.Tensor, settled: torch.Tensor, root: torch.Tensor, root_feature: torch.Tensor,
-             shape: TreeShape, draw: ChildDraw | None = None) -> GrownTree:
+             shape: TreeShape, draw: ChildDraw | None = None, chain: TextChain | None = None) -> GrownTree:
         """Builds one tree per sequence under `root` (B,) whose predicted feature is root_feature (B, H).
 
         settled (B,) = tokens in the caches; the root sits at position settled, depth-d nodes at
         settled + d. Without `draw`: EAGLE-2's deterministic tree (top-K children, the best
         N_verify - 1 of the pool kept). With it: children drawn without replacement, all kept
         (shape.sampled_layout), and the distributions they were drawn from returned for verification.
+        chain (deterministic trees only): a text chain per sequence that competes with the head's
+        candidates for the N_verify - 1 places (tree.merge_chain); the tree may then be deeper than L.
         """
+        assert chain is None or draw is None, "text chains join deterministic trees only"
         if draw is None:
             k, E, L = shape.width, shape.width, shape.depth
         else:
@@ -165,7 +168,10 @@ class Drafter:
         all_tokens, all_parents = torch.cat(cand_tokens, 1), torch.cat(cand_parents, 1)
         all_scores, all_depths = torch.cat(cand_scores, 1), torch.cat(cand_depths, 1)
         if draw is None:
-            return GrownTree(select_tree(root, all_tokens, all_parents, all_scores, all_depths, shape.n_verify, L))
+            if chain is None:
+                return GrownTree(select_tree(root, all_tokens, all_parents, all_scores, all_depths, shape.n_verify, L))
+            *pool, from_text = merge_chain(all_tokens, all_parents, all_scores, all_depths, chain)
+            return GrownTree(select_tree(root, *pool, shape.n_verify, max(L, chain.tokens.shape[1]), from_text))
         # sampled: every candidate is a node (node = pool index + 1), in the order drawn
         tree = select_tree(root, all_tokens, all_parents, all_scores, all_depths, pool + 1, L)
         V = root_logq.shape[-1]

@@ -36,7 +36,8 @@ from fastgrpo.rollout.runtime.steps import (begin_compiled_step, bucket, compile
                                             sampling_floats, table_width)
 from fastgrpo.rollout.speculative.draft_runner import ChildDraw, Drafter
 from fastgrpo.rollout.speculative.pairs import FeatureSequence
-from fastgrpo.rollout.speculative.tree import DraftTree, TreeShape
+from fastgrpo.rollout.speculative.text_drafts import TEXT_SOURCES, Proposal
+from fastgrpo.rollout.speculative.tree import DraftTree, TextChain, TreeShape
 from fastgrpo.rollout.speculative.verify import VERIFY_RULES, verify_greedy, verify_rrs, verify_sampled
 from fastgrpo.wire.records import SpecStats
 
@@ -55,6 +56,8 @@ class SpecState:
     accepted: int = 0
     verify_steps: int = 0
     accepted_per_depth: list[int] = field(default_factory=list)  # [d-1]: draft tokens accepted at depth d
+    # draft tokens accepted that a text chain proposed (merged ones it scored higher included), by source
+    accepted_text: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TEXT_SOURCES, 0))
     captured_tokens: list[int] = field(default_factory=list)  # pairs already consumed, kept for draft learning
     prompt_pairs: int = 0  # pairs 0 .. prompt_pairs - 1 predict prompt tokens (see FeatureSequence.loss_from)
     captured_features: list[torch.Tensor] = field(default_factory=list)
@@ -67,7 +70,8 @@ class SpecState:
         return self.pending_chunks[0]
 
     def stats(self) -> SpecStats:
-        return SpecStats(self.drafted, self.accepted, self.verify_steps, tuple(self.accepted_per_depth))
+        return SpecStats(self.drafted, self.accepted, self.verify_steps, tuple(self.accepted_per_depth),
+                         self.accepted_text["siblings"], self.accepted_text["history"])
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class StepTokens:
     logprobs: list[float]
     accepted: int
     depth: int  # of the deepest node in the sequence's verified tree: accepted == depth used it all
+    text_accepted: int = 0  # of the accepted, those its text chain proposed (see SpecState.accepted_text)
 
 
 class SpecDecoder:
@@ -95,6 +100,7 @@ class SpecDecoder:
         self.rule = rule
         self.capture = False  # keep consumed pairs for online draft learning
         self.compiled_batch = min(compiled_batch, max_batch)
+        self.max_chain = 16  # longest text chain a step takes (chains are padded to powers of two)
         self.max_batch = max_batch
         self._compiled = None
         if compiled_batch:
@@ -133,7 +139,7 @@ class SpecDecoder:
     @torch.inference_mode()
     def step(self, roots: list[int], settled: list[int], tables: list[list[int]], states: list[SpecState],
              params: list[tuple[float, int, float]], seeds: list[int], drawn: list[int],
-             shape: TreeShape) -> list[StepTokens]:
+             shape: TreeShape, chains: list[Proposal | None] | None = None) -> list[StepTokens]:
         """One draft-and-verify step of B sequences, from host lists: each sequence's last emitted
         token (the root, not yet in the cache), its settled length (tokens in the cache), its
         blocks (covering every position the step writes), its sampling parameters (temperature,
@@ -141,30 +147,55 @@ class SpecDecoder:
 
         Leaves each state's pending pairs set to the accepted path, and its counters advanced; the
         caller appends the tokens and advances its settled count by len(tokens).
+
+        chains: a text proposal per sequence (speculative.text_drafts; None where it has none). A
+        step with any makes deterministic trees for every sequence (sampled ones verify by
+        sample-matching), the chains competing with the head's candidates for the N_verify places.
         """
-        host, path_feat, N, Bp, seconds = self._run(roots, settled, tables, states, params, seeds, drawn, shape)
+        chain = self._chain(chains, shape) if chains and any(chains) else None
+        host, path_feat, N, Bp, seconds = self._run(roots, settled, tables, states, params, seeds, drawn, shape, chain)
         self.runner.report_decode(Bp * N, seconds)
-        D1 = (len(host[0]) - 2) // 2
+        D1 = (len(host[0]) - 3) // 2
         steps = []
         for b, st in enumerate(states):
             n = int(host[b][0]) + 1
-            toks = [int(t) for t in host[b][2: 2 + D1]]
-            lps = host[b][2 + D1:]
+            toks = [int(t) for t in host[b][3: 3 + D1]]
+            lps = host[b][3 + D1:]
+            text = int(host[b][2])
+            if text:
+                st.accepted_text[chains[b].source] += text
             st.pending_tokens = toks[:n]
             st.pending_chunks = [path_feat[b, :n]]
             st.drafted += N - 1
             st.accepted += n - 1
             st.verify_steps += 1
-            if len(st.accepted_per_depth) < shape.depth:
-                st.accepted_per_depth += [0] * (shape.depth - len(st.accepted_per_depth))
+            depth = max(shape.depth, n - 1)  # (a text chain may reach deeper than L)
+            if len(st.accepted_per_depth) < depth:
+                st.accepted_per_depth += [0] * (depth - len(st.accepted_per_depth))
             for d in range(n - 1):
                 st.accepted_per_depth[d] += 1
-            steps.append(StepTokens(toks[:n], lps[:n], n - 1, int(host[b][1])))
+            steps.append(StepTokens(toks[:n], lps[:n], n - 1, int(host[b][1]), text))
         return steps
 
+    def _chain(self, chains: list[Proposal | None], shape: TreeShape) -> TextChain:
+        """The step's text chains on the device (B, C): C the longest chain's length padded to a
+        power of two, at most what the tree could keep (N_verify - 1) and max_chain."""
+        C = min(bucket(max(len(p.tokens) for p in chains if p)), shape.n_verify - 1, self.max_chain)
+        tokens, reach = [], []
+        for p in chains:
+            row_t, row_r, log_reach = [], [], 0.0
+            for t, prob in zip(p.tokens[:C] if p else (), p.probs[:C] if p else ()):
+                log_reach += math.log(prob)
+                row_t.append(t)
+                row_r.append(log_reach)
+            tokens.append(row_t + [0] * (C - len(row_t)))
+            reach.append(row_r + [float("-inf")] * (C - len(row_r)))
+        dev = self.runner.device
+        return TextChain(torch.tensor(tokens, dtype=torch.long).to(dev), torch.tensor(reach, dtype=torch.float32).to(dev))
+
     def _run(self, roots: list[int], settled: list[int], tables: list[list[int]], states: list[SpecState],
-             params: list[tuple[float, int, float]], seeds: list[int], drawn: list[int], shape: TreeShape
-             ) -> tuple[list[list[float]], torch.Tensor, int, int, float]:
+             params: list[tuple[float, int, float]], seeds: list[int], drawn: list[int], shape: TreeShape,
+             chain: TextChain | None = None) -> tuple[list[list[float]], torch.Tensor, int, int, float]:
         """The draft and verify steps on the step's inputs, padded. Returns the host's rows (see
         _verify), the path features (B, D+1, H), the tree's nodes N, the rows computed, and the
         verify step's seconds."""
@@ -186,6 +217,12 @@ class SpecDecoder:
         floats = sampling_floats(params, pad, dev)  # (2, Bp)
         table = padded_tables(tables + [[SCRATCH_BLOCK]] * pad, nbp, dev)  # (Bp, nbp)
         pending, features = self._pending(states, Bp, P)
+        chain_t = chain_r = None
+        if chain is not None:
+            chain_t, chain_r = chain.tokens, chain.log_reach
+            if pad:  # padding rows propose nothing
+                chain_t = torch.cat([chain_t, chain_t.new_zeros(pad, chain_t.shape[1])])
+                chain_r = torch.cat([chain_r, chain_r.new_full((pad, chain_r.shape[1]), float("-inf"))])
         greedy = all(p[0] == 0 for p in params)
         truncate = sampler.truncates(params)
         draft, verify = self._compiled if compiled else (self._draft, self._verify)
@@ -194,11 +231,11 @@ class SpecDecoder:
             for t in (table, pending, features):
                 torch._dynamo.mark_dynamic(t, 1)
             if Bp > 1:  # (a size of 1 is always specialised)
-                for t in (table, pending, features):
+                for t in (table, pending, features) + ((chain_t, chain_r) if chain is not None else ()):
                     torch._dynamo.mark_dynamic(t, 0)
                 for t in (ints, floats):
                     torch._dynamo.mark_dynamic(t, 1)
-        tree = draft(table, ints, floats, pending, features, shape, greedy, truncate)
+        tree = draft(table, ints, floats, pending, features, chain_t, chain_r, shape, greedy, truncate)
         timer = _ForwardTimer(dev)
         host, path_feat = verify(table, ints, floats, tree, shape, greedy, truncate)
         timer.stop()
@@ -223,34 +260,40 @@ class SpecDecoder:
         return torch.tensor(tokens, device=dev), features.view(rows, width, -1)
 
     def _draft(self, table: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor, pending: torch.Tensor,
-               features: torch.Tensor, shape: TreeShape, greedy: bool, truncate: bool) -> tuple:
-        """The draft step: catch up on the pending pairs, then grow a tree per row. Returns the
-        tree's tensors (DraftTree's fields, then the draft distributions and candidates of a
-        sampled tree, or None)."""
+               features: torch.Tensor, chain_tokens: torch.Tensor | None, chain_reach: torch.Tensor | None,
+               shape: TreeShape, greedy: bool, truncate: bool) -> tuple:
+        """The draft step: catch up on the pending pairs, then grow a tree per row (with the text
+        chains, if any: a deterministic tree). Returns the tree's tensors (DraftTree's fields, then
+        the draft distributions and candidates of a sampled tree, or None, then the nodes a chain
+        proposed, or None)."""
         settled, roots, counts, top_k, seeds, drawn = ints  # (Bp,) each
         root_feature = self.drafter.catch_up(table, settled - counts, pending, features, counts)  # (Bp, H)
         draw = None
-        if not greedy and self.rule == "rrs":
+        chain = None if chain_tokens is None else TextChain(chain_tokens, chain_reach)
+        if not greedy and self.rule == "rrs" and chain is None:
             k, e, levels = shape.sampled_layout()
             params = sampler.SamplingBatch(floats[0], top_k, floats[1])
             draw = ChildDraw(params, self._uniforms(seeds, drawn, sampler.STREAM_CHILDREN, (levels, e, k)), truncate)
-        grown = self.drafter.grow(table, settled, roots, root_feature, shape, draw)
+        grown = self.drafter.grow(table, settled, roots, root_feature, shape, draw, chain)
         t = grown.tree
-        return t.tokens, t.parents, t.depths, t.ancestors, grown.draft_logq, grown.candidate
+        return t.tokens, t.parents, t.depths, t.ancestors, grown.draft_logq, grown.candidate, t.from_text
 
     def _verify(self, table: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor, tree: tuple,
                 shape: TreeShape, greedy: bool, truncate: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The verify step: the target over every node, acceptance, and settling the accepted path.
-        Returns what the host reads (Bp, 2 + 2 (D+1)) float64 -- accepted count, deepest node's
-        depth, the D+1 tokens, their logprobs -- and the path's target features (Bp, D+1, H)."""
+        Returns what the host reads (Bp, 3 + 2 (D+1)) float64 -- accepted count, deepest node's
+        depth, accepted nodes a text chain proposed, the D+1 tokens, their logprobs -- and the
+        path's target features (Bp, D+1, H)."""
         settled, _, _, top_k, seeds, drawn = ints  # (Bp,) each
         params = sampler.SamplingBatch(floats[0], top_k, floats[1])
-        tokens, parents, depths, ancestors, draft_logq, candidate = tree
+        tokens, parents, depths, ancestors, draft_logq, candidate, from_text = tree
         t = DraftTree(tokens, parents, depths, ancestors)
         B, N = tokens.shape
         sampled_tree = draft_logq is not None
         k, _, levels = shape.sampled_layout()
-        D = levels if sampled_tree else shape.depth  # no node is deeper
+        D = levels if sampled_tree else shape.depth  # no node is deeper ...
+        if from_text is not None:  # ... but a text chain's
+            D = max(D, min(N - 1, self.max_chain))
         out = self.runner.forward_no_sync(ForwardBatch(tokens, settled[:, None] + depths, table, settled, ancestors,
                                                        key_blocks=table.shape[1]))
         logits = out.logits  # (B, N, V)
@@ -277,9 +320,12 @@ class SpecDecoder:
                                             params.temperature.repeat_interleave(D1)).view(B, D1, V)
         emitted_logp = path_logp.gather(2, result.tokens[:, :, None])[:, :, 0]  # (B, D+1)
         path_feat = out.hidden.gather(1, result.path[:, :, None].expand(B, D1, out.hidden.shape[-1]))  # (B, D+1, H)
+        text = torch.zeros_like(result.accepted)  # (B,) accepted nodes a text chain proposed
+        if from_text is not None:
+            text = (from_text.gather(1, result.path) & (steps >= 1) & (steps <= result.accepted[:, None])).sum(1)
         # float64 is exact for ids, counts and float32 logprobs; a tree keeps its best N_verify
         # nodes, not always L deep
-        return host_rows(result.accepted, depths.amax(dim=1), result.tokens, emitted_logp), path_feat
+        return host_rows(result.accepted, depths.amax(dim=1), text, result.tokens, emitted_logp), path_feat
 
     @staticmethod
     def _uniforms(seeds: torch.Tensor, drawn: torch.Tensor, stream: int, shape: tuple[int, ...]) -> torch.Tensor:

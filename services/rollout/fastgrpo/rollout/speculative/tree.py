@@ -62,6 +62,7 @@ class DraftTree:
     parents: torch.Tensor  # (B, N) long; parents[:, 0] = 0 (the root is its own parent)
     depths: torch.Tensor  # (B, N) long; 0 at the root
     ancestors: torch.Tensor  # (B, N, N) bool; ancestors[b, i, j]: node j is i or an ancestor of i
+    from_text: torch.Tensor | None = None  # (B, N) bool: nodes a text chain put there (merge_chain)
 
     def __post_init__(self):
         B, N = self.tokens.shape
@@ -93,11 +94,13 @@ def select_tree(
     cand_depths: torch.Tensor,
     n_nodes: int,
     max_depth: int,
+    from_text: torch.Tensor | None = None,
 ) -> DraftTree:
     """Keeps the n_nodes - 1 best candidates (by cumulative draft log-prob) under the root.
 
     root (B,), cand_* (B, M) in topological order; cand_parents index the candidates, -1 = root;
-    max_depth: the deepest candidate's depth at most (the levels grown: a host-side fact).
+    max_depth: the deepest candidate's depth at most (the levels grown: a host-side fact);
+    from_text (B, M) bool: candidates a text chain scored (merge_chain), carried to the kept nodes.
     A child's cumulative log-prob never exceeds its parent's, and a stable sort puts the parent
     (lower index) first on ties, so the kept set is closed under taking ancestors.
     """
@@ -114,7 +117,10 @@ def select_tree(
     tokens = torch.cat([root[:, None], cand_tokens.gather(1, keep)], dim=1)  # (B, N)
     parents = torch.cat([zero, par_node], dim=1)  # (B, N)
     depths = torch.cat([zero, cand_depths.gather(1, keep)], dim=1)  # (B, N)
-    return DraftTree(tokens, parents, depths, ancestor_mask(parents, max_depth))
+    marks = None
+    if from_text is not None:
+        marks = torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=root.device), from_text.gather(1, keep)], 1)
+    return DraftTree(tokens, parents, depths, ancestor_mask(parents, max_depth), marks)
 
 
 def draw_without_replacement(logq: torch.Tensor, k: int, uniforms: torch.Tensor) -> torch.Tensor:
@@ -212,3 +218,58 @@ def children_table(parents: torch.Tensor, candidate: torch.Tensor, max_children:
     table = torch.full((B, N, C + 1), -1, dtype=torch.long, device=parents.device)
     table.scatter_(2, column, torch.where(is_child, idx, -1).expand(B, N, N))
     return table[:, :, :C]
+
+
+@dataclass(frozen=True)
+class TextChain:
+    """Each sequence's proposal from generated text (speculative.text_drafts): a chain of C tokens
+    to follow the root, and the log of each one's cumulative estimated acceptance (non-increasing
+    along the chain; -inf past a row's proposal)."""
+
+    tokens: torch.Tensor  # (B, C) long
+    log_reach: torch.Tensor  # (B, C) float32
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.log_reach > float("-inf")  # (B, C)
+
+
+def merge_chain(cand_tokens: torch.Tensor, cand_parents: torch.Tensor, cand_scores: torch.Tensor,
+                cand_depths: torch.Tensor, chain: TextChain) -> tuple[torch.Tensor, ...]:
+    """Adds a text chain to a deterministic tree's candidate pool, so that `select_tree` keeps the
+    best of both by estimated acceptance (the head's cumulative draft log-prob, the chain's log
+    reach). Where the chain repeats a path the pool holds, the pool's node takes the better score
+    and the chain goes on under it: siblings stay distinct, which exact matching needs.
+
+    cand_* (B, M) as select_tree takes them -> the pool (B, M + C) in the same form, and a (B, M + C)
+    bool marking nodes that only the chain proposed or that it scored higher than the head did.
+    """
+    B, M = cand_tokens.shape
+    C = chain.tokens.shape[1]
+    dev = cand_tokens.device
+    valid = chain.valid  # (B, C)
+    parent = torch.full((B,), -1, dtype=torch.long, device=dev)  # (B,) pool index the next chain node hangs under
+    alive = torch.ones(B, dtype=torch.bool, device=dev)  # (B,) the chain so far repeats pool paths
+    scores = cand_scores.clone()
+    from_text = torch.zeros(B, M + C, dtype=torch.bool, device=dev)
+    chain_parents, chain_scores = [], []
+    for j in range(C):
+        chain_parents.append(parent)
+        hit = ((cand_depths == j + 1) & (cand_tokens == chain.tokens[:, j: j + 1])
+               & (cand_parents == parent[:, None]))  # (B, M) at most one: siblings are distinct
+        found = alive & valid[:, j] & hit.any(1)  # (B,)
+        at = hit.long().argmax(1)  # (B,)
+        held = scores.gather(1, at[:, None])[:, 0]  # (B,) the pool node's own score
+        better = found & (chain.log_reach[:, j] > held)
+        scores.scatter_(1, at[:, None], torch.where(better, chain.log_reach[:, j].to(held.dtype), held)[:, None])
+        from_text.scatter_(1, at[:, None], (better | from_text.gather(1, at[:, None])[:, 0])[:, None])
+        chain_scores.append(torch.where(found, torch.full_like(chain.log_reach[:, j], float("-inf")), chain.log_reach[:, j]))
+        alive = found
+        parent = torch.where(found, at, torch.full_like(at, M + j))
+    from_text[:, M:] = valid
+    tokens = torch.cat([cand_tokens, chain.tokens], 1)  # (B, M + C)
+    parents = torch.cat([cand_parents, torch.stack(chain_parents, 1)], 1)
+    scores = torch.cat([scores, torch.stack(chain_scores, 1).to(scores.dtype)], 1)
+    depths = torch.cat([cand_depths, torch.arange(1, C + 1, device=dev).expand(B, C)], 1)
+    return tokens, parents, scores, depths, from_text
+

@@ -1,0 +1,240 @@
+"""Drafts from text already generated: the sibling samples of a GRPO group and earlier completions of
+the same prompt (from earlier Generate calls, e.g. the previous epoch).
+
+GRPO asks for G samples of every prompt, epoch after epoch; those samples share long stretches (the
+prompt's restatement, the answer's format, the same derivation), so what one sample wrote is a good
+guess at what its siblings write next, and it costs no draft forward. The index is an n-gram
+continuation table (n = 1 .. max_n context tokens -> counts of the next token) over every text fed
+to it. A proposal follows the longest context the table knows, one token at a time, taking the most
+frequent continuation; its estimated acceptance per token is that continuation's smoothed frequency
+count / (total + 1), so a continuation seen once is worth 1/2 and one seen in 7 of 7 texts 7/8.
+
+An n-gram table rather than a suffix automaton: proposals need only the next token after a context
+of a few tokens, which a dict of tuples answers in O(max_n) per token, and texts arrive one token at
+a time (a sibling's new tokens), which it absorbs in O(max_n) each. Memory is about max_n entries per
+token fed.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+TextSource = Literal["siblings", "history"]
+TEXT_SOURCES: tuple[TextSource, ...] = ("siblings", "history")
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A chain of tokens to follow the context, with each token's estimated acceptance (given the
+    tokens before it were accepted), and where it came from."""
+
+    tokens: tuple[int, ...]
+    probs: tuple[float, ...]  # per token, in (0, 1)
+    source: TextSource
+
+    def expected_accepted(self) -> float:
+        """Draft tokens the chain is expected to get accepted: the sum of its cumulative products."""
+        total, reach = 0.0, 1.0
+        for p in self.probs:
+            reach *= p
+            total += reach
+        return total
+
+
+class SuffixIndex:
+    """Next-token counts of every context of 1 .. max_n tokens in the texts fed."""
+
+    def __init__(self, max_n: int = 4, min_n: int = 2):
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
+        self.max_n, self.min_n = max_n, min_n
+        self.table: dict[tuple[int, ...], dict[int, int]] = {}
+        self.tokens = 0  # positions fed
+
+    def extend(self, text: Sequence[int], start: int = 0) -> None:
+        """Feeds positions start .. len(text) - 1 of text (the earlier ones were fed before, or are
+        context only, e.g. the prompt before a completion)."""
+        for i in range(max(start, 1), len(text)):
+            nxt = text[i]
+            for n in range(1, min(self.max_n, i) + 1):
+                counts = self.table.setdefault(tuple(text[i - n: i]), {})
+                counts[nxt] = counts.get(nxt, 0) + 1
+        self.tokens += max(0, len(text) - max(start, 1))
+
+    def next_token(self, context: Sequence[int]) -> tuple[int, float] | None:
+        """The most frequent continuation of the longest known suffix of context (at least min_n
+        tokens), with its smoothed frequency; None when no such suffix was seen."""
+        for n in range(min(self.max_n, len(context)), self.min_n - 1, -1):
+            counts = self.table.get(tuple(context[len(context) - n:]))
+            if counts:
+                token, count = max(counts.items(), key=lambda kv: kv[1])
+                return token, count / (sum(counts.values()) + 1)
+        return None
+
+    def propose(self, context: Sequence[int], max_len: int, min_reach: float, source: TextSource) -> Proposal | None:
+        """Up to max_len tokens after context, while the chain's cumulative estimated acceptance
+        stays at least min_reach."""
+        ctx = list(context[-self.max_n:])
+        tokens, probs, reach = [], [], 1.0
+        while len(tokens) < max_len:
+            nxt = self.next_token(ctx)
+            if nxt is None or reach * nxt[1] < min_reach:
+                break
+            tokens.append(nxt[0])
+            probs.append(nxt[1])
+            reach *= nxt[1]
+            ctx = ctx[1:] + [nxt[0]] if len(ctx) == self.max_n else ctx + [nxt[0]]
+        return Proposal(tuple(tokens), tuple(probs), source) if tokens else None
+
+
+@dataclass(frozen=True)
+class TextDraftConfig:
+    """Drafting from generated text (flags --draft-*)."""
+
+    max_n: int = 4  # longest context matched
+    min_n: int = 2  # shortest context matched
+    max_len: int = 16  # longest chain proposed
+    min_reach: float = 0.05  # a chain stops where its cumulative estimated acceptance would fall below this
+
+
+class HistoryStore:
+    """Earlier completions per prompt (keyed by its token content), kept across Generate calls.
+
+    Bounded by max_tokens in all (the least recently used prompts go first); a completion older
+    than max_age policy versions is dropped when its prompt is next looked up (the policy moved on:
+    what it wrote then is a worse guess now)."""
+
+    def __init__(self, max_tokens: int, max_age: int):
+        if max_tokens < 0 or max_age < 0:
+            raise ValueError(f"history bounds must be >= 0, got max_tokens {max_tokens}, max_age {max_age}")
+        self.max_tokens, self.max_age = max_tokens, max_age
+        self._store: OrderedDict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = OrderedDict()
+        self.tokens = 0  # completion tokens held
+
+    def add(self, prompt: tuple[int, ...], version: int, completion: Sequence[int]) -> None:
+        if not completion or len(completion) > self.max_tokens:
+            return
+        self._store.setdefault(prompt, []).append((version, tuple(completion)))
+        self._store.move_to_end(prompt)
+        self.tokens += len(completion)
+        while self.tokens > self.max_tokens:
+            _, evicted = self._store.popitem(last=False)
+            self.tokens -= sum(len(c) for _, c in evicted)
+
+    def completions(self, prompt: tuple[int, ...], version: int) -> list[tuple[int, ...]]:
+        """The prompt's completions at most max_age versions older than `version`."""
+        entries = self._store.get(prompt)
+        if not entries:
+            return []
+        fresh = [(v, c) for v, c in entries if version - v <= self.max_age]
+        self.tokens -= sum(len(c) for v, c in entries if version - v > self.max_age)
+        if fresh:
+            self._store[prompt] = fresh
+            self._store.move_to_end(prompt)
+        else:
+            del self._store[prompt]
+        return [c for _, c in fresh]
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+
+@dataclass
+class GroupDrafts:
+    """The text drafts of one prompt's samples within a request: an index of what the siblings have
+    written so far (the prompt included, as context and as text: prompts often get restated), and
+    one of the prompt's earlier completions."""
+
+    prompt: tuple[int, ...]
+    config: TextDraftConfig
+    siblings: SuffixIndex | None
+    history: SuffixIndex | None
+    fed: dict[int, int] = field(default_factory=dict)  # sample index -> its tokens fed
+
+    @staticmethod
+    def open(prompt: tuple[int, ...], config: TextDraftConfig, sources: Sequence[TextSource],
+             history: HistoryStore | None, version: int) -> GroupDrafts:
+        siblings = hist = None
+        if "siblings" in sources:
+            siblings = SuffixIndex(config.max_n, config.min_n)
+            siblings.extend(prompt)
+        if "history" in sources and history is not None:
+            completions = history.completions(prompt, version)
+            if completions:
+                hist = SuffixIndex(config.max_n, config.min_n)
+                tail = list(prompt[-config.max_n:])
+                for c in completions:
+                    hist.extend(tail + list(c), start=len(tail))
+        return GroupDrafts(prompt, config, siblings, hist)
+
+    def feed(self, sample: int, generated: Sequence[int]) -> None:
+        """Feeds a sample's tokens generated since its last feed (the prompt's tail as context)."""
+        if self.siblings is None:
+            return
+        done = self.fed.get(sample, 0)
+        if len(generated) > done:
+            tail = list(self.prompt[-self.config.max_n:])
+            self.siblings.extend(tail + list(generated), start=len(tail) + done)
+            self.fed[sample] = len(generated)
+
+    def propose(self, context: Sequence[int], max_len: int) -> Proposal | None:
+        """The better of the sources' chains after context (the prompt and the tokens generated),
+        by expected accepted tokens."""
+        best = None
+        for index, source in ((self.siblings, "siblings"), (self.history, "history")):
+            if index is None:
+                continue
+            p = index.propose(context, max_len, self.config.min_reach, source)
+            if p is not None and (best is None or p.expected_accepted() > best.expected_accepted()):
+                best = p
+        return best
+
+
+class TextDrafts:
+    """The engine's text drafting: which sources are on, the history store, and the live groups
+    (one per prompt of a request, until its last sample finishes)."""
+
+    def __init__(self, sources: Sequence[TextSource], history_tokens: int = 0, history_max_age: int = 0,
+                 config: TextDraftConfig = TextDraftConfig()):
+        unknown = [s for s in sources if s not in TEXT_SOURCES]
+        if unknown:
+            raise ValueError(f"text draft sources must be among {', '.join(TEXT_SOURCES)}; got {unknown[0]!r}")
+        self.sources = tuple(sources)
+        self.config = config
+        self.history = HistoryStore(history_tokens, history_max_age) if "history" in self.sources else None
+        self._groups: dict[tuple[object, int], GroupDrafts] = {}  # (request, prompt index) -> its group
+
+    def group(self, key: tuple[object, int], prompt: tuple[int, ...], version: int) -> GroupDrafts:
+        """The group of key = (request, prompt index), opened on first use."""
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = GroupDrafts.open(prompt, self.config, self.sources, self.history, version)
+        return group
+
+    def propose(self, group: GroupDrafts, sample: int, prompt: tuple[int, ...], generated: Sequence[int],
+                max_len: int) -> Proposal | None:
+        """Feeds the sample's new tokens to its group, then proposes what follows them."""
+        group.feed(sample, generated)
+        n = self.config.max_n
+        context = (list(prompt[-n:]) + list(generated[-n:]))[-n:]
+        return group.propose(context, max_len)
+
+    def finished(self, key: tuple[object, int], prompt: tuple[int, ...], sample: int, generated: Sequence[int],
+                 version: int, keep: bool) -> None:
+        """A sample is done: its last tokens go to the siblings still running and, when `keep`
+        (it completed: not aborted), to the history as written by policy `version`."""
+        group = self._groups.get(key)
+        if group is not None:
+            group.feed(sample, generated)
+        if keep and self.history is not None:
+            self.history.add(prompt, version, generated)
+
+    def close(self, request: object) -> None:
+        """Drops the groups of a request whose samples are all done (or failed)."""
+        for key in [k for k in self._groups if k[0] == request]:
+            del self._groups[key]
+
+    @property
+    def live_groups(self) -> int:
+        return len(self._groups)

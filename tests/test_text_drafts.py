@@ -1,0 +1,230 @@
+"""Drafts from generated text (the sibling samples' and the prompt's earlier completions): the
+n-gram index, the history store, the chain merged into the head's tree, and the engine with them
+on -- greedy token-identical, logprobs equal a fresh forward, sampling exact in distribution."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_config
+from fastgrpo.rollout.runtime.model_runner import ModelRunner
+from fastgrpo.rollout.scheduler.engine import Engine, EngineConfig
+from fastgrpo.rollout.speculative import spec_step as spec_decode
+from fastgrpo.rollout.speculative.controller import SpecConfig, SpecController
+from fastgrpo.rollout.speculative.draft_head import DraftHead
+from fastgrpo.rollout.speculative.draft_runner import Drafter
+from fastgrpo.rollout.speculative.text_drafts import GroupDrafts, HistoryStore, SuffixIndex, TextDraftConfig, TextDrafts
+from fastgrpo.rollout.speculative.tree import TextChain, TreeShape, merge_chain, select_tree
+from fastgrpo.rollout.speculative.verify import accept_path
+from test_speculative import ALPHA, N_SAMPLES, V_SMALL, _chi2_pvalue, _exact_first3, _run, _sd_first3_counts
+
+pytestmark = pytest.mark.unit
+
+
+# ------------------------------------------------------------------ the index and the store
+def test_index_proposes_the_most_frequent_continuation_of_the_longest_known_context():
+    index = SuffixIndex(max_n=3, min_n=2)
+    index.extend([1, 2, 3, 4, 9, 2, 3, 5, 7, 2, 3, 5])
+    # (2, 3) was followed by 4 once and 5 twice: 5, smoothed 2 / (3 + 1)
+    assert index.next_token([8, 2, 3]) == (5, 0.5)
+    # the longer context (1, 2, 3) was followed by 4 alone: it wins over (2, 3)
+    assert index.next_token([1, 2, 3]) == (4, 0.5)
+    assert index.next_token([6, 6]) is None and index.next_token([3]) is None  # unknown; shorter than min_n
+    p = index.propose([7, 2, 3], max_len=8, min_reach=0.05, source="siblings")
+    # (7, 2, 3) -> 5 (once: 1/2); (2, 3, 5) -> 7 (1/2); (3, 5, 7) -> 2; (5, 7, 2) -> 3: reach 1/16 then 1/32 < 0.05
+    assert p.tokens == (5, 7, 2, 3) and p.probs == (0.5, 0.5, 0.5, 0.5) and p.source == "siblings"
+    assert p.expected_accepted() == pytest.approx(0.5 + 0.25 + 0.125 + 0.0625)
+    assert index.propose([7, 2, 3], max_len=2, min_reach=0.05, source="siblings").tokens == (5, 7)
+    assert index.propose([6, 6], max_len=8, min_reach=0.05, source="siblings") is None
+
+
+def test_feeding_a_sample_token_by_token_builds_the_same_index_as_at_once():
+    cfg = TextDraftConfig(max_n=3, min_n=1)
+    prompt = (4, 5, 6, 7)
+    text = [8, 4, 5, 6, 9, 8, 4, 5]
+    whole = GroupDrafts.open(prompt, cfg, ("siblings",), None, 0)
+    whole.feed(0, text)
+    parts = GroupDrafts.open(prompt, cfg, ("siblings",), None, 0)
+    for n in (1, 2, 5, 5, 8):
+        parts.feed(0, text[:n])
+    assert parts.siblings.table == whole.siblings.table and parts.siblings.tokens == whole.siblings.tokens
+    # contexts span the prompt's end: (6, 7) -> 8
+    assert whole.siblings.next_token([6, 7]) == (8, 0.5)
+
+
+def test_history_keeps_recent_versions_within_its_token_bound():
+    store = HistoryStore(max_tokens=10, max_age=2)
+    store.add((1,), 0, [5, 5, 5])
+    store.add((2,), 1, [6, 6, 6])
+    store.add((1,), 3, [7, 7])
+    assert store.tokens == 8 and len(store) == 2
+    # version 5: prompt 1's version-0 completion is too old (5 - 0 > 2), its version-3 one is kept
+    assert store.completions((1,), 5) == [(7, 7)] and store.tokens == 5
+    store.add((3,), 5, [1, 2, 3, 4, 5, 6])  # 11 tokens > 10: the least recently used prompt (2) goes
+    assert store.completions((2,), 5) == [] and store.tokens == 8 and len(store) == 2
+    store.add((4,), 5, list(range(11)))  # larger than the whole store: not kept
+    assert store.completions((4,), 5) == [] and store.completions((1,), 9) == []
+    with pytest.raises(ValueError, match="history bounds must be >= 0"):
+        HistoryStore(-1, 2)
+
+
+def test_history_feeds_the_prompts_next_group():
+    drafts = TextDrafts(("siblings", "history"), history_tokens=1000, history_max_age=1)
+    prompt = (3, 4, 5)
+    drafts.finished(("r0", 0), prompt, 0, [9, 8, 7, 6], version=0, keep=True)
+    drafts.finished(("r0", 0), prompt, 1, [1, 1, 1, 1], version=0, keep=False)  # aborted: not kept
+    group = drafts.group(("r1", 0), prompt, version=1)
+    p = drafts.propose(group, 0, prompt, [], max_len=8)
+    assert p.source == "history" and p.tokens[:4] == (9, 8, 7, 6)
+    assert drafts.propose(drafts.group(("r2", 0), (1, 2), version=1), 0, (1, 2), [], max_len=8) is None
+    drafts.close("r1")
+    assert drafts.live_groups == 1
+    # two versions later the completion is stale
+    assert drafts.propose(drafts.group(("r3", 0), prompt, version=2), 0, prompt, [], 8) is None
+
+
+def test_spec_config_refuses_bad_sources_and_bounds():
+    assert SpecConfig(sources="head,siblings").text_drafts().sources == ("siblings",)
+    assert SpecConfig().text_drafts() is None
+    with pytest.raises(ValueError, match="--spec-sources takes a comma-separated list of head, siblings, history"):
+        SpecConfig(sources="head,neighbours")
+    with pytest.raises(ValueError, match="--spec-sources must include head"):
+        SpecConfig(sources="siblings")
+    with pytest.raises(ValueError, match="--spec-history-tokens and --spec-history-max-age must be >= 0"):
+        SpecConfig(sources="head,history", history_max_age=-1)
+
+
+# ------------------------------------------------------------------ one tree, two sources
+def test_a_chain_merges_into_the_pool_and_the_best_nodes_are_kept():
+    # head pool under root: a (0.6) -> c (0.3); b (0.2). The chain a, d, e with reach 0.9, 0.8, 0.1
+    # repeats a (which it scores higher), so d hangs under a and e under d.
+    log = math.log
+    cand_tokens = torch.tensor([[10, 11, 12]])  # a, b, c
+    cand_parents = torch.tensor([[-1, -1, 0]])
+    cand_scores = torch.tensor([[log(0.6), log(0.2), log(0.3)]])
+    cand_depths = torch.tensor([[1, 1, 2]])
+    chain = TextChain(torch.tensor([[10, 13, 14]]), torch.tensor([[log(0.9), log(0.8), log(0.1)]]))
+    tokens, parents, scores, depths, from_text = merge_chain(cand_tokens, cand_parents, cand_scores, cand_depths, chain)
+    assert tokens.tolist() == [[10, 11, 12, 10, 13, 14]]
+    assert parents.tolist() == [[-1, -1, 0, -1, 0, 4]]
+    assert scores[0, 0] == pytest.approx(log(0.9)) and scores[0, 3] == float("-inf")  # merged into a
+    assert depths.tolist() == [[1, 1, 2, 1, 2, 3]]
+    assert from_text.tolist() == [[True, False, False, True, True, True]]
+    # four nodes: root, a (0.9), d (0.8), c (0.3)
+    tree = select_tree(torch.tensor([7]), tokens, parents, scores, depths, 4, 3, from_text)
+    assert tree.tokens.tolist() == [[7, 10, 12, 13]] and tree.parents.tolist() == [[0, 0, 1, 1]]
+    assert tree.from_text.tolist() == [[False, True, False, True]]
+    # the target drawing a, then d: the chain's path is accepted, and a sibling's token is distinct
+    res = accept_path(tree, torch.tensor([[10, 13, 5, 6]]), 3)
+    assert int(res.accepted[0]) == 2 and res.tokens[0, :3].tolist() == [10, 13, 6]
+
+
+def test_a_row_without_a_chain_keeps_its_head_tree():
+    cand = (torch.tensor([[10, 11]]), torch.tensor([[-1, -1]]), torch.log(torch.tensor([[0.6, 0.3]])),
+            torch.tensor([[1, 1]]))
+    chain = TextChain(torch.tensor([[0, 0]]), torch.full((1, 2), float("-inf")))
+    tokens, parents, scores, depths, from_text = merge_chain(*cand, chain)
+    tree = select_tree(torch.tensor([7]), tokens, parents, scores, depths, 3, 2, from_text)
+    assert tree.tokens.tolist() == [[7, 10, 11]] and not bool(tree.from_text.any())
+
+
+# ------------------------------------------------------------------ the engine with text drafts on
+def _text_engines(model, shape, slots=8, verify="rrs", sources=("siblings", "history")):
+    config = EngineConfig(max_running=slots, max_queued=10_000)
+    plain = Engine(ModelRunner(model), (0,), config)
+    controller = SpecController("static", static_tree=shape, verify=verify)
+    spec = Engine(ModelRunner(model, headroom=controller.max_nodes()), (0,), config,
+                  Drafter(DraftHead.for_target(model)), controller,
+                  text_drafts=TextDrafts(sources, history_tokens=100_000, history_max_age=4))
+    return plain, spec
+
+
+def test_greedy_with_text_drafts_is_token_identical_and_history_is_used():
+    """Greedy samples of a prompt are identical, so the second request's history holds the exact
+    continuation: its chains are accepted, and the tokens stay those of plain decoding."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen2")).eval()
+    plain, spec = _text_engines(model, TreeShape(width=2, depth=3, n_verify=8))
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 97, (int(n),), generator=g).tolist() for n in torch.randint(2, 12, (6,), generator=g)]
+    try:
+        a = _run(plain, prompts, n=2, temperature=0.0, max_new_tokens=40)
+        first = _run(spec, prompts, n=2, temperature=0.0, max_new_tokens=40)
+        second = _run(spec, prompts, n=2, temperature=0.0, max_new_tokens=40)
+    finally:
+        plain.shutdown()
+        spec.shutdown()
+    for b in (first, second):
+        assert [x.token_ids for x in a] == [y.token_ids for y in b]
+        for x, y in zip(a, b):
+            assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) <= 1e-4
+    hist = sum(y.spec.accepted_history for y in second)
+    assert hist > 0.5 * sum(len(y.token_ids) for y in second)  # the history carried most tokens
+    assert sum(y.spec.accepted_history for y in first) == 0
+    assert all(y.spec.accepted_head >= 0 for y in second)
+
+
+def test_sampled_logprobs_with_text_drafts_equal_a_fresh_forward():
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen2", vocab_size=11)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)  # peaked enough that siblings repeat each other
+    plain, spec = _text_engines(model, TreeShape(width=2, depth=3, n_verify=8))
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    text = 0
+    try:
+        for temperature, top_p in ((1.0, 1.0), (0.7, 0.95)):
+            res = _run(spec, [prompt], n=8, temperature=temperature, top_p=top_p, max_new_tokens=24, seed=5)
+            text += sum(r.spec.accepted_siblings + r.spec.accepted_history for r in res)
+            for r in res:
+                full = torch.tensor([prompt + r.token_ids])
+                with torch.no_grad():
+                    logits = model(full).logits[0, len(prompt) - 1: -1].float()
+                ref = torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(r.token_ids)[:, None])[:, 0]
+                assert (ref - torch.tensor(r.logprobs)).abs().max() <= 1e-4
+    finally:
+        plain.shutdown()
+        spec.shutdown()
+    assert text > 0  # chains were accepted
+
+
+@pytest.fixture(scope="module")
+def small_vocab_text_engine():
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen2", vocab_size=V_SMALL)).eval()
+    with torch.no_grad():  # (as test_speculative's: trees get accepted often)
+        model.lm_head.weight.mul_(4.0)
+    plain, spec = _text_engines(model, TreeShape(width=2, depth=3, n_verify=7), slots=128)
+    plain.shutdown()
+    yield model, spec
+    spec.shutdown()
+
+
+def _first3(spec, temperature, top_p):
+    return _sd_first3_counts(spec, temperature, top_p, lambda st: st.accepted_siblings + st.accepted_history)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.95)])
+def test_sampling_with_text_chains_matches_plain_distribution(small_vocab_text_engine, temperature, top_p):
+    """6,000 samples of one prompt: every step after the first 128 has siblings' text to draft from."""
+    model, spec = small_vocab_text_engine
+    counts, text = _first3(spec, temperature, top_p)
+    assert text > N_SAMPLES // 4  # the chains really were used
+    p = _chi2_pvalue(counts, _exact_first3(model, temperature, top_p), N_SAMPLES)
+    assert p > ALPHA, f"first-3-token distribution with text chains differs from plain sampling (p = {p:.2e})"
+
+
+def test_chi2_detects_a_chain_accepted_by_argmax(small_vocab_text_engine, monkeypatch):
+    """Guard for the test above: accepting a chain's nodes when they are the target's argmax (not a
+    sample) must fail the same test."""
+    model, spec = small_vocab_text_engine
+
+    def biased(tree, logp, uniforms, max_depth):
+        return accept_path(tree, logp.argmax(-1), max_depth)
+
+    monkeypatch.setattr(spec_decode, "verify_sampled", biased)
+    counts, _ = _first3(spec, 1.0, 1.0)
+    assert _chi2_pvalue(counts, _exact_first3(model, 1.0, 1.0), N_SAMPLES) < ALPHA
