@@ -34,6 +34,9 @@ SERVE_FLAGS = [
     ("--spec-depth", "3", "spec.depth", 3),
     ("--spec-n-verify", "6", "spec.n_verify", 6),
     ("--spec-verify", "match", "spec.verify", "match"),
+    ("--spec-sources", "head,siblings,history", "spec.sources", "head,siblings,history"),
+    ("--spec-history-tokens", "5000", "spec.history_tokens", 5000),
+    ("--spec-history-max-age", "1", "spec.history_max_age", 1),
     ("--c-peak", "24", "controller.c_peak", 24.0),
     ("--calibration", "cal.json", "calibration", "cal.json"),
     ("--no-c-peak-refine", None, "refine.enabled", False),
@@ -90,6 +93,10 @@ def test_bad_values_are_refused_by_name(capsys):
     assert "--spec-mode: invalid choice: 'fast'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="N_verify"):
         serve_config(["--spec-width", "1", "--spec-depth", "1", "--spec-n-verify", "9"])  # a tree of 2 nodes at most
+    with pytest.raises(ValueError, match="--spec-sources takes a comma-separated list of head, siblings, history"):
+        serve_config(["--spec-sources", "head,cousins"])
+    with pytest.raises(ValueError, match="--spec-history-tokens and --spec-history-max-age must be >= 0"):
+        serve_config(["--spec-history-tokens", "-5"])
 
 
 @dataclass(frozen=True)

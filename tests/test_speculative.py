@@ -338,7 +338,7 @@ def test_chi2_detects_a_broken_acceptance_rule(small_vocab_engines, monkeypatch)
     top-K children instead of drawn ones."""
     model, spec = small_vocab_engines
     if spec.spec.rule == "match":
-        def biased(tree, logp, uniforms, max_depth):
+        def biased(tree, logp, uniforms, max_depth, candidate=None):
             return accept_path(tree, logp.argmax(-1), max_depth)  # greedy matching under a sampling request
 
         monkeypatch.setattr(spec_decode, "verify_sampled", biased)

@@ -17,11 +17,12 @@ from fastgrpo.rollout.speculative.controller import SpecConfig, SpecController
 from fastgrpo.rollout.speculative.draft_head import DraftHead
 from fastgrpo.rollout.speculative.draft_runner import Drafter
 from fastgrpo.rollout.speculative.text_drafts import GroupDrafts, HistoryStore, SuffixIndex, TextDraftConfig, TextDrafts
-from fastgrpo.rollout.speculative.tree import TextChain, TreeShape, merge_chain, select_tree
+from fastgrpo.rollout.speculative.tree import TextChain, TreeShape, chain_tree, merge_chain, select_tree
 from fastgrpo.rollout.speculative.verify import accept_path
 from test_speculative import ALPHA, N_SAMPLES, V_SMALL, _chi2_pvalue, _exact_first3, _run, _sd_first3_counts
 
 pytestmark = pytest.mark.unit
+inf = float("inf")
 
 
 # ------------------------------------------------------------------ the index and the store
@@ -88,11 +89,12 @@ def test_history_feeds_the_prompts_next_group():
 
 def test_spec_config_refuses_bad_sources_and_bounds():
     assert SpecConfig(sources="head,siblings").text_drafts().sources == ("siblings",)
-    assert SpecConfig().text_drafts() is None
+    assert SpecConfig().text_drafts() is None and SpecConfig().head
+    assert not SpecConfig(sources="siblings").head
     with pytest.raises(ValueError, match="--spec-sources takes a comma-separated list of head, siblings, history"):
         SpecConfig(sources="head,neighbours")
-    with pytest.raises(ValueError, match="--spec-sources must include head"):
-        SpecConfig(sources="siblings")
+    with pytest.raises(ValueError, match="--spec-sources takes"):
+        SpecConfig(sources=" , ")
     with pytest.raises(ValueError, match="--spec-history-tokens and --spec-history-max-age must be >= 0"):
         SpecConfig(sources="head,history", history_max_age=-1)
 
@@ -131,23 +133,37 @@ def test_a_row_without_a_chain_keeps_its_head_tree():
     assert tree.tokens.tolist() == [[7, 10, 11]] and not bool(tree.from_text.any())
 
 
+def test_a_chain_alone_is_a_tree_whose_padding_is_never_accepted():
+    chain = TextChain(torch.tensor([[4, 5, 6], [4, 0, 0]]), torch.tensor([[-0.1, -0.2, -0.3], [-0.1, -inf, -inf]]))
+    tree = chain_tree(torch.tensor([9, 9]), chain)
+    assert tree.tokens.tolist() == [[9, 4, 5, 6], [9, 4, 0, 0]] and tree.parents.tolist() == [[0, 0, 1, 2]] * 2
+    assert tree.from_text.tolist() == [[False, True, True, True], [False, True, False, False]]
+    candidate = tree.from_text | (tree.depths == 0)
+    # the target draws 4, then 0, then 0 at every node: row 1's padding zeros would match
+    res = accept_path(tree, torch.tensor([[4, 5, 6, 1], [4, 0, 0, 0]]), 3, candidate)
+    assert res.accepted.tolist() == [3, 1]
+    assert res.tokens[0].tolist() == [4, 5, 6, 1] and res.tokens[1, :2].tolist() == [4, 0]
+
+
 # ------------------------------------------------------------------ the engine with text drafts on
-def _text_engines(model, shape, slots=8, verify="rrs", sources=("siblings", "history")):
+def _text_engines(model, shape, slots=8, verify="rrs", sources=("siblings", "history"), head=True):
+    """A plain engine, and one drafting from text (and from a random draft head, with head)."""
     config = EngineConfig(max_running=slots, max_queued=10_000)
     plain = Engine(ModelRunner(model), (0,), config)
     controller = SpecController("static", static_tree=shape, verify=verify)
     spec = Engine(ModelRunner(model, headroom=controller.max_nodes()), (0,), config,
-                  Drafter(DraftHead.for_target(model)), controller,
+                  Drafter(DraftHead.for_target(model)) if head else None, controller,
                   text_drafts=TextDrafts(sources, history_tokens=100_000, history_max_age=4))
     return plain, spec
 
 
-def test_greedy_with_text_drafts_is_token_identical_and_history_is_used():
+@pytest.mark.parametrize("head", [True, False], ids=["with-head", "text-alone"])
+def test_greedy_with_text_drafts_is_token_identical_and_history_is_used(head):
     """Greedy samples of a prompt are identical, so the second request's history holds the exact
     continuation: its chains are accepted, and the tokens stay those of plain decoding."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("qwen2")).eval()
-    plain, spec = _text_engines(model, TreeShape(width=2, depth=3, n_verify=8))
+    plain, spec = _text_engines(model, TreeShape(width=2, depth=3, n_verify=8), head=head)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(1, 97, (int(n),), generator=g).tolist() for n in torch.randint(2, 12, (6,), generator=g)]
     try:
@@ -165,6 +181,8 @@ def test_greedy_with_text_drafts_is_token_identical_and_history_is_used():
     assert hist > 0.5 * sum(len(y.token_ids) for y in second)  # the history carried most tokens
     assert sum(y.spec.accepted_history for y in first) == 0
     assert all(y.spec.accepted_head >= 0 for y in second)
+    if not head:
+        assert sum(y.spec.accepted_head for y in first + second) == 0
 
 
 def test_sampled_logprobs_with_text_drafts_equal_a_fresh_forward():
@@ -191,13 +209,13 @@ def test_sampled_logprobs_with_text_drafts_equal_a_fresh_forward():
     assert text > 0  # chains were accepted
 
 
-@pytest.fixture(scope="module")
-def small_vocab_text_engine():
+@pytest.fixture(scope="module", params=[True, False], ids=["with-head", "text-alone"])
+def small_vocab_text_engine(request):
     torch.manual_seed(3)
     model = AutoModelForCausalLM.from_config(tiny_config("qwen2", vocab_size=V_SMALL)).eval()
     with torch.no_grad():  # (as test_speculative's: trees get accepted often)
         model.lm_head.weight.mul_(4.0)
-    plain, spec = _text_engines(model, TreeShape(width=2, depth=3, n_verify=7), slots=128)
+    plain, spec = _text_engines(model, TreeShape(width=2, depth=3, n_verify=7), slots=128, head=request.param)
     plain.shutdown()
     yield model, spec
     spec.shutdown()
@@ -222,9 +240,43 @@ def test_chi2_detects_a_chain_accepted_by_argmax(small_vocab_text_engine, monkey
     sample) must fail the same test."""
     model, spec = small_vocab_text_engine
 
-    def biased(tree, logp, uniforms, max_depth):
+    def biased(tree, logp, uniforms, max_depth, candidate=None):
         return accept_path(tree, logp.argmax(-1), max_depth)
 
     monkeypatch.setattr(spec_decode, "verify_sampled", biased)
     counts, _ = _first3(spec, 1.0, 1.0)
     assert _chi2_pvalue(counts, _exact_first3(model, 1.0, 1.0), N_SAMPLES) < ALPHA
+
+
+# ------------------------------------------------------------------ over gRPC
+@pytest.mark.service
+def test_a_service_drafting_from_text_alone_matches_a_plain_one(fixture_dir, start_service):
+    """`--spec-sources siblings,history` without --draft: the fixture's task prompts twice, greedy,
+    through the client; the second time the history carries, and the tokens stay plain decoding's."""
+    from transformers import AutoTokenizer
+
+    from fastgrpo.client import RolloutClient, Sampling
+    from fastgrpo.learner.tasks import format_prompt, synthetic_math
+
+    tok = AutoTokenizer.from_pretrained(str(fixture_dir))
+    prompts = [tok(format_prompt(p.question))["input_ids"] for p in synthetic_math(seed=0).test[:6]]
+    plain = start_service(fixture_dir, max_running=12)
+    text = start_service(fixture_dir, max_running=12, spec_sources="siblings,history", spec_mode="static",
+                         spec_n_verify=8)
+    sampling = Sampling(temperature=0.0, max_new_tokens=40)
+    with RolloutClient(f"127.0.0.1:{plain.port}") as a, RolloutClient(f"127.0.0.1:{text.port}") as b:
+        want = [c.token_ids for c in a.generate_batch(prompts, 2, sampling).flat()]
+        first = b.generate_batch(prompts, 2, sampling).flat()
+        second = b.generate_batch(prompts, 2, sampling).flat()
+        status = b.status()
+    assert [c.token_ids for c in first] == want == [c.token_ids for c in second]
+    spec = status.speculation
+    assert spec.sources == "siblings,history" and spec.mode == "static"
+    assert spec.accepted_head == 0 and spec.accepted_history == sum(c.spec.accepted_history for c in first + second) > 0
+    assert spec.history_prompts == len(prompts)
+
+
+@pytest.mark.service
+def test_a_draft_that_the_sources_leave_out_is_refused(fixture_dir, draft_dir, start_service):
+    with pytest.raises(ValueError, match="--draft is given but --spec-sources 'siblings' leaves the head out"):
+        start_service(fixture_dir, draft=str(draft_dir), spec_sources="siblings")

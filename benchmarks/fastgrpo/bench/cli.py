@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastgrpo.bench.drift import DriftBenchConfig, run as run_drift
     from fastgrpo.bench.kv import KVBenchConfig, run as run_kv
     from fastgrpo.bench.peers import PeersBenchConfig, run as run_peers
+    from fastgrpo.bench.sources import SourcesBenchConfig, run as run_sources
     from fastgrpo.bench.spec import SpecBenchConfig, run as run_spec
 
     parser = argparse.ArgumentParser(prog="fastgrpo-bench", description="fastgrpo benchmarks")
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_args(kv, KVBenchConfig)
     peers = sub.add_parser("peers", help="the rollout service (through gRPC) vs HF transformers generate / assisted generation, and the bandwidth floor")
     add_dataclass_args(peers, PeersBenchConfig)
+    sources = sub.add_parser("sources", help="draft sources (head / siblings / history / all) vs plain on GRPO batches over two epochs")
+    add_dataclass_args(sources, SourcesBenchConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.suite == "spec":
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         run_kv(from_args(KVBenchConfig, args))
     elif args.suite == "peers":
         run_peers(from_args(PeersBenchConfig, args))
+    elif args.suite == "sources":
+        run_sources(from_args(SourcesBenchConfig, args))
     return 0
 
 

@@ -72,12 +72,11 @@ class Engine:
     def __init__(self, runner: ModelRunner, eos_token_ids: tuple[int, ...], config: EngineConfig = EngineConfig(),
                  drafter: Drafter | None = None, controller: SpecController | None = None,
                  observers: Iterable[EngineObserver] = (), text_drafts: TextDrafts | None = None):
-        """text_drafts: chains from the sibling samples' and earlier completions' text, joining the
-        drafter's trees (speculative.text_drafts); needs a drafter."""
-        if (drafter is None) != (controller is None):
-            raise ValueError("speculative decoding needs both a drafter and a speculation controller")
-        if text_drafts is not None and drafter is None:
-            raise ValueError("drafting from text needs a drafter (the draft head) for now")
+        """Speculative decoding needs a controller and a source of drafts: the drafter (the draft
+        head), text_drafts (chains from the sibling samples' and earlier completions' text:
+        speculative.text_drafts), or both in one tree."""
+        if (controller is None) != (drafter is None and text_drafts is None):
+            raise ValueError("speculative decoding needs a speculation controller and a drafter or text drafts")
         if controller is not None and runner.max_positions < runner.max_len + controller.max_nodes():
             raise ValueError(f"the runner needs {controller.max_nodes()} positions of headroom for the largest tree")
         self.runner = runner
@@ -96,12 +95,12 @@ class Engine:
         self.decode_step = DecodeStep(runner, compiled, config.max_running)
         self.warmup_seconds = self.decode_step.warm_up()
         self.spec = None
-        if drafter is not None:
+        if controller is not None:
             self.spec = SpecDecoder(runner, drafter, controller.verify, compiled, config.max_running)
-            self.spec.capture = any(o.wants_pairs for o in self.observers)
+            self.spec.capture = drafter is not None and any(o.wants_pairs for o in self.observers)
             self.warmup_seconds += self.spec.warm_up(
                 {size: controller.tree_for(size) for size in batch_buckets(self.spec.compiled_batch, config.max_running)})
-        elif any(o.wants_pairs for o in self.observers):
+        if drafter is None and any(o.wants_pairs for o in self.observers):
             raise ValueError("an observer wants draft pairs, but without a drafter the engine captures none")
         if controller is not None and controller.calibrator is not None:
             runner.observe_decode_forwards(controller.calibrator.observe)
@@ -459,13 +458,13 @@ class Engine:
         if sampling:
             pick = torch.tensor([row_of[id(s.admission.leader or s)] for s in sampling], device=dev)
             self._sample_and_append(sampling, out.logits[pick])
-        if self.spec is not None:  # pool slots of every context position, for the draft's features
+        if self._features is not None:  # pool slots of every context position, for the draft's features
             n = max(len(s.admission.context) for s in seqs)
             slots = token_slots(self._table(seqs), torch.arange(n, device=dev)[None].expand(len(seqs), n), bs)
         for b, s in enumerate(seqs):
             s.cached = len(s.admission.context)
             self.shared_prompt_tokens += s.admission.compute_from
-            if self.spec is not None:
+            if self._features is not None:
                 SpecDecoder.after_prefill(s.spec, s.admission.context, s.generated[-1],
                                           self._features[slots[b, : s.cached]], len(s.prompt))
             s.admission = None
@@ -480,7 +479,7 @@ class Engine:
         self.runner.report_decode(len(seqs), time.perf_counter() - t0)
         for b, s in enumerate(seqs):
             s.cached += 1
-            if self.spec is not None:  # the draft catches up on plainly decoded tokens at its next step
+            if self._features is not None:  # the draft catches up on plainly decoded tokens at its next step
                 SpecDecoder.queue_pair(s.spec, out.hidden[b], s.generated[-1])
 
     def _trees_for(self, seqs: list[SequenceState]) -> list[tuple[TreeShape | None, bool, list[SequenceState]]]:
@@ -511,6 +510,9 @@ class Engine:
         """One draft-and-verify step; returns the tokens each sequence's verify step emitted.
         Adaptive trees report how deep their accepted paths reached (the controller's alpha)."""
         chains = [self._proposal(s, tree) for s in seqs] if self.text_drafts is not None else None
+        if self.spec.drafter is None and not any(chains):  # drafting from text alone, and none has any
+            self._decode(seqs)
+            return []
         steps = self.spec.step(roots=[s.generated[-1] for s in seqs], settled=[s.cached for s in seqs],
                                tables=[s.blocks for s in seqs], states=[s.spec for s in seqs],
                                params=[self._params(s) for s in seqs], seeds=[s.seed for s in seqs],

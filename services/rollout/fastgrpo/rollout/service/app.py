@@ -84,7 +84,7 @@ def build_app(cfg: ServeConfig, interceptors: tuple[grpc.ServerInterceptor, ...]
     """Loads the model and starts serving on cfg.host:cfg.port (and the HTTP side on cfg.http_port).
     `interceptors` run after authentication, on every call."""
     # the deepest tree any mode can draft bounds the depth labels
-    metrics = RolloutMetrics(max(cfg.spec.depth, cfg.controller.l_max) if cfg.draft else 0)
+    metrics = RolloutMetrics(max(cfg.spec.depth, cfg.controller.l_max) if speculates(cfg) else 0)
     startup = Startup()
     if cfg.http_port < 0:
         return _load_and_serve(cfg, metrics, interceptors, startup)
@@ -100,6 +100,15 @@ def build_app(cfg: ServeConfig, interceptors: tuple[grpc.ServerInterceptor, ...]
     return app
 
 
+def speculates(cfg: ServeConfig) -> bool:
+    """Whether the service decodes speculatively: with a draft head (--draft), or from text alone
+    (--spec-sources without head). Refuses a draft head that --spec-sources leaves out."""
+    if cfg.draft and not cfg.spec.head:
+        raise ValueError(f"--draft is given but --spec-sources {cfg.spec.sources!r} leaves the head out; "
+                         "add head, or drop --draft to draft from text alone")
+    return bool(cfg.draft) or not cfg.spec.head
+
+
 def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics, interceptors: tuple[grpc.ServerInterceptor, ...],
                     startup: Startup) -> RolloutApp:
     if not cfg.model:
@@ -107,16 +116,17 @@ def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics, interceptors: tup
     startup.begin("loading the model")
     device, dtype = resolve_placement(cfg.device, cfg.dtype)
     # the largest tree any mode can verify bounds the cache headroom, whatever C_peak turns out to be
-    headroom = max_tree_nodes(cfg.controller, cfg.spec.static_tree, cfg.refine.alpha_levels) if cfg.draft else 0
+    headroom = max_tree_nodes(cfg.controller, cfg.spec.static_tree, cfg.refine.alpha_levels) if speculates(cfg) else 0
     runner = ModelRunner.load(cfg.model, dtype, device, cfg.max_context or None, headroom)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model) if (Path(cfg.model) / "tokenizer_config.json").exists() else None
     eos = runner.config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     controller = drafter = draft_store = learner = None
-    if cfg.draft:
+    if speculates(cfg):
         startup.begin("calibrating C_peak")
         c_peak, c_peak_source = calibrated_c_peak(cfg, runner, device, dtype)
         controller = SpecController.of(cfg.spec, cfg.controller, OnlineCalibrator(c_peak, c_peak_source, cfg.refine))
+    if cfg.draft:
         head = DraftHead.load(cfg.draft, runner.model)
         drafter = Drafter(head)
         draft_store = WeightStore(head)
@@ -126,7 +136,7 @@ def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics, interceptors: tup
     startup.begin("allocating the KV cache and compiling the decode step"
                   if compiled_batch(cfg.engine.compile, runner.device, cfg.engine.max_running) else "allocating the KV cache")
     engine = Engine(runner, eos_ids, cfg.engine, drafter, controller, observers,
-                    cfg.spec.text_drafts() if drafter is not None else None)
+                    cfg.spec.text_drafts() if controller is not None else None)
     if learner is not None:
         engine.add_background(learner)
     info = ModelInfo(

@@ -239,7 +239,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             width=tree.width if tree else 0, depth=tree.depth if tree else 0,
             c_peak_start=cal.initial[0], c_peak_start_source=cal.initial[1], c_peak_updates=cal.updates,
             alpha=controller.alpha, alpha_start=controller.controller.alpha, alpha_updates=cal.alpha_updates,
-            sources=",".join(("head",) + (text.sources if text else ())),
+            sources=",".join(("head",) * (self.engine.spec.drafter is not None) + (text.sources if text else ())),
             accepted_head=accepted["head"], accepted_siblings=accepted["siblings"], accepted_history=accepted["history"],
             history_tokens=history.tokens if history else 0, history_prompts=len(history) if history else 0,
         )

@@ -52,7 +52,7 @@ class SpecConfig:
     width: int = help_field(4, "static K: children per tree node and nodes expanded per level")
     depth: int = help_field(5, "static L: tree depth (draft steps per verify step)")
     n_verify: int = help_field(16, "static N_verify: tree nodes (root included) verified per sequence and step")
-    sources: str = help_field("head", "where drafts come from, comma-separated: head (the draft model), siblings (what the other samples of the same prompt have written so far), history (earlier completions of the same prompt, kept across requests); text chains from siblings and history compete with the head's candidates in one tree (steps with any verify sampled sequences by sample-matching); head is required")
+    sources: str = help_field("head", "where drafts come from, comma-separated: head (the draft model), siblings (what the other samples of the same prompt have written so far), history (earlier completions of the same prompt, kept across requests); text chains from siblings and history compete with the head's candidates in one tree (steps with any verify sampled sequences by sample-matching); without head, text alone drafts and no --draft is needed")
     history_tokens: int = help_field(1_000_000, "history: completion tokens kept in all, the least recently used prompts dropped first (about 40 bytes a token)")
     history_max_age: int = help_field(4, "history: completions written more than this many policy versions ago are dropped")
 
@@ -66,10 +66,13 @@ class SpecConfig:
         unknown = [s for s in sources if s not in DRAFT_SOURCES]
         if unknown or not sources:
             raise ValueError(f"--spec-sources takes a comma-separated list of {', '.join(DRAFT_SOURCES)}; got {self.sources!r}")
-        if "head" not in sources:
-            raise ValueError(f"--spec-sources must include head (drafting from text alone, without a draft model, is not built yet); got {self.sources!r}")
         if self.history_tokens < 0 or self.history_max_age < 0:
             raise ValueError(f"--spec-history-tokens and --spec-history-max-age must be >= 0; got {self.history_tokens}, {self.history_max_age}")
+
+    @property
+    def head(self) -> bool:
+        """Whether the draft head is a source (without it, text chains alone draft)."""
+        return "head" in self.source_list
 
     @property
     def source_list(self) -> tuple[str, ...]:

@@ -37,7 +37,7 @@ from fastgrpo.rollout.runtime.steps import (begin_compiled_step, bucket, compile
 from fastgrpo.rollout.speculative.draft_runner import ChildDraw, Drafter
 from fastgrpo.rollout.speculative.pairs import FeatureSequence
 from fastgrpo.rollout.speculative.text_drafts import TEXT_SOURCES, Proposal
-from fastgrpo.rollout.speculative.tree import DraftTree, TextChain, TreeShape
+from fastgrpo.rollout.speculative.tree import DraftTree, TextChain, TreeShape, chain_tree
 from fastgrpo.rollout.speculative.verify import VERIFY_RULES, verify_greedy, verify_rrs, verify_sampled
 from fastgrpo.wire.records import SpecStats
 
@@ -86,24 +86,25 @@ class StepTokens:
 
 
 class SpecDecoder:
-    def __init__(self, runner: ModelRunner, drafter: Drafter, rule: str = "rrs", compiled_batch: int = 0,
+    def __init__(self, runner: ModelRunner, drafter: Drafter | None, rule: str = "rrs", compiled_batch: int = 0,
                  max_batch: int = 1):
         """rule: how sampled sequences verify: "rrs" (children drawn from the draft, recursive
         rejection sampling) or "match" (top-K children, sample-matching). Greedy batches always
         use top-K trees and exact matching. compiled_batch: batches up to this size run the
         compiled draft and verify steps (runtime.steps.compiled_batch), larger ones the same
-        functions eagerly; max_batch: the most sequences a step holds."""
+        functions eagerly; max_batch: the most sequences a step holds. drafter None: trees come
+        from text chains alone (every step is given some), and run eagerly."""
         if rule not in VERIFY_RULES:
             raise ValueError(f"verify rule must be one of {', '.join(VERIFY_RULES)}; got {rule!r}")
         self.runner = runner
         self.drafter = drafter
         self.rule = rule
         self.capture = False  # keep consumed pairs for online draft learning
-        self.compiled_batch = min(compiled_batch, max_batch)
+        self.compiled_batch = min(compiled_batch, max_batch) if drafter is not None else 0
         self.max_chain = 16  # longest text chain a step takes (chains are padded to powers of two)
         self.max_batch = max_batch
         self._compiled = None
-        if compiled_batch:
+        if self.compiled_batch:
             self._compiled = (compile_step(self._draft, runner.device), compile_step(self._verify, runner.device))
             mark_static_pools(runner.cache, drafter.cache)
 
@@ -216,7 +217,9 @@ class SpecDecoder:
                             dtype=torch.long).to(dev)  # (6, Bp)
         floats = sampling_floats(params, pad, dev)  # (2, Bp)
         table = padded_tables(tables + [[SCRATCH_BLOCK]] * pad, nbp, dev)  # (Bp, nbp)
-        pending, features = self._pending(states, Bp, P)
+        pending = features = None
+        if self.drafter is not None:
+            pending, features = self._pending(states, Bp, P)
         chain_t = chain_r = None
         if chain is not None:
             chain_t, chain_r = chain.tokens, chain.log_reach
@@ -264,9 +267,12 @@ class SpecDecoder:
                shape: TreeShape, greedy: bool, truncate: bool) -> tuple:
         """The draft step: catch up on the pending pairs, then grow a tree per row (with the text
         chains, if any: a deterministic tree). Returns the tree's tensors (DraftTree's fields, then
-        the draft distributions and candidates of a sampled tree, or None, then the nodes a chain
-        proposed, or None)."""
+        the draft distributions of a sampled tree (or None), which nodes are candidates (None: all),
+        then the nodes a chain proposed (or None)). Without a drafter, each tree is its row's chain."""
         settled, roots, counts, top_k, seeds, drawn = ints  # (Bp,) each
+        if self.drafter is None:
+            t = chain_tree(roots, TextChain(chain_tokens, chain_reach))
+            return t.tokens, t.parents, t.depths, t.ancestors, None, t.from_text | (t.depths == 0), t.from_text
         root_feature = self.drafter.catch_up(table, settled - counts, pending, features, counts)  # (Bp, H)
         draw = None
         chain = None if chain_tokens is None else TextChain(chain_tokens, chain_reach)
@@ -293,13 +299,13 @@ class SpecDecoder:
         k, _, levels = shape.sampled_layout()
         D = levels if sampled_tree else shape.depth  # no node is deeper ...
         if from_text is not None:  # ... but a text chain's
-            D = max(D, min(N - 1, self.max_chain))
+            D = min(max(D, self.max_chain), N - 1)
         out = self.runner.forward_no_sync(ForwardBatch(tokens, settled[:, None] + depths, table, settled, ancestors,
                                                        key_blocks=table.shape[1]))
         logits = out.logits  # (B, N, V)
         V = logits.shape[-1]
         if greedy:
-            result = verify_greedy(t, logits, D)
+            result = verify_greedy(t, logits, D, candidate)
         else:
             logp = sampler.sampling_logprobs(logits.reshape(B * N, V), params.repeat_rows(N), truncate).view(B, N, V)
             # greedy rows have a one-hot distribution: any uniform picks the argmax
@@ -307,7 +313,7 @@ class SpecDecoder:
                 u = self._uniforms(seeds, drawn, sampler.STREAM_VERIFY, (levels + 1, k + 1))
                 result = verify_rrs(t, logp, draft_logq, candidate, u, D, k)
             else:
-                result = verify_sampled(t, logp, self._uniforms(seeds, drawn, sampler.STREAM_VERIFY, (N,)), D)
+                result = verify_sampled(t, logp, self._uniforms(seeds, drawn, sampler.STREAM_VERIFY, (N,)), D, candidate)
         D1 = D + 1
         # settle the accepted path onto consecutive cache positions settled + k
         bs = self.runner.cache.block_size

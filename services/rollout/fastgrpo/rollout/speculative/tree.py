@@ -273,3 +273,17 @@ def merge_chain(cand_tokens: torch.Tensor, cand_parents: torch.Tensor, cand_scor
     depths = torch.cat([cand_depths, torch.arange(1, C + 1, device=dev).expand(B, C)], 1)
     return tokens, parents, scores, depths, from_text
 
+
+
+def chain_tree(root: torch.Tensor, chain: TextChain) -> DraftTree:
+    """A tree that is each row's chain alone (drafting from text without a draft head): root (B,),
+    chain (B, C) -> N = C + 1 nodes in a line; from_text marks the chain's real nodes (a row's
+    padding past its proposal must never be accepted: verification takes from_text | root as its
+    candidates)."""
+    B, C = chain.tokens.shape
+    dev = root.device
+    parents = torch.arange(-1, C, device=dev).clamp(min=0).expand(B, C + 1)  # (B, N): node i's parent is i - 1
+    depths = torch.arange(C + 1, device=dev).expand(B, C + 1)  # (B, N)
+    tokens = torch.cat([root[:, None], chain.tokens], 1)  # (B, N)
+    from_text = torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=dev), chain.valid], 1)
+    return DraftTree(tokens, parents, depths, ancestor_mask(parents, C), from_text)

@@ -51,13 +51,16 @@ class VerifyResult:
         return self.accepted + 1  # (B,)
 
 
-def accept_path(tree: DraftTree, target_tokens: torch.Tensor, max_depth: int) -> VerifyResult:
+def accept_path(tree: DraftTree, target_tokens: torch.Tensor, max_depth: int,
+                candidate: torch.Tensor | None = None) -> VerifyResult:
     """Walks the tree against the target token drawn at every node. target_tokens (B, N);
     max_depth D: no node is deeper (a host-side fact: the results are D + 1 wide whatever the
-    trees hold)."""
+    trees hold); candidate (B, N) bool: False for padding nodes, never accepted (None: all real)."""
     B, N = tree.tokens.shape
     parent_target = target_tokens.gather(1, tree.parents)  # (B, N) token the target drew at the parent
     match = tree.tokens == parent_target  # (B, N)
+    if candidate is not None:
+        match &= candidate
     match[:, 0] = True  # the root is given
     # a node is accepted when it and every ancestor matched; siblings carry distinct tokens, so
     # the accepted nodes form one path from the root
@@ -80,15 +83,17 @@ def accept_path(tree: DraftTree, target_tokens: torch.Tensor, max_depth: int) ->
     return VerifyResult(n_acc, path, tokens)
 
 
-def verify_greedy(tree: DraftTree, target_logits: torch.Tensor, max_depth: int) -> VerifyResult:
+def verify_greedy(tree: DraftTree, target_logits: torch.Tensor, max_depth: int,
+                  candidate: torch.Tensor | None = None) -> VerifyResult:
     """Longest path whose tokens equal the target's argmax at their parent. target_logits (B, N, V)."""
-    return accept_path(tree, target_logits.argmax(-1), max_depth)
+    return accept_path(tree, target_logits.argmax(-1), max_depth, candidate)
 
 
-def verify_sampled(tree: DraftTree, sampling_logp: torch.Tensor, uniforms: torch.Tensor, max_depth: int) -> VerifyResult:
+def verify_sampled(tree: DraftTree, sampling_logp: torch.Tensor, uniforms: torch.Tensor, max_depth: int,
+                   candidate: torch.Tensor | None = None) -> VerifyResult:
     """Sample-matching. sampling_logp (B, N, V): the target's sampling distribution at each node
     (sampler.sampling_logprobs); uniforms (B, N) i.i.d. U(0, 1), each sequence's own."""
-    return accept_path(tree, sample_inverse_cdf(sampling_logp.double().exp(), uniforms), max_depth)
+    return accept_path(tree, sample_inverse_cdf(sampling_logp.double().exp(), uniforms), max_depth, candidate)
 
 
 def verify_rrs(tree: DraftTree, sampling_logp: torch.Tensor, draft_logq: torch.Tensor, candidate: torch.Tensor,
