@@ -177,3 +177,14 @@ def test_load_gsm8k_jsonl_errors_name_the_line(tmp_path, bad_line, message):
     path.write_text(f"{good}\n{good}\n{bad_line}\n")
     with pytest.raises(ValueError, match=rf"bad\.jsonl:3: .*{re.escape(message)}"):
         load_gsm8k_jsonl(path)
+
+
+def test_train_size_keeps_the_first_problems_and_refuses_a_negative_size():
+    from fastgrpo.learner.config import LearnerConfig
+    from fastgrpo.learner.loop import load_task
+
+    full, test = load_task(LearnerConfig(model="m"))
+    small, small_test = load_task(LearnerConfig(model="m", train_size=5))
+    assert small == full[:5] and small_test == test and len(full) > 5
+    with pytest.raises(ValueError, match="--train-size must be >= 0"):
+        load_task(LearnerConfig(model="m", train_size=-1))

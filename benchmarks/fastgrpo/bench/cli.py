@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastgrpo.bench.calibrate import CalibrateBenchConfig, run as run_calibrate
     from fastgrpo.bench.concurrency import ConcurrencyBenchConfig, run as run_concurrency
     from fastgrpo.bench.drift import DriftBenchConfig, run as run_drift
+    from fastgrpo.bench.e2e import E2EBenchConfig, run as run_e2e
     from fastgrpo.bench.kv import KVBenchConfig, run as run_kv
     from fastgrpo.bench.peers import PeersBenchConfig, run as run_peers
     from fastgrpo.bench.sources import SourcesBenchConfig, run as run_sources
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_args(peers, PeersBenchConfig)
     sources = sub.add_parser("sources", help="draft sources (head / siblings / history / all) vs plain on GRPO batches over two epochs")
     add_dataclass_args(sources, SourcesBenchConfig)
+    e2e = sub.add_parser("e2e", help="real GRPO steps (learner + rollout over gRPC) per speculation mode: seconds per phase, rollout tokens/s, acceptance by source, reward")
+    add_dataclass_args(e2e, E2EBenchConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.suite == "spec":
@@ -49,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         run_peers(from_args(PeersBenchConfig, args))
     elif args.suite == "sources":
         run_sources(from_args(SourcesBenchConfig, args))
+    elif args.suite == "e2e":
+        run_e2e(from_args(E2EBenchConfig, args))
     return 0
 
 

@@ -21,6 +21,7 @@ class LearnerConfig:
     # ---- task
     task: str = help_field("synthetic", "'synthetic' (built-in templated math) or a GSM8K-format JSONL path")
     test_task: str = help_field("", "GSM8K-format JSONL for evaluation (with a JSONL --task); empty = none")
+    train_size: int = help_field(0, "train on the first N problems of the task only (0 = all): a small set comes back every epoch, as in multi-epoch GRPO")
     task_seed: int = help_field(0, "seed of the synthetic task (must match the fixture's to share its split)")
     format_reward: float = help_field(0.1, "weight of the format reward (well-formed '#### N' ending); 0 = off")
     # ---- GRPO

@@ -70,12 +70,16 @@ def fresh_groups(groups: list[list[Completion]], version: int, max_staleness: in
 
 
 def load_task(cfg: LearnerConfig) -> tuple[list[Problem], list[Problem]]:
+    """The training and test problems; --train-size keeps the first N training problems."""
+    if cfg.train_size < 0:
+        raise ValueError(f"--train-size must be >= 0 (0 = all), got {cfg.train_size}")
     if cfg.task == "synthetic":
         data = synthetic_math(seed=cfg.task_seed)
-        return data.train, data.test
-    train = load_gsm8k_jsonl(cfg.task)
-    test = load_gsm8k_jsonl(cfg.test_task) if cfg.test_task else []
-    return train, test
+        train, test = data.train, data.test
+    else:
+        train = load_gsm8k_jsonl(cfg.task)
+        test = load_gsm8k_jsonl(cfg.test_task) if cfg.test_task else []
+    return (train[: cfg.train_size] if cfg.train_size else train), test
 
 
 class GRPOLearner:
