@@ -16,7 +16,8 @@ from fastgrpo.rollout.speculative import spec_step as spec_decode
 from fastgrpo.rollout.speculative.controller import SpecConfig, SpecController
 from fastgrpo.rollout.speculative.draft_head import DraftHead
 from fastgrpo.rollout.speculative.draft_runner import Drafter
-from fastgrpo.rollout.speculative.text_drafts import GroupDrafts, HistoryStore, SuffixIndex, TextDraftConfig, TextDrafts
+from fastgrpo.rollout.speculative.text_drafts import (GroupDrafts, HeadChooser, HistoryStore, SuffixIndex, TextDraftConfig,
+                                                     TextDrafts)
 from fastgrpo.rollout.speculative.tree import TextChain, TreeShape, chain_tree, merge_chain, select_tree
 from fastgrpo.rollout.speculative.verify import accept_path
 from test_speculative import ALPHA, N_SAMPLES, V_SMALL, _chi2_pvalue, _exact_first3, _run, _sd_first3_counts
@@ -280,3 +281,17 @@ def test_a_service_drafting_from_text_alone_matches_a_plain_one(fixture_dir, sta
 def test_a_draft_that_the_sources_leave_out_is_refused(fixture_dir, draft_dir, start_service):
     with pytest.raises(ValueError, match="--draft is given but --spec-sources 'siblings' leaves the head out"):
         start_service(fixture_dir, draft=str(draft_dir), spec_sources="siblings")
+
+
+def test_the_head_chooser_tries_both_then_keeps_the_faster_and_explores():
+    chooser = HeadChooser(explore=4)
+    assert chooser.head(8) is False  # nothing known: the chains alone first
+    chooser.record(8, False, tokens=30, seconds=1.0)
+    assert chooser.head(9) is True  # (the same bin) then the head
+    chooser.record(9, True, tokens=20, seconds=1.0)
+    picks = [chooser.head(8) for _ in range(8)]
+    assert picks.count(False) == 6 and picks.count(True) == 2  # the faster, and every 4th the other
+    assert chooser.head(64) is False  # another bin knows nothing yet
+    chooser.record(8, True, tokens=400, seconds=1.0)  # the head got much faster: the average follows
+    assert chooser.rates[(8, True)] == pytest.approx(0.8 * 20 + 0.2 * 400)
+    assert [chooser.head(8) for _ in range(3)].count(True) >= 2

@@ -45,7 +45,7 @@ from fastgrpo.rollout.scheduler.sequence import Admission, RequestHandle, Sequen
 from fastgrpo.rollout.speculative.controller import SpecController
 from fastgrpo.rollout.speculative.draft_runner import Drafter
 from fastgrpo.rollout.speculative.spec_step import SpecDecoder
-from fastgrpo.rollout.speculative.text_drafts import Proposal, TextDrafts
+from fastgrpo.rollout.speculative.text_drafts import HeadChooser, Proposal, TextDrafts
 from fastgrpo.rollout.speculative.tree import TreeShape
 from fastgrpo.wire.records import Completion, FinishReason
 
@@ -107,6 +107,7 @@ class Engine:
         self.controller = controller
         self.text_drafts = text_drafts
         self.accepted_by_source = {"head": 0, "siblings": 0, "history": 0}  # draft tokens accepted since start
+        self.head_chooser = HeadChooser()  # steps where every sequence has a chain: with the head or not
         self.background: list[BackgroundWork] = []
         self.last_tree: TreeShape | None = None  # tree of the latest decode step (None: plain)
         self.last_batch_size = 0
@@ -513,10 +514,16 @@ class Engine:
         if self.spec.drafter is None and not any(chains):  # drafting from text alone, and none has any
             self._decode(seqs)
             return []
+        # with a head and some chains: whether the head runs too is measured (HeadChooser)
+        choosing = self.spec.drafter is not None and chains is not None and any(chains)
+        head = self.head_chooser.head(len(seqs)) if choosing else True
+        t0 = time.perf_counter()
         steps = self.spec.step(roots=[s.generated[-1] for s in seqs], settled=[s.cached for s in seqs],
                                tables=[s.blocks for s in seqs], states=[s.spec for s in seqs],
                                params=[self._params(s) for s in seqs], seeds=[s.seed for s in seqs],
-                               drawn=[len(s.generated) for s in seqs], shape=tree, chains=chains)
+                               drawn=[len(s.generated) for s in seqs], shape=tree, chains=chains, head=head)
+        if choosing:
+            self.head_chooser.record(len(seqs), head, sum(st.accepted + 1 for st in steps), time.perf_counter() - t0)
         for b, (s, st) in enumerate(zip(seqs, steps)):
             s.cached += st.accepted + 1  # the root and the accepted draft tokens are now in the cache
             self._append(s, st.tokens, st.logprobs)

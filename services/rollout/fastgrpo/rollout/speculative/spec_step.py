@@ -140,7 +140,7 @@ class SpecDecoder:
     @torch.inference_mode()
     def step(self, roots: list[int], settled: list[int], tables: list[list[int]], states: list[SpecState],
              params: list[tuple[float, int, float]], seeds: list[int], drawn: list[int],
-             shape: TreeShape, chains: list[Proposal | None] | None = None) -> list[StepTokens]:
+             shape: TreeShape, chains: list[Proposal | None] | None = None, head: bool = True) -> list[StepTokens]:
         """One draft-and-verify step of B sequences, from host lists: each sequence's last emitted
         token (the root, not yet in the cache), its settled length (tokens in the cache), its
         blocks (covering every position the step writes), its sampling parameters (temperature,
@@ -152,9 +152,13 @@ class SpecDecoder:
         chains: a text proposal per sequence (speculative.text_drafts; None where it has none). A
         step with any makes deterministic trees for every sequence (sampled ones verify by
         sample-matching), the chains competing with the head's candidates for the N_verify places.
+        head False (with chains): the chains alone make the trees (a sequence without one emits
+        one token) and the draft head does not run; the pairs it has not read wait for its next step.
         """
         chain = self._chain(chains, shape) if chains and any(chains) else None
-        host, path_feat, N, Bp, seconds = self._run(roots, settled, tables, states, params, seeds, drawn, shape, chain)
+        use_head = self.drafter is not None and (head or chain is None)
+        host, path_feat, N, Bp, seconds = self._run(roots, settled, tables, states, params, seeds, drawn, shape, chain,
+                                                    use_head)
         self.runner.report_decode(Bp * N, seconds)
         D1 = (len(host[0]) - 3) // 2
         steps = []
@@ -165,8 +169,12 @@ class SpecDecoder:
             text = int(host[b][2])
             if text:
                 st.accepted_text[chains[b].source] += text
-            st.pending_tokens = toks[:n]
-            st.pending_chunks = [path_feat[b, :n]]
+            if use_head or self.drafter is None:  # the draft read every pending pair (or there is none)
+                st.pending_tokens = toks[:n]
+                st.pending_chunks = [path_feat[b, :n]]
+            else:
+                st.pending_tokens += toks[:n]
+                st.pending_chunks.append(path_feat[b, :n])
             st.drafted += N - 1
             st.accepted += n - 1
             st.verify_steps += 1
@@ -196,13 +204,15 @@ class SpecDecoder:
 
     def _run(self, roots: list[int], settled: list[int], tables: list[list[int]], states: list[SpecState],
              params: list[tuple[float, int, float]], seeds: list[int], drawn: list[int], shape: TreeShape,
-             chain: TextChain | None = None) -> tuple[list[list[float]], torch.Tensor, int, int, float]:
-        """The draft and verify steps on the step's inputs, padded. Returns the host's rows (see
-        _verify), the path features (B, D+1, H), the tree's nodes N, the rows computed, and the
-        verify step's seconds."""
+             chain: TextChain | None = None, use_head: bool = True
+             ) -> tuple[list[list[float]], torch.Tensor, int, int, float]:
+        """The draft and verify steps on the step's inputs, padded (use_head False: trees from the
+        chains alone, run eagerly). Returns the host's rows (see _verify), the path features
+        (B, D+1, H), the tree's nodes N, the rows computed, and the verify step's seconds."""
         B = len(roots)
-        compiled = B <= self.compiled_batch
-        Bp = self.batch_size(B)
+        use_head = use_head and self.drafter is not None
+        compiled = use_head and B <= self.compiled_batch
+        Bp = self.batch_size(B) if use_head else B
         pad = Bp - B
         dev = self.runner.device
         nb = max(len(t) for t in tables)
@@ -218,7 +228,7 @@ class SpecDecoder:
         floats = sampling_floats(params, pad, dev)  # (2, Bp)
         table = padded_tables(tables + [[SCRATCH_BLOCK]] * pad, nbp, dev)  # (Bp, nbp)
         pending = features = None
-        if self.drafter is not None:
+        if use_head:
             pending, features = self._pending(states, Bp, P)
         chain_t = chain_r = None
         if chain is not None:
@@ -268,9 +278,10 @@ class SpecDecoder:
         """The draft step: catch up on the pending pairs, then grow a tree per row (with the text
         chains, if any: a deterministic tree). Returns the tree's tensors (DraftTree's fields, then
         the draft distributions of a sampled tree (or None), which nodes are candidates (None: all),
-        then the nodes a chain proposed (or None)). Without a drafter, each tree is its row's chain."""
+        then the nodes a chain proposed (or None)). Without pending pairs (the head does not run this
+        step), each tree is its row's chain."""
         settled, roots, counts, top_k, seeds, drawn = ints  # (Bp,) each
-        if self.drafter is None:
+        if pending is None:
             t = chain_tree(roots, TextChain(chain_tokens, chain_reach))
             return t.tokens, t.parents, t.depths, t.ancestors, None, t.from_text | (t.depths == 0), t.from_text
         root_feature = self.drafter.catch_up(table, settled - counts, pending, features, counts)  # (Bp, H)
