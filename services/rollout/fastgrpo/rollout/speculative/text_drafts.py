@@ -43,7 +43,8 @@ class Proposal:
 
 
 class SuffixIndex:
-    """Next-token counts of every context of 1 .. max_n tokens in the texts fed."""
+    """Next-token counts of every context of 1 .. max_n tokens in the texts fed (contexts shorter
+    than min_n are kept but never matched: one shared token says little)."""
 
     def __init__(self, max_n: int = 4, min_n: int = 2):
         if not 1 <= min_n <= max_n:
@@ -90,7 +91,7 @@ class SuffixIndex:
 
 @dataclass(frozen=True)
 class TextDraftConfig:
-    """Drafting from generated text (flags --draft-*)."""
+    """How the index matches and proposes (fixed here; not flags)."""
 
     max_n: int = 4  # longest context matched
     min_n: int = 2  # shortest context matched
@@ -193,7 +194,8 @@ class GroupDrafts:
 
 class TextDrafts:
     """The engine's text drafting: which sources are on, the history store, and the live groups
-    (one per prompt of a request, until its last sample finishes)."""
+    (one per prompt of a request, opened at its first speculative step, dropped when the request
+    is done)."""
 
     def __init__(self, sources: Sequence[TextSource], history_tokens: int = 0, history_max_age: int = 0,
                  config: TextDraftConfig = TextDraftConfig()):
