@@ -43,8 +43,8 @@ class Proposal:
 
 
 class SuffixIndex:
-    """Next-token counts of every context of 1 .. max_n tokens in the texts fed (contexts shorter
-    than min_n are kept but never matched: one shared token says little)."""
+    """Next-token counts of every context of min_n .. max_n tokens in the texts fed (shorter ones
+    are not kept: one shared token says little about what follows)."""
 
     def __init__(self, max_n: int = 4, min_n: int = 2):
         if not 1 <= min_n <= max_n:
@@ -58,7 +58,7 @@ class SuffixIndex:
         context only, e.g. the prompt before a completion)."""
         for i in range(max(start, 1), len(text)):
             nxt = text[i]
-            for n in range(1, min(self.max_n, i) + 1):
+            for n in range(self.min_n, min(self.max_n, i) + 1):
                 counts = self.table.setdefault(tuple(text[i - n: i]), {})
                 counts[nxt] = counts.get(nxt, 0) + 1
         self.tokens += max(0, len(text) - max(start, 1))
