@@ -106,8 +106,7 @@ class Engine:
             runner.observe_decode_forwards(controller.calibrator.observe)
         self.controller = controller
         self.text_drafts = text_drafts
-        self.accepted_by_source = {"head": 0, "siblings": 0, "history": 0}  # draft tokens accepted since start
-        self.head_chooser = HeadChooser()  # steps where every sequence has a chain: with the head or not
+        self.head_chooser = HeadChooser()  # steps where sequences have text chains: with the head or not
         self.background: list[BackgroundWork] = []
         self.last_tree: TreeShape | None = None  # tree of the latest decode step (None: plain)
         self.last_batch_size = 0
@@ -524,16 +523,18 @@ class Engine:
                                drawn=[len(s.generated) for s in seqs], shape=tree, chains=chains, head=head)
         if choosing:
             self.head_chooser.record(len(seqs), head, sum(st.accepted + 1 for st in steps), time.perf_counter() - t0)
-        for b, (s, st) in enumerate(zip(seqs, steps)):
+        for s, st in zip(seqs, steps):
             s.cached += st.accepted + 1  # the root and the accepted draft tokens are now in the cache
             self._append(s, st.tokens, st.logprobs)
-            self.accepted_by_source["head"] += st.accepted - st.text_accepted
-            if st.text_accepted:
-                self.accepted_by_source[chains[b].source] += st.text_accepted
         if adaptive and self.controller.calibrator is not None and tree.n_verify > 2:
             # (a two-node tree is one level deep whatever alpha says: it tells nothing about alpha)
             self.controller.calibrator.observe_acceptance([st.depth for st in steps], [st.accepted for st in steps])
         return [st.accepted + 1 for st in steps]
+
+    @property
+    def accepted_by_source(self) -> dict[str, int]:
+        """Draft tokens accepted since start, by source (head, siblings, history); zeros without speculation."""
+        return dict(self.spec.accepted_by_source) if self.spec else {"head": 0, "siblings": 0, "history": 0}
 
     @staticmethod
     def _group_key(seq: SequenceState) -> tuple[int, int]:

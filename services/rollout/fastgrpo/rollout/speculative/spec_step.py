@@ -82,7 +82,6 @@ class StepTokens:
     logprobs: list[float]
     accepted: int
     depth: int  # of the deepest node in the sequence's verified tree: accepted == depth used it all
-    text_accepted: int = 0  # of the accepted, those its text chain proposed (see SpecState.accepted_text)
 
 
 class SpecDecoder:
@@ -102,6 +101,7 @@ class SpecDecoder:
         self.capture = False  # keep consumed pairs for online draft learning
         self.compiled_batch = min(compiled_batch, max_batch) if drafter is not None else 0
         self.max_chain = 16  # longest text chain a step takes (chains are padded to powers of two)
+        self.accepted_by_source = {"head": 0, **dict.fromkeys(TEXT_SOURCES, 0)}  # draft tokens accepted since start
         self.max_batch = max_batch
         self._compiled = None
         if self.compiled_batch:
@@ -169,6 +169,8 @@ class SpecDecoder:
             text = int(host[b][2])
             if text:
                 st.accepted_text[chains[b].source] += text
+                self.accepted_by_source[chains[b].source] += text
+            self.accepted_by_source["head"] += n - 1 - text
             if use_head or self.drafter is None:  # the draft read every pending pair (or there is none)
                 st.pending_tokens = toks[:n]
                 st.pending_chunks = [path_feat[b, :n]]
@@ -183,7 +185,7 @@ class SpecDecoder:
                 st.accepted_per_depth += [0] * (depth - len(st.accepted_per_depth))
             for d in range(n - 1):
                 st.accepted_per_depth[d] += 1
-            steps.append(StepTokens(toks[:n], lps[:n], n - 1, int(host[b][1]), text))
+            steps.append(StepTokens(toks[:n], lps[:n], n - 1, int(host[b][1])))
         return steps
 
     def _chain(self, chains: list[Proposal | None], shape: TreeShape) -> TextChain:
@@ -250,7 +252,8 @@ class SpecDecoder:
                     torch._dynamo.mark_dynamic(t, 1)
         tree = draft(table, ints, floats, pending, features, chain_t, chain_r, shape, greedy, truncate)
         timer = _ForwardTimer(dev)
-        host, path_feat = verify(table, ints, floats, tree, shape, greedy, truncate)
+        host, path_feat = verify(table, ints, floats, tree, shape, greedy, truncate,
+                                 0 if chain is None else chain.tokens.shape[1])
         timer.stop()
         rows = host.tolist()  # the step's one device-to-host transfer
         # (a compiled step's outputs are overwritten by its next replay on CUDA: keep a copy)
@@ -296,8 +299,9 @@ class SpecDecoder:
         return t.tokens, t.parents, t.depths, t.ancestors, grown.draft_logq, grown.candidate, t.from_text
 
     def _verify(self, table: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor, tree: tuple,
-                shape: TreeShape, greedy: bool, truncate: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The verify step: the target over every node, acceptance, and settling the accepted path.
+                shape: TreeShape, greedy: bool, truncate: bool, chain_width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The verify step: the target over every node, acceptance, and settling the accepted path
+        (chain_width: the step's text chains' length, which may reach deeper than the head's L).
         Returns what the host reads (Bp, 3 + 2 (D+1)) float64 -- accepted count, deepest node's
         depth, accepted nodes a text chain proposed, the D+1 tokens, their logprobs -- and the
         path's target features (Bp, D+1, H)."""
@@ -308,9 +312,8 @@ class SpecDecoder:
         B, N = tokens.shape
         sampled_tree = draft_logq is not None
         k, _, levels = shape.sampled_layout()
-        D = levels if sampled_tree else shape.depth  # no node is deeper ...
-        if from_text is not None:  # ... but a text chain's
-            D = min(max(D, self.max_chain), N - 1)
+        D = max(levels if sampled_tree else shape.depth, chain_width)  # no node is deeper
+        D = min(D, N - 1)  # (a tree of the chains alone has N = chain_width + 1 nodes, however deep L is)
         out = self.runner.forward_no_sync(ForwardBatch(tokens, settled[:, None] + depths, table, settled, ancestors,
                                                        key_blocks=table.shape[1]))
         logits = out.logits  # (B, N, V)
