@@ -13,10 +13,11 @@ from conftest import tiny_config
 from fastgrpo.rollout.runtime.model_runner import ModelRunner
 from fastgrpo.rollout.scheduler.engine import Engine, EngineConfig
 from fastgrpo.rollout.speculative import spec_step as spec_decode
+from fastgrpo.rollout.speculative.chooser import StepChooser
 from fastgrpo.rollout.speculative.controller import SpecConfig, SpecController
 from fastgrpo.rollout.speculative.draft_head import DraftHead
 from fastgrpo.rollout.speculative.draft_runner import Drafter
-from fastgrpo.rollout.speculative.text_drafts import (GroupDrafts, HeadChooser, HistoryStore, SuffixIndex, TextDraftConfig,
+from fastgrpo.rollout.speculative.text_drafts import (GroupDrafts, HistoryStore, SuffixIndex, TextDraftConfig,
                                                      TextDrafts)
 from fastgrpo.rollout.speculative.tree import TextChain, TreeShape, chain_tree, merge_chain, select_tree
 from fastgrpo.rollout.speculative.verify import accept_path
@@ -283,15 +284,23 @@ def test_a_draft_that_the_sources_leave_out_is_refused(fixture_dir, draft_dir, s
         start_service(fixture_dir, draft=str(draft_dir), spec_sources="siblings")
 
 
-def test_the_head_chooser_tries_both_then_keeps_the_faster_and_explores():
-    chooser = HeadChooser(explore=4)
-    assert chooser.head(8) is False  # nothing known: the chains alone first
-    chooser.record(8, False, tokens=30, seconds=1.0)
-    assert chooser.head(9) is True  # (the same bin) then the head
-    chooser.record(9, True, tokens=20, seconds=1.0)
-    picks = [chooser.head(8) for _ in range(8)]
-    assert picks.count(False) == 6 and picks.count(True) == 2  # the faster, and every 4th the other
-    assert chooser.head(64) is False  # another bin knows nothing yet
-    chooser.record(8, True, tokens=400, seconds=1.0)  # the head got much faster: the average follows
-    assert chooser.rates[(8, True)] == pytest.approx(0.8 * 20 + 0.2 * 400)
-    assert [chooser.head(8) for _ in range(3)].count(True) >= 2
+def test_the_step_chooser_tries_each_way_then_keeps_the_fastest_and_explores_the_others_in_turn():
+    chooser = StepChooser(explore=4)
+    ways = ["head", "text", "plain"]
+    assert chooser.choose(8, ways) == "text"  # nothing known: the cheapest first
+    chooser.record(8, "text", tokens=30, seconds=1.0)
+    assert chooser.choose(9, ways) == "plain"  # (the same bin)
+    chooser.record(9, "plain", tokens=20, seconds=1.0)
+    assert chooser.choose(8, ways) == "head"
+    chooser.record(8, "head", tokens=10, seconds=1.0)
+    picks = [chooser.choose(8, ways) for _ in range(12)]
+    assert picks.count("text") == 9 and picks.count("plain") == 1 and picks.count("head") == 2, picks
+    assert chooser.choose(64, ways) == "text"  # another bin knows nothing yet
+    assert chooser.choose(8, ["head"]) == "head"  # one way open: no choice
+    chooser.record(8, "head", tokens=400, seconds=1.0)  # the head got much faster: the average follows
+    assert chooser.rates[(8, "head")] == pytest.approx(0.8 * 10 + 0.2 * 400)
+    assert [chooser.choose(8, ways) for _ in range(4)].count("head") >= 3
+    assert chooser.steps == {"text": 1, "plain": 1, "head": 2}
+    with pytest.raises(ValueError, match="explore >= 2"):
+        StepChooser(explore=1)
+

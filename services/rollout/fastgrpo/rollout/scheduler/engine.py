@@ -45,7 +45,8 @@ from fastgrpo.rollout.scheduler.sequence import Admission, RequestHandle, Sequen
 from fastgrpo.rollout.speculative.controller import SpecController
 from fastgrpo.rollout.speculative.draft_runner import Drafter
 from fastgrpo.rollout.speculative.spec_step import SpecDecoder
-from fastgrpo.rollout.speculative.text_drafts import HeadChooser, Proposal, TextDrafts
+from fastgrpo.rollout.speculative.chooser import StepChooser, Way
+from fastgrpo.rollout.speculative.text_drafts import Proposal, TextDrafts
 from fastgrpo.rollout.speculative.tree import TreeShape
 from fastgrpo.wire.records import Completion, FinishReason
 
@@ -106,7 +107,7 @@ class Engine:
             runner.observe_decode_forwards(controller.calibrator.observe)
         self.controller = controller
         self.text_drafts = text_drafts
-        self.head_chooser = HeadChooser()  # steps where sequences have text chains: with the head or not
+        self.chooser = StepChooser()  # speculative steps: plainly, with the text chains alone, or with the head
         self.background: list[BackgroundWork] = []
         self.last_tree: TreeShape | None = None  # tree of the latest decode step (None: plain)
         self.last_batch_size = 0
@@ -507,22 +508,21 @@ class Engine:
         return [(tree, adaptive, group) for (tree, adaptive), group in groups.items()]
 
     def _spec_decode(self, seqs: list[SequenceState], tree: TreeShape, adaptive: bool) -> list[int]:
-        """One draft-and-verify step; returns the tokens each sequence's verify step emitted.
-        Adaptive trees report how deep their accepted paths reached (the controller's alpha)."""
+        """One step of sequences given a tree: draft and verify, or decode plainly where that is
+        measured to be faster (StepChooser); returns the tokens each verify step emitted (none for a
+        plain step). Adaptive trees report how deep their accepted paths reached (the controller's alpha)."""
         chains = [self._proposal(s, tree) for s in seqs] if self.text_drafts is not None else None
-        if self.spec.drafter is None and not any(chains):  # drafting from text alone, and none has any
-            self._decode(seqs)
-            return []
-        # with a head and some chains: whether the head runs too is measured (HeadChooser)
-        choosing = self.spec.drafter is not None and chains is not None and any(chains)
-        head = self.head_chooser.head(len(seqs)) if choosing else True
+        way = self.chooser.choose(len(seqs), self._ways(chains, adaptive))
         t0 = time.perf_counter()
+        if way == "plain":
+            self._decode(seqs)
+            self.chooser.record(len(seqs), way, len(seqs), time.perf_counter() - t0)
+            return []
         steps = self.spec.step(roots=[s.generated[-1] for s in seqs], settled=[s.cached for s in seqs],
                                tables=[s.blocks for s in seqs], states=[s.spec for s in seqs],
                                params=[self._params(s) for s in seqs], seeds=[s.seed for s in seqs],
-                               drawn=[len(s.generated) for s in seqs], shape=tree, chains=chains, head=head)
-        if choosing:
-            self.head_chooser.record(len(seqs), head, sum(st.accepted + 1 for st in steps), time.perf_counter() - t0)
+                               drawn=[len(s.generated) for s in seqs], shape=tree, chains=chains, head=way == "head")
+        self.chooser.record(len(seqs), way, sum(st.accepted + 1 for st in steps), time.perf_counter() - t0)
         for s, st in zip(seqs, steps):
             s.cached += st.accepted + 1  # the root and the accepted draft tokens are now in the cache
             self._append(s, st.tokens, st.logprobs)
@@ -530,6 +530,19 @@ class Engine:
             # (a two-node tree is one level deep whatever alpha says: it tells nothing about alpha)
             self.controller.calibrator.observe_acceptance([st.depth for st in steps], [st.accepted for st in steps])
         return [st.accepted + 1 for st in steps]
+
+    def _ways(self, chains: list[Proposal | None] | None, adaptive: bool) -> list[Way]:
+        """The ways a step may take: with the head if there is one, with the chains alone if any
+        sequence has one, plainly if the controller sizes the trees (a fixed tree is what was asked
+        for) or nothing else is open."""
+        ways: list[Way] = []
+        if self.spec.drafter is not None:
+            ways.append("head")
+        if chains is not None and any(chains):
+            ways.append("text")
+        if adaptive or not ways:
+            ways.append("plain")
+        return ways
 
     @property
     def accepted_by_source(self) -> dict[str, int]:

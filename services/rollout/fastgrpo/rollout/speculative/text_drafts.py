@@ -240,39 +240,3 @@ class TextDrafts:
     @property
     def live_groups(self) -> int:
         return len(self._groups)
-
-
-class HeadChooser:
-    """Whether a step in which sequences have text chains also runs the draft head, or lets the
-    chains alone make the trees (saving the draft's forwards; a sequence without a chain then
-    emits one token, as a plain step would). Chosen by measurement: the
-    tokens emitted per second of step time of each choice at this batch size (power-of-two bins,
-    a moving average); each choice is tried once per bin before anything is known, and the one
-    that is behind is tried again every `explore` such steps, as rates move with the policy and
-    the text. The choice depends on past steps only, never on the step's own noise: lossless."""
-
-    def __init__(self, explore: int = 8, keep: float = 0.8):
-        self.explore, self.keep = explore, keep
-        self.rates: dict[tuple[int, bool], float] = {}  # (batch bin, head) -> tokens per second
-        self._eligible = 0
-
-    @staticmethod
-    def _bin(batch: int) -> int:
-        return 1 << (batch.bit_length() - 1)
-
-    def head(self, batch: int) -> bool:
-        b = self._bin(batch)
-        self._eligible += 1
-        text, with_head = self.rates.get((b, False)), self.rates.get((b, True))
-        if text is None or with_head is None:
-            return text is not None  # the chains alone first, then the head
-        best = with_head > text
-        return (not best) if self._eligible % self.explore == 0 else best
-
-    def record(self, batch: int, head: bool, tokens: int, seconds: float) -> None:
-        if seconds <= 0:
-            return
-        key = (self._bin(batch), head)
-        rate = tokens / seconds
-        old = self.rates.get(key)
-        self.rates[key] = rate if old is None else self.keep * old + (1 - self.keep) * rate
