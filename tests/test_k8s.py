@@ -65,8 +65,15 @@ def expand(args: list[str], env: dict[str, str]) -> list[str]:
     return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1)) or m.group(0), a) for a in args]
 
 
-def entrypoint_flag(script: str, flag: str) -> str:
-    return re.search(rf"{flag} (\S+)", (REPO / "docker" / script).read_text()).group(1)
+def entrypoint_port(script: str, flag: str) -> int:
+    """The port an image's entry point passes with `flag`: a number, or a variable's default
+    (`--http-port "$http_port"` after `http_port=${FASTGRPO_HTTP_PORT:-9400}`)."""
+    text = (REPO / "docker" / script).read_text()
+    value = re.search(rf'{flag} "?([^\s"]+)', text).group(1)
+    if value.startswith("$"):
+        var = value.strip("${}")
+        value = re.search(rf"{var}=\$\{{\w+:-(\d+)\}}", text).group(1)
+    return int(value)
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -110,8 +117,8 @@ def test_rollout_replicas_get_a_gpu_probes_scraping_and_the_cache(resources):
     sts, svc = the_one(resources, "StatefulSet"), the_one(resources, "Service")
     pod = sts["spec"]["template"]
     c = container(sts, "rollout")
-    http_port = int(entrypoint_flag("rollout-entrypoint.sh", "--http-port"))
-    grpc_port = int(entrypoint_flag("rollout-entrypoint.sh", "--port"))
+    http_port = entrypoint_port("rollout-entrypoint.sh", "--http-port")
+    grpc_port = entrypoint_port("rollout-entrypoint.sh", "--port")
     assert (grpc_port, http_port) == (50051, 9400)
 
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -135,7 +142,7 @@ def test_rollout_replicas_get_a_gpu_probes_scraping_and_the_cache(resources):
     assert not any(k in svc["metadata"].get("annotations", {}) for k in SCRAPE)  # pods are scraped, once each
 
     # /cache is FASTGRPO_CACHE in the image, on the PVC the manifests declare
-    assert "FASTGRPO_CACHE=/cache" in (REPO / "docker" / "rollout.Dockerfile").read_text()
+    assert any("FASTGRPO_CACHE=/cache" in p.read_text() for p in (REPO / "docker").glob("*Dockerfile"))
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v}
     cache_volume = next(name for name, path in mounts.items() if path == "/cache")
@@ -154,7 +161,7 @@ def test_learner_job_runs_torchrun_against_every_replica(resources):
     sts, job = the_one(resources, "StatefulSet"), the_one(resources, "Job")
     pod = job["spec"]["template"]
     c = container(job, "learner")
-    grpc_port = int(entrypoint_flag("rollout-entrypoint.sh", "--port"))
+    grpc_port = entrypoint_port("rollout-entrypoint.sh", "--port")
     replicas = [f"rollout-{i}.{sts['spec']['serviceName']}:{grpc_port}" for i in range(sts["spec"]["replicas"])]
 
     # sh -c SCRIPT $0 ARGS...: the script execs torchrun over the learner's CLI with the container's args
