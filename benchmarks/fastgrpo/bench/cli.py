@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastgrpo.bench.e2e import E2EBenchConfig, run as run_e2e
     from fastgrpo.bench.kv import KVBenchConfig, run as run_kv
     from fastgrpo.bench.peers import PeersBenchConfig, run as run_peers
+    from fastgrpo.bench.push import PushBenchConfig, run as run_push
     from fastgrpo.bench.sources import SourcesBenchConfig, run as run_sources
     from fastgrpo.bench.spec import SpecBenchConfig, run as run_spec
 
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_args(sources, SourcesBenchConfig)
     e2e = sub.add_parser("e2e", help="real GRPO steps (learner + rollout over gRPC) per speculation mode: seconds per phase, rollout tokens/s, acceptance by source, reward")
     add_dataclass_args(e2e, E2EBenchConfig)
+    push = sub.add_parser("push", help="weight pushes to 1, 2, 4 replicas over loopback gRPC (dense and LoRA deltas), and the modelled cost for Qwen2.5 1.5B / 7B at R = 1 .. 64")
+    add_dataclass_args(push, PushBenchConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.suite == "spec":
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         run_sources(from_args(SourcesBenchConfig, args))
     elif args.suite == "e2e":
         run_e2e(from_args(E2EBenchConfig, args))
+    elif args.suite == "push":
+        run_push(from_args(PushBenchConfig, args))
     return 0
 
 
