@@ -296,7 +296,7 @@ class KVCacheStatus(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., blocks_total: _Optional[int] = ..., bytes_total: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_cached: _Optional[int] = ..., blocks_free: _Optional[int] = ..., preemptions: _Optional[int] = ..., shared_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class SpeculationStatus(_message.Message):
-    __slots__ = ("mode", "c_peak", "c_peak_source", "batch_size", "n_verify", "width", "depth", "c_peak_start", "c_peak_start_source", "c_peak_updates", "alpha", "alpha_start", "alpha_updates", "sources", "accepted_head", "accepted_siblings", "accepted_history", "history_tokens", "history_prompts")
+    __slots__ = ("mode", "c_peak", "c_peak_source", "batch_size", "n_verify", "width", "depth", "c_peak_start", "c_peak_start_source", "c_peak_updates", "alpha", "alpha_start", "alpha_updates", "sources", "accepted_head", "accepted_siblings", "accepted_history", "history_tokens", "history_prompts", "steps_head", "steps_text", "steps_plain")
     MODE_FIELD_NUMBER: _ClassVar[int]
     C_PEAK_FIELD_NUMBER: _ClassVar[int]
     C_PEAK_SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -316,6 +316,9 @@ class SpeculationStatus(_message.Message):
     ACCEPTED_HISTORY_FIELD_NUMBER: _ClassVar[int]
     HISTORY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_HEAD_FIELD_NUMBER: _ClassVar[int]
+    STEPS_TEXT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PLAIN_FIELD_NUMBER: _ClassVar[int]
     mode: str
     c_peak: float
     c_peak_source: str
@@ -335,4 +338,7 @@ class SpeculationStatus(_message.Message):
     accepted_history: int
     history_tokens: int
     history_prompts: int
-    def __init__(self, mode: _Optional[str] = ..., c_peak: _Optional[float] = ..., c_peak_source: _Optional[str] = ..., batch_size: _Optional[int] = ..., n_verify: _Optional[int] = ..., width: _Optional[int] = ..., depth: _Optional[int] = ..., c_peak_start: _Optional[float] = ..., c_peak_start_source: _Optional[str] = ..., c_peak_updates: _Optional[int] = ..., alpha: _Optional[float] = ..., alpha_start: _Optional[float] = ..., alpha_updates: _Optional[int] = ..., sources: _Optional[str] = ..., accepted_head: _Optional[int] = ..., accepted_siblings: _Optional[int] = ..., accepted_history: _Optional[int] = ..., history_tokens: _Optional[int] = ..., history_prompts: _Optional[int] = ...) -> None: ...
+    steps_head: int
+    steps_text: int
+    steps_plain: int
+    def __init__(self, mode: _Optional[str] = ..., c_peak: _Optional[float] = ..., c_peak_source: _Optional[str] = ..., batch_size: _Optional[int] = ..., n_verify: _Optional[int] = ..., width: _Optional[int] = ..., depth: _Optional[int] = ..., c_peak_start: _Optional[float] = ..., c_peak_start_source: _Optional[str] = ..., c_peak_updates: _Optional[int] = ..., alpha: _Optional[float] = ..., alpha_start: _Optional[float] = ..., alpha_updates: _Optional[int] = ..., sources: _Optional[str] = ..., accepted_head: _Optional[int] = ..., accepted_siblings: _Optional[int] = ..., accepted_history: _Optional[int] = ..., history_tokens: _Optional[int] = ..., history_prompts: _Optional[int] = ..., steps_head: _Optional[int] = ..., steps_text: _Optional[int] = ..., steps_plain: _Optional[int] = ...) -> None: ...

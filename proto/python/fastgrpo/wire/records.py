@@ -125,6 +125,9 @@ class Speculation:
     accepted_history: int = 0
     history_tokens: int = 0  # completion tokens and prompts the history store holds
     history_prompts: int = 0
+    steps_head: int = 0  # steps with a tree since start, by the way they ran (head, text chains alone, plain)
+    steps_text: int = 0
+    steps_plain: int = 0
 
 
 @dataclass(frozen=True)

@@ -58,3 +58,18 @@ class LearnerConfig:
             raise ValueError(f"--group-size must be >= 2 (a group needs a baseline), got {self.group_size}")
         if self.prompts_per_step < 1 or self.steps < 0 or self.micro_batch < 1:
             raise ValueError("--prompts-per-step and --micro-batch must be >= 1, --steps >= 0")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`fastgrpo-learner demo`'s flags."""
+
+    steps: int = help_field(20, "GRPO steps")
+    prompts_per_step: int = help_field(16, "Q: prompts per step")
+    group_size: int = help_field(8, "G: completions per prompt")
+    train_size: int = help_field(64, "problems trained on: a prompt comes back every train-size / Q steps, and its earlier completions draft for it")
+    eval_size: int = help_field(200, "test problems evaluated (greedy) at start and end")
+    cache_dir: str = help_field("", "fixture cache (empty: $FASTGRPO_CACHE or ~/.cache/fastgrpo)")
+    http_port: int = help_field(-1, "learner's HTTP side on 127.0.0.1 (/metrics, /healthz, /readyz); 0 picks a free port, -1 = off")
+    rollout_http_port: int = help_field(-1, "rollout service's HTTP side on 127.0.0.1; 0 picks a free port, -1 = off")
+    baseline: bool = help_field(True, "also generate every step's prompts on a plain service (no draft), timed apart: the measured baseline")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -19,9 +20,12 @@ def format_step(s) -> str:
     )
 
 
-def run_training(cfg: LearnerConfig, out=sys.stdout, metrics: LearnerMetrics | None = None) -> dict:
-    """Evaluates, trains cfg.steps steps with a progress bar, evaluates again; returns a summary.
-    Each step is recorded in `metrics` (see `fastgrpo.learner.metrics.exported`)."""
+def run_training(cfg: LearnerConfig, out=sys.stdout, metrics: LearnerMetrics | None = None, learner=None,
+                 describe: Callable[..., str] = format_step, progress: bool = True) -> dict:
+    """Evaluates, trains cfg.steps steps, evaluates again; returns a summary. Each step is recorded
+    in `metrics` (see `fastgrpo.learner.metrics.exported`) and printed as `describe(stats)` says,
+    under a progress bar on stderr unless `progress` is off. `learner`: a GRPOLearner built for
+    cfg (default: a new one)."""
     import torch
 
     from fastgrpo.learner.checkpoint import save_checkpoint
@@ -29,18 +33,19 @@ def run_training(cfg: LearnerConfig, out=sys.stdout, metrics: LearnerMetrics | N
 
     metrics = metrics or LearnerMetrics()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    learner = GRPOLearner(cfg)
+    learner = learner or GRPOLearner(cfg)
     metrics.ready.set()
     start_acc = learner.evaluate() if cfg.eval_size else float("nan")
     print(f"test accuracy at start (greedy, {cfg.eval_size} problems): {start_acc:.3f}", file=out, flush=True)
     history = []
-    bar = tqdm(range(learner.step_index, cfg.steps), desc="GRPO", unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(range(learner.step_index, cfg.steps), desc="GRPO", unit="step", file=sys.stderr, dynamic_ncols=True,
+               disable=not progress)
     for _ in bar:
         stats = learner.step()
         history.append(stats)
         metrics.record(stats)
         bar.set_postfix(reward=f"{stats.reward_mean:.3f}", acc=f"{stats.accuracy:.3f}", v=stats.new_version)
-        tqdm.write(format_step(stats), file=out)
+        tqdm.write(describe(stats), file=out)
         if cfg.output_dir and cfg.save_every and stats.step % cfg.save_every == 0:
             save_checkpoint(learner, cfg.output_dir)
     bar.close()

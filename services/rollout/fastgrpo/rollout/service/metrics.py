@@ -167,6 +167,11 @@ class _StatusCollector(Collector):
                          spec.c_peak_start)
             yield _counter("fastgrpo_rollout_spec_c_peak_updates", "Online re-estimates of C_peak", spec.c_peak_updates)
             yield _gauge("fastgrpo_rollout_spec_alpha", "alpha: adaptive tree depth L = log2(N_verify / alpha) (live)", spec.alpha)
+            ways = CounterMetricFamily("fastgrpo_rollout_spec_steps", "Steps with a tree, by the way they ran: with the "
+                                       "draft head, the text chains alone, or plainly (measured faster)", labels=["way"])
+            for way in ("head", "text", "plain"):
+                ways.add_metric([way], getattr(spec, f"steps_{way}"))
+            yield ways
             if "history" in spec.sources:
                 yield _gauge("fastgrpo_rollout_draft_history_tokens", "Completion tokens the draft history holds "
                              "(--spec-history-tokens bounds it)", spec.history_tokens)

@@ -29,7 +29,8 @@ class StepChooser:
             raise ValueError(f"need explore >= 2 and 0 <= keep < 1, got {explore}, {keep}")
         self.explore, self.keep = explore, keep
         self.rates: dict[tuple[int, Way], float] = {}  # (batch bin, way) -> tokens per second
-        self.steps: Counter[Way] = Counter()  # steps taken each way since start
+        # steps taken each way since start; every key there from the start (other threads read it)
+        self.steps: Counter[Way] = Counter(dict.fromkeys(WAYS, 0))
         self._chosen = 0  # choices made, for the exploration turn
 
     @staticmethod
