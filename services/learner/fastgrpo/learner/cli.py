@@ -9,6 +9,7 @@ import sys
 
 from fastgrpo.common.config import add_dataclass_args, from_args
 from fastgrpo.learner.config import DemoConfig, LearnerConfig
+from fastgrpo.learner.distributed import close_world, world_from_env
 from fastgrpo.learner.metrics import exported
 from fastgrpo.learner.run import run_training
 
@@ -32,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, auth_token=os.environ["FASTGRPO_AUTH_TOKEN"])
     if not cfg.model:
         parser.error("train: --model is required")
+    if not world_from_env().is_main:  # under torchrun, rank 0 alone serves the HTTP side
+        cfg = dataclasses.replace(cfg, http_port=-1)
     with exported(cfg.http_host, cfg.http_port) as metrics:
         run_training(cfg, metrics=metrics)
+    close_world()
     return 0
 
 

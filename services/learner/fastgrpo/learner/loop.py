@@ -21,6 +21,8 @@ from fastgrpo.client import Completion, GroupedBatch, RolloutClient, RolloutErro
 from fastgrpo.learner.algo import group_advantages, group_reward_stats, grpo_loss
 from fastgrpo.learner.checkpoint import latest_checkpoint, load_checkpoint
 from fastgrpo.learner.config import LearnerConfig
+from fastgrpo.learner.distributed import (TrainBatch, broadcast_flag, broadcast_record, full_value, gather_full_state,
+                                          init_world, scatter_full_state, shard_model, share_batch)
 from fastgrpo.learner.policy import SequenceBatch, adapters_disabled, completion_logprobs, load_policy
 from fastgrpo.learner.push import Pusher, PushResult
 from fastgrpo.learner.tasks import Problem, RewardFn, correctness_reward, format_prompt, load_gsm8k_jsonl, synthetic_math
@@ -86,30 +88,68 @@ class GRPOLearner:
     def __init__(self, cfg: LearnerConfig, client: RolloutClient | None = None):
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
-        self.client = client or RolloutClient(
-            [a.strip() for a in cfg.rollout.split(",") if a.strip()], token=cfg.auth_token or None, timeout=cfg.timeout
-        )
+        self.world = init_world(cfg.device)
+        if self.world.distributed and cfg.lora:
+            raise ValueError("--lora is not supported under torchrun (WORLD_SIZE > 1): train LoRA in one process")
+        self.client = None
+        if self.world.is_main:  # under torchrun, rank 0 alone talks to the rollout services
+            self.client = client or RolloutClient(
+                [a.strip() for a in cfg.rollout.split(",") if a.strip()], token=cfg.auth_token or None,
+                timeout=cfg.timeout,
+            )
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.model = load_policy(cfg.model, cfg.device, cfg.lora, cfg.lora_r, cfg.lora_alpha,
-                                 [t.strip() for t in cfg.lora_targets.split(",") if t.strip()])
-        self.reference = None
-        if cfg.beta > 0 and not cfg.lora:  # LoRA's reference is the base model: adapters disabled
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self._build_policy()
         self.train_set, self.test_set = load_task(cfg)
         self.reward_fn = RewardFn(correctness_weight=1.0, format_weight=cfg.format_reward)
         self.rng = random.Random(cfg.seed)
         self.order: list[int] = []
         self.step_index = 0
-        self.pusher = Pusher(self.client, self.model, cfg.lora, cfg.push_kind)
+        self.pusher = Pusher(self.client, self.push_model, cfg.lora, cfg.push_kind) if self.world.is_main else None
         checkpoint = latest_checkpoint(cfg.output_dir) if (cfg.resume and cfg.output_dir) else None
         if checkpoint is not None:
             load_checkpoint(self, checkpoint)
-            self.pusher.sync()
-        else:
+            self._weights_to_pusher()
+            if self.world.is_main:
+                self.pusher.sync()
+            self._weights_from_pusher()
+        elif self.world.is_main:
             self.pusher.check_in_sync()
+        self._shards_version = self.pusher.version if self.world.is_main else 0  # served version the shards hold
+
+    def _build_policy(self) -> None:
+        """The trainable model (FSDP-sharded under torchrun), its reference, the optimizer, and the
+        full-weight model the pusher reads."""
+        cfg = self.cfg
+        self.model = load_policy(cfg.model, self.world.device, cfg.lora, cfg.lora_r, cfg.lora_alpha,
+                                 [t.strip() for t in cfg.lora_targets.split(",") if t.strip()])
+        self.reference = None
+        if cfg.beta > 0 and not cfg.lora:  # LoRA's reference is the base model: adapters disabled
+            # whole on every rank: it only runs forwards, on the rank's own sequences
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # the pusher diffs full weights and writes the served values back into them: in one process
+        # the model itself, under FSDP rank 0's full copy, gathered after each update
+        self.push_model = self.model
+        if self.world.distributed:
+            self.push_model = copy.deepcopy(self.model).cpu() if self.world.is_main else None
+            shard_model(self.model, self.world)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _weights_to_pusher(self) -> None:
+        """Under FSDP: the shards' weights, gathered whole into rank 0's push_model. Collective."""
+        if self.world.distributed:
+            state = gather_full_state(self.model)
+            if self.world.is_main:
+                self.push_model.load_state_dict(state)
+
+    def _weights_from_pusher(self) -> None:
+        """Under FSDP: rank 0's push_model (the served values it adopted) into every rank's shards.
+        Collective."""
+        if self.world.distributed:
+            scatter_full_state(self.model, self.push_model.state_dict() if self.world.is_main else {}, self.world)
+            if self.world.is_main:
+                self._shards_version = self.pusher.version
 
     # ---------------------------------------------------------------- prompts
     def _next_problems(self, n: int) -> list[Problem]:
@@ -126,6 +166,8 @@ class GRPOLearner:
 
     # ---------------------------------------------------------------- one step
     def step(self) -> StepStats:
+        if not self.world.is_main:
+            return self._follow_step()
         cfg = self.cfg
         Q, G = cfg.prompts_per_step, cfg.group_size
         problems = self._next_problems(Q)
@@ -147,19 +189,21 @@ class GRPOLearner:
         correct = [correctness_reward(t, p) for t, p in zip(texts, group_problems)]
         t2 = time.perf_counter()
 
-        loss = kl = clip = grad_norm = 0.0
         frac_zero = 1.0
+        train_batch = TrainBatch([], [], [], torch.zeros(0))
         if completions:
             advantages = group_advantages(rewards, G, cfg.advantage_scale)  # (N,)
             frac_zero = float(group_reward_stats(rewards, G).frac_zero_std)
             prompts = [prompt_ids[i] for i in kept for _ in range(G)]
-            loss, kl, clip, grad_norm = self._train(prompts, completions, advantages)
+            train_batch = TrainBatch(prompts, [c.token_ids for c in completions], [c.logprobs for c in completions],
+                                     advantages)
+        loss, kl, clip, grad_norm = self._train_all_ranks(train_batch)
         t3 = time.perf_counter()
-        pushed = self._push()
+        pushed = self._push_from_rank0()
         t4 = time.perf_counter()
         self.step_index += 1
         n = max(len(completions), 1)
-        return StepStats(
+        return broadcast_record(StepStats(
             step=self.step_index,
             policy_version=version,
             new_version=pushed.version,
@@ -178,7 +222,33 @@ class GRPOLearner:
             score_s=t2 - t1,
             train_s=t3 - t2,
             push_s=t4 - t3,
-        )
+        ), StepStats, self.world)
+
+    # ---------------------------------------------------------------- the ranks under torchrun
+    # Rank 0's step and _follow_step make the same collectives in the same order: the weights flag
+    # and the batch (_train_all_ranks), the update's passes (_train), the gather for the push and the
+    # scatter of the served values (_push_from_rank0), the step's figures (broadcast_record).
+    def _follow_step(self) -> StepStats:
+        """A rank other than 0: trains its share of the batch rank 0 generated and scored."""
+        self._train_all_ranks(None)
+        self._push_from_rank0()
+        self.step_index += 1
+        return broadcast_record(None, StepStats, self.world)
+
+    def _train_all_ranks(self, batch: TrainBatch | None) -> tuple[float, float, float, float]:
+        """Rank 0's batch (the others pass None) trained on by every rank, each on its share."""
+        main = self.world.is_main
+        if broadcast_flag(main and self.pusher.version != self._shards_version, self.world):
+            self._weights_from_pusher()  # a full push re-synced the services and rank 0 took what they serve
+        batch = share_batch(batch, self.world)
+        return self._train(batch) if len(batch) else (0.0, 0.0, 0.0, 0.0)
+
+    def _push_from_rank0(self) -> PushResult | None:
+        """Rank 0 pushes the update (gathered whole from the shards); every rank takes the served values."""
+        self._weights_to_pusher()
+        pushed = self._push() if self.world.is_main else None
+        self._weights_from_pusher()
+        return pushed
 
     # ---------------------------------------------------------------- a rollout service that restarts
     def _ensure_served(self) -> None:
@@ -221,24 +291,36 @@ class GRPOLearner:
                 self._recover("the weight push", exc, attempt)
         raise AssertionError("unreachable: _recover raises on the last attempt")
 
-    def _train(self, prompts: list[list[int]], completions: list[Completion], advantages: torch.Tensor):
-        """One optimiser step over the batch, in micro-batches normalised as one batch would be."""
+    def _train(self, batch: TrainBatch):
+        """One optimiser step over the batch, in micro-batches normalised as one batch would be.
+
+        Under torchrun every rank holds the whole batch and trains on its share of the sequences;
+        the normalisers (N, total_tokens) stay the whole batch's, so the ranks' gradients, summed by
+        FSDP, are the gradient of one process on the whole batch. Returns the whole batch's loss, KL,
+        clip fraction and gradient norm."""
         cfg = self.cfg
-        N = len(completions)
-        total_tokens = sum(len(c.token_ids) for c in completions)
+        N = len(batch)
+        total_tokens = sum(len(c) for c in batch.completions)
+        advantages = batch.advantages  # (N,)
         # sequences with zero advantage add exactly nothing to the loss or its gradient unless a
         # KL term is on; skip their forward passes (they still count in the normalisers below)
-        active = [i for i in range(N) if cfg.beta > 0 or advantages[i] != 0]
+        active = [i for i in self.world.share(N) if cfg.beta > 0 or advantages[i] != 0]
+        # FSDP gathers each layer's weights in every forward: all ranks make as many passes
+        passes = self.world.max_int(-(-len(active) // cfg.micro_batch))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = kl_sum = clip_sum = 0.0
-        for start in range(0, len(active), cfg.micro_batch):
+        for start in range(0, passes * cfg.micro_batch, cfg.micro_batch):
             idx = active[start : start + cfg.micro_batch]
-            mb = SequenceBatch.build([prompts[i] for i in idx], [completions[i].token_ids for i in idx], self.pad_id)
+            if not idx:  # this rank's share is done: a pass that adds nothing keeps it in step
+                dummy = SequenceBatch.build([[self.pad_id]], [[self.pad_id]], self.pad_id)
+                (completion_logprobs(self.model, dummy, 1.0).sum() * 0.0).backward()
+                continue
+            mb = SequenceBatch.build([batch.prompts[i] for i in idx], [batch.completions[i] for i in idx], self.pad_id)
             T = mb.completion_ids.shape[1]
             old = torch.zeros(len(idx), T)  # (b, T) logprobs the rollout returned
             for row, i in enumerate(idx):
-                old[row, : len(completions[i].logprobs)] = torch.tensor(completions[i].logprobs)
+                old[row, : len(batch.logprobs[i])] = torch.tensor(batch.logprobs[i])
             new = completion_logprobs(self.model, mb, cfg.temperature)  # (b, T)
             ref = None
             if cfg.beta > 0:
@@ -256,15 +338,19 @@ class GRPOLearner:
             weight = tokens / max(total_tokens, 1) if cfg.loss_mode == "dapo" else len(idx) / N
             (out.loss * weight).backward()
             loss_sum += float(out.loss.detach()) * weight
-            kl_sum += float(out.kl_mean) * weight
-            clip_sum += float(out.clip_fraction) * weight
+            # token-level means over the whole batch (a skipped sequence's tokens neither clip nor,
+            # with beta = 0, have a KL), whatever the micro-batches and ranks
+            kl_sum += float(out.kl_mean) * tokens / max(total_tokens, 1)
+            clip_sum += float(out.clip_fraction) * tokens / max(total_tokens, 1)
+        loss_sum, kl_sum, clip_sum = self.world.sum_floats([loss_sum, kl_sum, clip_sum])
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = 0.0
-        if active:
+        if passes:
+            # under FSDP, norms of sharded gradients: the whole gradient's norm on every rank
             if cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                grad_norm = float(full_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
             else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+                grad_norm = float(full_value(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])))
             self.optimizer.step()
         self.model.eval()
         return loss_sum, kl_sum, clip_sum, grad_norm

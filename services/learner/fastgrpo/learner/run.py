@@ -1,6 +1,7 @@
 """A whole training run as the command line runs it: evaluate, train with a progress bar, evaluate."""
 from __future__ import annotations
 
+import io
 import os
 import sys
 from typing import Callable
@@ -35,7 +36,10 @@ def run_training(cfg: LearnerConfig, out=sys.stdout, metrics: LearnerMetrics | N
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     learner = learner or GRPOLearner(cfg)
     metrics.ready.set()
-    start_acc = learner.evaluate() if cfg.eval_size else float("nan")
+    main = learner.world.is_main  # under torchrun every rank trains; rank 0 alone evaluates and prints
+    if not main:
+        out, progress = io.StringIO(), False
+    start_acc = learner.evaluate() if cfg.eval_size and main else float("nan")
     print(f"test accuracy at start (greedy, {cfg.eval_size} problems): {start_acc:.3f}", file=out, flush=True)
     history = []
     bar = tqdm(range(learner.step_index, cfg.steps), desc="GRPO", unit="step", file=sys.stderr, dynamic_ncols=True,
@@ -52,7 +56,8 @@ def run_training(cfg: LearnerConfig, out=sys.stdout, metrics: LearnerMetrics | N
     if cfg.output_dir:
         path = save_checkpoint(learner, cfg.output_dir)
         print(f"checkpoint: {path}", file=out)
-    end_acc = learner.evaluate() if cfg.eval_size else float("nan")
+    end_acc = learner.evaluate() if cfg.eval_size and main else float("nan")
     print(f"test accuracy at end (greedy, {cfg.eval_size} problems): {end_acc:.3f}", file=out, flush=True)
-    learner.client.close()
+    if learner.client is not None:
+        learner.client.close()
     return {"start_accuracy": start_acc, "end_accuracy": end_acc, "steps": history}
