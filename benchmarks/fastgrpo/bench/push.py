@@ -219,6 +219,7 @@ def run(cfg: PushBenchConfig) -> dict:
     gen = torch.Generator().manual_seed(0)
     deltas = {"dense": ("dense_delta", 0)} | {f"lora_r{r}": ("lora_delta", r) for r in ranks}
     records = []
+    load_before = os.getloadavg()  # the machine may be shared: a busy one slows every figure
     t_start = time.perf_counter()
     procs = []
     try:
@@ -256,6 +257,7 @@ def run(cfg: PushBenchConfig) -> dict:
           f"{time.perf_counter() - t_start:.0f} s", flush=True)
     path = write_results(cfg.out, "push", records, measured_on="loopback gRPC, one client, replicas as separate processes",
                          served_dtype=cfg.dtype, fixture=str(fixture.name), fixture_counts=fixture_counts,
+                         load_average_1min={"before": load_before[0], "after": os.getloadavg()[0]},
                          host_rates=rates, fit=fitted, modelled=modelled(steps, cfg.budget), config=cfg.__dict__)
     print(f"wrote {path}")
     return {"path": str(path), "records": records, "fit": fitted, "host_rates": rates}
