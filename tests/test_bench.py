@@ -108,7 +108,7 @@ def test_lockstep_generation_runs_real_engines_one_step_at_a_time():
     assert paired["off"]["seconds"] + paired["static"]["seconds"] <= paired["off"]["wall_seconds"]
 
 
-@pytest.mark.parametrize("suite", ["spec", "concurrency", "calibrate", "drift", "peers", "kv", "sources", "e2e"])
+@pytest.mark.parametrize("suite", ["spec", "concurrency", "calibrate", "drift", "peers", "kv", "sources", "e2e", "push"])
 def test_every_suite_prints_its_help(suite, capsys):
     """argparse %-formats help texts: a literal % in one (the concurrency bench's --threads) once
     made --help crash."""
