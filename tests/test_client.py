@@ -7,9 +7,10 @@ test body checks both.
 
 Covers: streamed and gathered Generate (indices, shapes, logprobs equal to a local forward, seeded
 determinism), leaving a stream early, status, every kind of weight push verified against a
-WeightMirror, a tampered mirror raising ChecksumMismatch, two replicas pushed alike and a failing one
-leaving the mirror unmoved, error mapping, a deadline that expires while the engine is held (its
-sequences are dropped, not decoded), gRPC's retry policy against injected UNAVAILABLE faults
+WeightMirror, a tampered mirror raising ChecksumMismatch, two replicas pushed alike, a replica that
+fails a push set aside while another accepts it (alone, its failure is raised and the mirror stays),
+error mapping, a deadline that expires while the engine is held (its sequences are dropped, not
+decoded), gRPC's retry policy against injected UNAVAILABLE faults
 (GetStatus and Generate retried, UpdateWeights never), wait_for_ready riding out a restart, bearer
 auth, wait_ready. What only asyncio adds is in test_client_async.py.
 """
@@ -164,6 +165,9 @@ class BlockingAsyncClient:
 
     def status(self, **kwargs):
         return self._run(self._client.status(**kwargs))
+
+    def replica_states(self):
+        return self._client.replica_states()
 
     def train_draft(self, **kwargs):
         return self._run(self._client.train_draft(**kwargs))
@@ -419,25 +423,39 @@ def test_two_replicas_are_pushed_alike(tiny_dir, start_service, face):
         assert [r.address for r in results] == [addr(a) for a in apps]
         checksums = [client.status(replica=i).policy_checksum for i in (0, 1)]
         assert [r.checksum for r in results] == checksums == [mirror.checksum] * 2
-        # Generate goes round-robin: two calls reach both replicas, and both serve version 1
+        # a batch is split over both replicas (both idle: half each), and both serve version 1
         versions = {c.policy_version for _ in range(2) for c in client.generate_batch(PROMPTS, 1, SAMPLING).flat()}
         assert versions == {1}
 
 
-def test_a_failing_replica_leaves_the_mirror_unmoved(tiny_dir, start_service, face):
+def test_a_replica_that_fails_a_push_is_set_aside_while_another_accepts_it(tiny_dir, start_service, face):
     good, stale = start_service(tiny_dir), start_service(tiny_dir)
+    with face(addr(stale)) as client:  # `stale` is one version ahead of the mirrors below
+        client.push_weights(local_model(tiny_dir), "full")
+
     model = local_model(tiny_dir)
-    with face(addr(stale)) as client:  # `stale` is one version ahead of the mirror
-        client.push_weights(model, "full")
-    with face([addr(good), addr(stale)]) as client:
+    with face(addr(stale)) as client:  # alone it refuses the push: raised, and the mirror stays
         mirror = WeightMirror.of(model)
         before = mirror.checksum
         with pytest.raises(RolloutError) as info:
             client.push_weights(mirror.dense_delta(perturbed(model, seed=5)), "dense_delta", mirror=mirror)
-        good_version = client.status(replica=0).policy_version
+        assert client.replica_states()[0].in_service  # the last replica in service is never set aside
     assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION and "base_version" in info.value.details
-    assert good_version == 1  # the replica that accepted the update has moved on ...
-    assert (mirror.version, mirror.checksum) == (0, before)  # ... but the mirror has not
+    assert (mirror.version, mirror.checksum) == (0, before)
+
+    model = local_model(tiny_dir)
+    with face([addr(good), addr(stale)]) as client:  # beside one that accepts it: set aside, the push stands
+        mirror = WeightMirror.of(model)
+        results = client.push_weights(mirror.dense_delta(perturbed(model, seed=5)), "dense_delta", mirror=mirror)
+        states = client.replica_states()
+        served = client.status(replica=0)
+        versions = {c.policy_version for _ in range(2) for c in client.generate_batch(PROMPTS, 1, SAMPLING).flat()}
+        assert client.replica_states()[1].in_service is False
+    assert [r.address for r in results] == [addr(good)]
+    assert [(s.in_service, s.set_asides) for s in states] == [(True, 0), (False, 1)]
+    assert "base_version" in states[1].last_error
+    assert (mirror.version, mirror.checksum) == (1, served.policy_checksum) != (0, before)
+    assert versions == {1}  # a set-aside replica gets no work: every rollout came from `good`
 
 
 # ------------------------------------------------------------------------------------------ errors

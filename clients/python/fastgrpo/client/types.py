@@ -18,8 +18,8 @@ from fastgrpo.wire.records import (
     UpdateResult,
 )
 
-__all__ = ["ChecksumMismatch", "Completion", "DraftTraining", "FinishReason", "GroupedBatch", "ModelInfo", "RolloutError",
-           "Sampling", "Speculation", "SpecStats", "Status", "UpdateResult"]
+__all__ = ["ChecksumMismatch", "Completion", "DraftTraining", "FinishReason", "GroupedBatch", "ModelInfo", "ReplicaState",
+           "RolloutError", "Sampling", "Speculation", "SpecStats", "Status", "UpdateResult"]
 
 
 class RolloutError(Exception):
@@ -53,3 +53,14 @@ class GroupedBatch:
     def spec(self) -> SpecStats:
         """Speculation counts summed over every completion of the batch."""
         return SpecStats.total([c.spec for c in self.flat()])
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """One replica as a client sees it: whether it gets work, and how often it was set aside and rejoined."""
+
+    address: str
+    in_service: bool
+    set_asides: int = 0  # times a failed call set it aside
+    rejoins: int = 0  # times `rejoin` put it back in service
+    last_error: str = ""  # why it was last set aside

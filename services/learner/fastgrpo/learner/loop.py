@@ -252,13 +252,22 @@ class GRPOLearner:
 
     # ---------------------------------------------------------------- a rollout service that restarts
     def _ensure_served(self) -> None:
-        """Pushes the learner's weights in full when the rollout service serves others (it restarted)."""
-        served = self.client.status(timeout=self.cfg.timeout)
+        """Brings back set-aside replicas that answer again (re-synced in full first), and pushes the
+        learner's weights in full where a replica serves others (it restarted): to that replica alone
+        while others serve the learner's, to all of them when none does."""
+        self.pusher.rejoin_answering()
+        served = self.client.statuses(timeout=self.cfg.timeout)
         mirror = self.pusher.mirror
-        if (served.policy_checksum, served.policy_version) != (mirror.checksum, mirror.version):
+        stale = {i: s for i, s in served.items() if (s.policy_checksum, s.policy_version) != (mirror.checksum,
+                                                                                             mirror.version)}
+        if stale and len(stale) == len(served):
+            s = next(iter(stale.values()))
             log.warning("the rollout service serves version %d (checksum %s), not the learner's %d: pushing the "
-                        "learner's weights in full", served.policy_version, served.policy_checksum[:12], mirror.version)
+                        "learner's weights in full", s.policy_version, s.policy_checksum[:12], mirror.version)
             self.pusher.sync()
+        else:
+            for i, s in stale.items():
+                self.pusher.resync(i, s)
 
     def _recover(self, what: str, exc: RolloutError, attempt: int) -> None:
         if attempt + 1 >= RESTART_ATTEMPTS or exc.code not in RECOVERABLE:

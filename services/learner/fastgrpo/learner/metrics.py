@@ -4,11 +4,13 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:  # the loop pulls in torch and transformers; `--help` should not
+    from fastgrpo.client import ReplicaState
     from fastgrpo.learner.loop import StepStats
 
 PHASES = ("generate", "score", "train", "push")
@@ -43,6 +45,11 @@ class LearnerMetrics:
         self.phase_seconds = Gauge("fastgrpo_learner_step_phase_seconds", "Seconds of each phase of the latest step",
                                    ["phase"], registry=r)
 
+    def track_replicas(self, states: Callable[[], Sequence["ReplicaState"]]) -> None:
+        """Exports each rollout replica's state, read from `states` (e.g. the learner's
+        `client.replica_states`) at every scrape."""
+        self.registry.register(ReplicaCollector(states))
+
     def record(self, s: "StepStats") -> None:
         self.steps.inc()
         self.completion_tokens.inc(s.completion_tokens)
@@ -51,6 +58,28 @@ class LearnerMetrics:
             gauge.set(getattr(s, field))
         for phase in PHASES:
             self.phase_seconds.labels(phase).set(getattr(s, f"{phase}_s"))
+
+
+class ReplicaCollector:
+    """Per-replica series, labelled replica="host:port": up (1 while it gets work, 0 while set aside),
+    and how often it was set aside and re-synced back (full weights unless it served them already)."""
+
+    def __init__(self, states: Callable[[], Sequence["ReplicaState"]]):
+        self.states = states
+
+    def collect(self):
+        up = GaugeMetricFamily("fastgrpo_learner_replica_up",
+                               "1 while a rollout replica gets work, 0 while it is set aside", labels=["replica"])
+        set_asides = CounterMetricFamily("fastgrpo_learner_replica_set_asides",
+                                         "Times a rollout replica was set aside after a failed call", labels=["replica"])
+        resyncs = CounterMetricFamily("fastgrpo_learner_replica_resyncs",
+                                      "Times a rollout replica was re-synced to the learner's weights and given work "
+                                      "again", labels=["replica"])
+        for s in self.states():
+            up.add_metric([s.address], float(s.in_service))
+            set_asides.add_metric([s.address], s.set_asides)
+            resyncs.add_metric([s.address], s.rejoins)
+        yield from (up, set_asides, resyncs)
 
 
 @contextlib.contextmanager

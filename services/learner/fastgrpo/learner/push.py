@@ -6,15 +6,26 @@ so learner and rollout never drift by rounding. LoRA training pushes the change 
 product since the last push as one low-rank delta:
     s (B A - B' A') = s [B | -B'] @ [A ; A']      (rank 2r; B', A' = factors at the last push)
 which the server applies as W += s B'' A'' — the same operation the mirror applies.
+
+Replicas that come and go: a replica that fails a call is set aside by the client and the others
+carry the step. While it is away the learner probes it at the start of each step; once it answers,
+`resync` pushes it the mirror in full, at the mirror's version (the weights and version every replica
+in service holds), and only then does it get work again. Its draft is not pushed: no call reads a
+replica's draft and the learner keeps no copy of one, so a rejoining replica drafts with its own
+(the draft it started with), which its online draft learning then trains on its own rollouts.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+import grpc
 import torch
 
-from fastgrpo.client import RolloutClient, WeightMirror
+from fastgrpo.client import RolloutClient, RolloutError, Status, WeightMirror
 from fastgrpo.wire.tensors import unique_state
+
+log = logging.getLogger("fastgrpo.learner")
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,39 @@ class Pusher:
     @property
     def version(self) -> int:
         return self.mirror.version
+
+    # ---------------------------------------------------------------- replicas that come and go
+    def rejoin_answering(self) -> list[int]:
+        """Probes every set-aside replica; each one that answers is re-synced and back in service.
+        Returns those that rejoined."""
+        back = []
+        for replica, state in enumerate(self.client.replica_states()):
+            if not state.in_service:
+                served = self.client.probe(replica)
+                if served is not None and self.resync(replica, served):
+                    back.append(replica)
+        return back
+
+    def resync(self, replica: int, served: Status) -> bool:
+        """Makes `replica` (which serves `served`) serve what every replica in service does -- the
+        mirror, at its version -- by a full push of every tensor (none when it serves them already),
+        and puts it in service. False, and the replica set aside, when that fails."""
+        mirror, address = self.mirror, self.client.replicas[replica].address
+        if (served.policy_checksum, served.policy_version) != (mirror.checksum, mirror.version):
+            log.warning("replica %s serves version %d (checksum %s), not the learner's %d: pushing it the learner's "
+                        "weights in full", address, served.policy_version, served.policy_checksum[:12], mirror.version)
+            try:
+                if served.policy_version >= mirror.version:  # UpdateWeights only moves a version forward
+                    raise RolloutError(grpc.StatusCode.FAILED_PRECONDITION, f"{address} serves version "
+                                       f"{served.policy_version}, ahead of the learner's {mirror.version}", "resync")
+                self.client.push_weights(mirror.state, "full", base_version=served.policy_version,
+                                         new_version=mirror.version, replicas=[replica])
+            except RolloutError as exc:
+                log.warning("replica %s stays aside: %s", address, exc)
+                self.client.set_aside(replica, exc)
+                return False
+        self.client.rejoin(replica)
+        return True
 
     def push(self) -> PushResult:
         if self.lora:
