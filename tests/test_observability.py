@@ -260,7 +260,7 @@ def scraped_run(fixture_dir, draft_dir, tmp_path_factory):
             prom.wait_for(lambda: first_value(prom.query("fastgrpo_learner_steps_total")) == steps
                           and first_value(prom.query("fastgrpo_rollout_draft_rounds_total")) >= 1,
                           120, "Prometheus should hold the final step and a draft round")
-            yield {"prometheus": prom, "rollout": f"http://{rollout.http_address}",
+            yield {"prometheus": prom, "rollout": f"http://{rollout.http_address}", "rollout_grpc": rollout.address,
                    "learner": f"http://{learner_address}", "seconds": time.monotonic() - started, "log": out.getvalue()}
         finally:
             prom.stop()
@@ -303,4 +303,6 @@ def test_every_dashboard_query_returns_data(scraped_run):
     assert first_value(prom.query("fastgrpo_rollout_spec_c_peak_start")) == 64
     assert first_value(prom.query(f"sum(increase(fastgrpo_rollout_weight_update_seconds_count[{window}]))")) >= 1
     assert len(prom.query("fastgrpo_learner_step_phase_seconds > 0")) == 4
+    up = prom.query("fastgrpo_learner_replica_up")  # the learner's view of its one rollout replica
+    assert [(r["metric"]["replica"], float(r["value"][1])) for r in up] == [(scraped_run["rollout_grpc"], 1.0)]
     assert 0 <= first_value(prom.query("fastgrpo_learner_accuracy")) <= 1

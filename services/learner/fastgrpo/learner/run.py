@@ -35,6 +35,8 @@ def run_training(cfg: LearnerConfig, out=sys.stdout, metrics: LearnerMetrics | N
     metrics = metrics or LearnerMetrics()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     learner = learner or GRPOLearner(cfg)
+    if learner.client is not None:  # (under torchrun, rank 0 alone talks to the replicas)
+        metrics.track_replicas(learner.client.replica_states)
     metrics.ready.set()
     main = learner.world.is_main  # under torchrun every rank trains; rank 0 alone evaluates and prints
     if not main:
