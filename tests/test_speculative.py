@@ -406,7 +406,8 @@ def test_two_node_trees_leave_alpha_alone(fixture_dir, draft_dir):
     from fastgrpo.rollout.speculative.online_calibration import OnlineCalibrator, OnlineCalibrationConfig
 
     cal = OnlineCalibrator(2.0, "configured", OnlineCalibrationConfig(explore_every=0, update_every=10**9, alpha_every=8))
-    controller = SpecController("adaptive", ControllerConfig(c_peak=2.0), calibrator=cal)
+    # (every step as sized: plain decoding, faster here, would leave few trees to tell alpha anything)
+    controller = SpecController("adaptive", ControllerConfig(c_peak=2.0), calibrator=cal, choose=False)
     assert controller.tree_for(1).n_verify == 2
     plain, spec, prompts = _fixture_engines(fixture_dir, draft_dir, controller, 1, 3)
     try:

@@ -284,23 +284,37 @@ def test_a_draft_that_the_sources_leave_out_is_refused(fixture_dir, draft_dir, s
         start_service(fixture_dir, draft=str(draft_dir), spec_sources="siblings")
 
 
-def test_the_step_chooser_tries_each_way_then_keeps_the_fastest_and_explores_the_others_in_turn():
-    chooser = StepChooser(explore=4)
+def test_the_step_chooser_keeps_the_fastest_way_and_tries_the_slower_ones_the_more_rarely_the_slower():
+    chooser = StepChooser(explore=4, max_explore=64, budget=0.25)
     ways = ["head", "text", "plain"]
-    assert chooser.choose(8, ways) == "text"  # nothing known: the cheapest first
+    rate = {"text": 30, "plain": 20, "head": 10}  # tokens per second of each way, here and now
+    assert chooser.choose(8, ways) == "text"  # nothing known anywhere: each in turn, the cheapest first
     chooser.record(8, "text", tokens=30, seconds=1.0)
     assert chooser.choose(9, ways) == "plain"  # (the same bin)
     chooser.record(9, "plain", tokens=20, seconds=1.0)
     assert chooser.choose(8, ways) == "head"
     chooser.record(8, "head", tokens=10, seconds=1.0)
-    picks = [chooser.choose(8, ways) for _ in range(12)]
-    assert picks.count("text") == 9 and picks.count("plain") == 1 and picks.count("head") == 2, picks
-    assert chooser.choose(64, ways) == "text"  # another bin knows nothing yet
     assert chooser.choose(8, ["head"]) == "head"  # one way open: no choice
-    chooser.record(8, "head", tokens=400, seconds=1.0)  # the head got much faster: the average follows
-    assert chooser.rates[(8, "head")] == pytest.approx(0.8 * 10 + 0.2 * 400)
-    assert [chooser.choose(8, ways) for _ in range(4)].count("head") >= 3
-    assert chooser.steps == {"text": 1, "plain": 1, "head": 2}
-    with pytest.raises(ValueError, match="explore >= 2"):
+
+    picks = []
+    for _ in range(96):
+        way = chooser.choose(8, ways)
+        chooser.record(8, way, tokens=rate[way], seconds=1.0)
+        picks.append(way)
+    tries = {w: [i for i, p in enumerate(picks) if p == w] for w in ways}
+    # plain is 1.5x slower: tried every max(4, 0.5 / 0.25) = 4 choices; head 3x slower: every 8
+    assert all(b - a >= 4 for a, b in zip(tries["plain"], tries["plain"][1:])) and len(tries["plain"]) >= 20
+    assert all(b - a >= 8 for a, b in zip(tries["head"], tries["head"][1:])) and 10 <= len(tries["head"]) <= 12
+    assert len(tries["text"]) == 96 - len(tries["plain"]) - len(tries["head"])
+    # a new bin starts from the nearest bin's rates: the fastest at once, no round of slow tries
+    assert chooser.choose(64, ways) == "text" and chooser.rates[(64, "head")] == chooser.rates[(8, "head")]
+    chooser.record(64, "text", tokens=300, seconds=1.0)  # 10x bin 8's rate: the borrowed ones scale with it
+    assert chooser.rates[(64, "plain")] == pytest.approx(10 * chooser.rates[(8, "plain")])
+    assert chooser.rates[(64, "text")] == 300
+    chooser.record(8, "head", tokens=4000, seconds=1.0)  # the head got much faster: the average follows
+    assert chooser.rates[(8, "head")] == pytest.approx(0.8 * 10 + 0.2 * 4000)
+    assert chooser.choose(8, ways) == "head"
+    assert sum(chooser.steps.values()) == 3 + 96 + 2
+    with pytest.raises(ValueError, match="explore <= max_explore"):
         StepChooser(explore=1)
 

@@ -108,6 +108,7 @@ class Engine:
         self.controller = controller
         self.text_drafts = text_drafts
         self.chooser = StepChooser()  # speculative steps: plainly, with the text chains alone, or with the head
+        self._probing = False  # this step's adaptive trees are the C_peak calibrator's probe
         self.background: list[BackgroundWork] = []
         self.last_tree: TreeShape | None = None  # tree of the latest decode step (None: plain)
         self.last_batch_size = 0
@@ -497,6 +498,7 @@ class Engine:
         self.last_batch_size = B
         B = self.spec.batch_size(B)  # the rows a step computes: a compiled step's batch bucket
         c_peak = self.controller.step_c_peak()
+        self._probing = self.controller.probing
         trees: dict[str | None, TreeShape | None] = {}  # per request mode, computed once per step
         groups: dict[tuple[TreeShape | None, bool], list[SequenceState]] = {}
         for s in seqs:
@@ -511,18 +513,25 @@ class Engine:
         """One step of sequences given a tree: draft and verify, or decode plainly where that is
         measured to be faster (StepChooser); returns the tokens each verify step emitted (none for a
         plain step). Adaptive trees report how deep their accepted paths reached (the controller's alpha)."""
-        chains = [self._proposal(s, tree) for s in seqs] if self.text_drafts is not None else None
-        way = self.chooser.choose(len(seqs), self._ways(chains, adaptive))
+        probe = adaptive and self._probing  # a latency probe: verified as sized, not taken as the way's speed
+        ways = self._ways(adaptive and not probe)
+        way = ways[0] if probe or not self.controller.choose else self.chooser.choose(len(seqs), ways)
+        chains = None  # (the proposals cost a lookup per sequence: none for a plain step)
+        if way != "plain" and self.text_drafts is not None:
+            chains = [self._proposal(s, tree) for s in seqs]
+            if way == "text" and not any(chains):
+                way = "plain"
         t0 = time.perf_counter()
         if way == "plain":
             self._decode(seqs)
-            self.chooser.record(len(seqs), way, len(seqs), time.perf_counter() - t0)
+            self.chooser.record(len(seqs), way, len(seqs), 0.0 if probe else time.perf_counter() - t0)
             return []
         steps = self.spec.step(roots=[s.generated[-1] for s in seqs], settled=[s.cached for s in seqs],
                                tables=[s.blocks for s in seqs], states=[s.spec for s in seqs],
                                params=[self._params(s) for s in seqs], seeds=[s.seed for s in seqs],
                                drawn=[len(s.generated) for s in seqs], shape=tree, chains=chains, head=way == "head")
-        self.chooser.record(len(seqs), way, sum(st.accepted + 1 for st in steps), time.perf_counter() - t0)
+        took = 0.0 if probe else time.perf_counter() - t0  # (a probe's time is not its way's speed)
+        self.chooser.record(len(seqs), way, sum(st.accepted + 1 for st in steps), took)
         for s, st in zip(seqs, steps):
             s.cached += st.accepted + 1  # the root and the accepted draft tokens are now in the cache
             self._append(s, st.tokens, st.logprobs)
@@ -531,16 +540,17 @@ class Engine:
             self.controller.calibrator.observe_acceptance([st.depth for st in steps], [st.accepted for st in steps])
         return [st.accepted + 1 for st in steps]
 
-    def _ways(self, chains: list[Proposal | None] | None, adaptive: bool) -> list[Way]:
-        """The ways a step may take: with the head if there is one, with the chains alone if any
-        sequence has one, plainly if the controller sizes the trees (a fixed tree is what was asked
-        for) or nothing else is open."""
+    def _ways(self, plain: bool) -> list[Way]:
+        """The ways a step may take: with the head if there is one, with the text chains alone if
+        the sources include text (a step without any chain then runs plainly), plainly if the
+        controller sizes the trees (a fixed tree is what was asked for) or nothing else is open;
+        the first is the tree as sized."""
         ways: list[Way] = []
         if self.spec.drafter is not None:
             ways.append("head")
-        if chains is not None and any(chains):
+        if self.text_drafts is not None:
             ways.append("text")
-        if adaptive or not ways:
+        if plain or not ways:
             ways.append("plain")
         return ways
 

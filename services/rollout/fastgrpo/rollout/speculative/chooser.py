@@ -6,9 +6,12 @@ drafting costs here: on a small model or a host-bound device a draft forward cos
 a target forward, and a tree that is accepted three tokens deep can still emit fewer tokens per
 second than plain decoding. So every step that has more than one way open records the tokens it
 emitted per second of step time, per way and per batch size (power-of-two bins, a moving average),
-and the next step of that size takes the fastest. Each way is tried once per bin before anything is
-known (cheapest first: the chains alone, then plain, then the head), and the ways that are behind
-are tried again in turn every `explore` steps, as rates move with the policy, the text and the draft.
+and the next step of that size takes the fastest. The first bin tries each way once (cheapest first:
+the chains alone, then plain, then the head); later bins start from the rates of the nearest bin
+that knows them. A way that is behind is tried again from time to time, as rates move with the
+policy, the text and the draft -- the further behind, the more rarely, so that those tries cost a
+few percent of the time (on a small model or a host-bound device a head step can cost three plain
+steps: tried as often as the others, it would eat what the choice saves).
 
 The choice depends on past steps only, never on the step's own draws, and every way is lossless on
 its own (plain decoding trivially; the tree's verification for the others): the emitted tokens keep
@@ -16,6 +19,7 @@ the target's distribution whichever way each step takes.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Literal, Sequence
 
@@ -24,41 +28,85 @@ WAYS: tuple[Way, ...] = ("text", "plain", "head")  # the order in which a new bi
 
 
 class StepChooser:
-    def __init__(self, explore: int = 8, keep: float = 0.8):
-        if explore < 2 or not 0.0 <= keep < 1.0:
-            raise ValueError(f"need explore >= 2 and 0 <= keep < 1, got {explore}, {keep}")
-        self.explore, self.keep = explore, keep
+    def __init__(self, explore: int = 8, max_explore: int = 256, budget: float = 0.03, keep: float = 0.8):
+        if not 2 <= explore <= max_explore or not 0.0 < budget < 1.0 or not 0.0 <= keep < 1.0:
+            raise ValueError(f"need 2 <= explore <= max_explore, 0 < budget < 1 and 0 <= keep < 1, got {explore}, "
+                             f"{max_explore}, {budget}, {keep}")
+        self.explore, self.max_explore, self.budget, self.keep = explore, max_explore, budget, keep
         self.rates: dict[tuple[int, Way], float] = {}  # (batch bin, way) -> tokens per second
         # steps taken each way since start; every key there from the start (other threads read it)
         self.steps: Counter[Way] = Counter(dict.fromkeys(WAYS, 0))
-        self._chosen = 0  # choices made, for the exploration turn
+        self._choices: dict[int, int] = {}  # bin -> choices made there
+        self._tried: dict[tuple[int, Way], int] = {}  # (bin, way) -> the bin's choice count when last measured
+        self._every: dict[tuple[int, Way], int] = {}  # (bin, way) -> choices between tries of a way behind
+        self._borrowed: set[tuple[int, Way]] = set()  # rates taken from another bin, not measured here yet
 
     @staticmethod
     def _bin(batch: int) -> int:
         return 1 << (batch.bit_length() - 1)
 
     def choose(self, batch: int, ways: Sequence[Way]) -> Way:
-        """The way this step of `batch` sequences takes, among those open to it."""
+        """The way this step of `batch` sequences takes, among those open to it. A bin's first
+        choice takes the rates of the nearest bin that knows every way (the ratios between ways
+        change slowly with the batch size) or, where none does, tries each way in turn; then the
+        fastest, except that a way behind is tried again once enough choices of this bin have
+        passed since it was last measured: as many as keep the extra time of those tries within
+        `budget` of the time (a way twice as slow every 1 / budget choices), at least `explore`,
+        at most `max_explore`."""
         b = self._bin(batch)
         ordered = [w for w in WAYS if w in ways]
         if len(ordered) == 1:
             return ordered[0]
-        self._chosen += 1
+        n = self._choices[b] = self._choices.get(b, 0) + 1
         unknown = [w for w in ordered if (b, w) not in self.rates]
-        if unknown:
+        if unknown and not self._borrow(b, unknown, ordered, n):
             return unknown[0]
-        ranked = sorted(ordered, key=lambda w: self.rates[(b, w)], reverse=True)
-        turn = self._chosen // self.explore
-        if self._chosen % self.explore == 0:  # explore one of those behind, in turn
-            return ranked[1 + turn % (len(ranked) - 1)]
-        return ranked[0]
+        best = max(ordered, key=lambda w: self.rates[(b, w)])
+        due = [w for w in ordered if w != best and n - self._tried[(b, w)] >= self._every[(b, w)]]
+        return min(due, key=lambda w: self._tried[(b, w)]) if due else best
 
     def record(self, batch: int, way: Way, tokens: int, seconds: float) -> None:
         """A step of `batch` sequences went `way` and emitted `tokens` in `seconds`."""
         self.steps[way] += 1
         if seconds <= 0:
             return
-        key = (self._bin(batch), way)
+        b = self._bin(batch)
+        key = (b, way)
         rate = tokens / seconds
         old = self.rates.get(key)
+        if key in self._borrowed:  # the first measurement here: it sets the scale of the bin's borrowed rates
+            self._borrowed.discard(key)
+            for other in [k for k in self._borrowed if k[0] == b]:
+                self.rates[other] *= rate / old
+            old = None
         self.rates[key] = rate if old is None else self.keep * old + (1 - self.keep) * rate
+        self._tried[key] = self._choices.get(b, 0)
+        for w in WAYS:  # every way of the bin: its interval follows the rates, the best one's too
+            if (b, w) in self.rates:
+                self._every[(b, w)] = self._interval(b, w)
+
+    def _interval(self, b: int, way: Way) -> int:
+        """Choices between two tries of `way` in bin b: a try costs (best / rate - 1) steps' time."""
+        best = max(self.rates[(b, w)] for w in WAYS if (b, w) in self.rates)
+        slower = best / self.rates[(b, way)] - 1.0
+        return min(self.max_explore, max(self.explore, math.ceil(slower / self.budget)))
+
+    def _borrow(self, b: int, unknown: list[Way], ways: list[Way], n: int) -> bool:
+        """Gives bin b's unknown ways the rates of the nearest bin that knows all of `ways`
+        (scaled by the ways b knows; the first of them measured here rescales the others, since
+        tokens per second grow with the batch size while the ratios between ways move slowly);
+        False where no bin does."""
+        known = sorted({k for k, _ in self.rates if all((k, w) in self.rates for w in ways)},
+                       key=lambda k: abs(math.log2(k / b)))
+        if not known:
+            return False
+        src = known[0]
+        mine = [w for w in ways if w not in unknown]
+        scale = (sum(self.rates[(b, w)] for w in mine) / sum(self.rates[(src, w)] for w in mine)) if mine else 1.0
+        for w in unknown:
+            self.rates[(b, w)] = self.rates[(src, w)] * scale
+            self._tried[(b, w)] = n
+            self._borrowed.add((b, w))
+        for w in ways:
+            self._every[(b, w)] = self._interval(b, w)
+        return True

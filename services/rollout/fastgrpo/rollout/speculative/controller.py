@@ -55,6 +55,7 @@ class SpecConfig:
     sources: str = help_field("head", "where drafts come from, comma-separated: head (the draft model), siblings (what the other samples of the same prompt have written so far), history (earlier completions of the same prompt, kept across requests); text chains from siblings and history compete with the head's candidates in one tree (steps with any verify sampled sequences by sample-matching); without head, text alone drafts and no --draft is needed")
     history_tokens: int = help_field(1_000_000, "history: completion tokens kept in all, the least recently used prompts dropped first (about 40 bytes a token)")
     history_max_age: int = help_field(4, "history: completions written more than this many policy versions ago are dropped")
+    choose: bool = help_field(True, "adaptive: each step with a tree runs it with the head, with the text chains alone, or plainly, whichever is measured fastest at the live batch size (off: always as sized)")
 
     def __post_init__(self):
         if self.mode not in SPEC_MODES:
@@ -112,10 +113,11 @@ class SpecController:
     static_tree: TreeShape = TreeShape(width=4, depth=5, n_verify=16)
     verify: str = "rrs"
     calibrator: OnlineCalibrator | None = None  # holds the live C_peak when refined online
+    choose: bool = True  # adaptive steps take the way measured fastest (engine.StepChooser), plain decoding included
 
     @staticmethod
     def of(spec: SpecConfig, controller: ControllerConfig, calibrator: OnlineCalibrator | None = None) -> "SpecController":
-        return SpecController(spec.mode, controller, spec.static_tree, spec.verify, calibrator)
+        return SpecController(spec.mode, controller, spec.static_tree, spec.verify, calibrator, spec.choose)
     @property
     def c_peak(self) -> float:
         return self.calibrator.c_peak if self.calibrator is not None else self.controller.c_peak
@@ -130,6 +132,12 @@ class SpecController:
         """The C_peak this decode step sizes adaptive trees for (call once per step: the online
         calibrator explores around its estimate on some steps)."""
         return self.calibrator.step_c_peak() if self.calibrator is not None else self.controller.c_peak
+
+    @property
+    def probing(self) -> bool:
+        """Whether the latest step_c_peak is the online calibrator's probe of another tree size
+        (its trees must then be verified, whatever decodes fastest: the latency is the point)."""
+        return self.calibrator is not None and self.calibrator.probing
 
     def tree_for(self, batch_size: int, mode: SpecMode | None = None, c_peak: float | None = None) -> TreeShape | None:
         mode = mode or self.mode

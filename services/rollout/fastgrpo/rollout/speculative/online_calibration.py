@@ -91,16 +91,19 @@ class OnlineCalibrator:
         self._explored_at = 0
         self._explore_every = cfg.explore_every
         self._explorations = 0
+        self.probing = False  # whether the latest step_c_peak sized a step's trees off the estimate, to explore
         self._since_update = 0
         self._lock = threading.Lock()
 
     def step_c_peak(self) -> float:
         """The C_peak one decode step sizes its trees for (called once per step)."""
+        self.probing = False
         if not self.cfg.enabled:
             return self.c_peak
         self._steps += 1
         if not self._explore_every or self._steps - self._explored_at < self._explore_every:
             return self.c_peak
+        self.probing = True
         self._explored_at = self._steps
         self._explorations += 1
         # 2^(+-u), u spread over [0.5, 2] by the golden-ratio sequence: the points land on many token
