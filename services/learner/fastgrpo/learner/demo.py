@@ -1,7 +1,7 @@
 """`make demo`: the whole loop on one machine with the embedded defaults, speculation on.
 
-Builds (or reuses) the fixture policy and its draft head, and starts two rollout services as their
-own processes on 127.0.0.1:
+Builds (or reuses) the fixture policy (--preset) and its draft head, and starts two rollout services
+as their own processes on 127.0.0.1:
   * the speculative one the learner trains through: the draft head, adaptive trees (C_peak profiled
     once and kept beside the fixture), online draft learning, and drafts from the group's sibling
     samples and the prompt's earlier completions;
@@ -51,11 +51,11 @@ class Baseline:
 def run_demo(demo: DemoConfig) -> int:
     transformers.logging.disable_progress_bar()  # the policy loads in a blink: no "Loading weights" bar
     t0 = time.perf_counter()
-    model_dir = fixture_dir("build", demo.cache_dir)
-    draft_dir = fixture_dir("draft", demo.cache_dir)
+    model_dir = fixture_dir("build", demo.preset, demo.cache_dir)
+    draft_dir = fixture_dir("draft", demo.preset, demo.cache_dir)
     print(f"fixture policy: {model_dir}\ndraft head: {draft_dir}", flush=True)
     Q, G = demo.prompts_per_step, demo.group_size
-    calibration = Path(model_dir).parent / "calibration-demo.json"
+    calibration = Path(model_dir).parent / "calibration-demo.json"  # an entry per model, device and dtype
     if not calibration.exists():
         print("first run: profiling C_peak for the adaptive trees (at most 20 s; kept in "
               f"{calibration})", flush=True)
@@ -175,10 +175,10 @@ class DemoLearner(GRPOLearner):
         return "\n".join(lines)
 
 
-def fixture_dir(command: str, cache_dir: str | None) -> str:
+def fixture_dir(command: str, preset: str, cache_dir: str | None) -> str:
     """The directory `fastgrpo-fixture build` (the policy) or `draft` (its draft head) prints last;
-    its progress goes to stderr."""
-    cmd = [sys.executable, "-m", "fastgrpo.fixture.cli", command, "--preset", "default"]
+    its progress (and, on a first run, what it trains and for about how long) goes to stderr."""
+    cmd = [sys.executable, "-m", "fastgrpo.fixture.cli", command, "--preset", preset]
     if cache_dir:
         cmd += ["--cache-dir", cache_dir]
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
