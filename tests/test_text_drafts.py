@@ -295,6 +295,7 @@ def test_the_step_chooser_keeps_the_fastest_way_and_tries_the_slower_ones_the_mo
     assert chooser.choose(8, ways) == "head"
     chooser.record(8, "head", tokens=10, seconds=1.0)
     assert chooser.choose(8, ["head"]) == "head"  # one way open: no choice
+    assert chooser.leader(8, ways) == "text" and chooser.leader(64, ways) is None
 
     picks = []
     for _ in range(96):

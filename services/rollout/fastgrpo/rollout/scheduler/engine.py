@@ -513,9 +513,15 @@ class Engine:
         """One step of sequences given a tree: draft and verify, or decode plainly where that is
         measured to be faster (StepChooser); returns the tokens each verify step emitted (none for a
         plain step). Adaptive trees report how deep their accepted paths reached (the controller's alpha)."""
-        probe = adaptive and self._probing  # a latency probe: verified as sized, not taken as the way's speed
-        ways = self._ways(adaptive and not probe)
-        way = ways[0] if probe or not self.controller.choose else self.chooser.choose(len(seqs), ways)
+        ways = self._ways(adaptive)
+        # the C_peak calibrator's probe: verified as sized (its latency is the point) and not taken
+        # as its way's speed -- unless plain decoding is the fastest way at this batch size, where
+        # trees are not used and a probe would only cost
+        probe = adaptive and self._probing and self.chooser.leader(len(seqs), ways) != "plain"
+        if probe or not self.controller.choose:
+            way = ways[0]
+        else:
+            way = self.chooser.choose(len(seqs), ways)
         chains = None  # (the proposals cost a lookup per sequence: none for a plain step)
         if way != "plain" and self.text_drafts is not None:
             chains = [self._proposal(s, tree) for s in seqs]

@@ -65,6 +65,13 @@ class StepChooser:
         due = [w for w in ordered if w != best and n - self._tried[(b, w)] >= self._every[(b, w)]]
         return min(due, key=lambda w: self._tried[(b, w)]) if due else best
 
+    def leader(self, batch: int, ways: Sequence[Way]) -> Way | None:
+        """The fastest of `ways` measured at this batch size; None while one is unknown there."""
+        b = self._bin(batch)
+        if any((b, w) not in self.rates for w in ways):
+            return None
+        return max(ways, key=lambda w: self.rates[(b, w)])
+
     def record(self, batch: int, way: Way, tokens: int, seconds: float) -> None:
         """A step of `batch` sequences went `way` and emitted `tokens` in `seconds`."""
         self.steps[way] += 1
