@@ -1,5 +1,6 @@
-"""What the fault and load tests share: stubs on a service's channel, polls with a deadline, and the
-readings they take (resident memory, the refused-calls counter, percentiles)."""
+"""What the fault, load and replica tests share: stubs on a service's channel, polls with a deadline,
+a call run in the background, and the readings they take (resident memory, the refused-calls
+counter, percentiles)."""
 from __future__ import annotations
 
 import threading
@@ -105,6 +106,21 @@ def readline(stream, timeout: float) -> str:
     reader.start()
     reader.join(timeout)
     return box[0] if box else ""
+
+
+def in_background(fn: Callable[[], object]) -> tuple[threading.Thread, dict]:
+    """Starts fn() in a thread; the dict gets its result as "value" or what it raised as "error"."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001  (the caller reports it)
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from fastgrpo.learner.config import LearnerConfig
 from fastgrpo.learner.loop import GRPOLearner
 from fastgrpo.learner.push import served_names_state
 from fastgrpo.wire.tensors import state_checksum, unique_state
+from probes import in_background
 
 pytestmark = pytest.mark.system
 
@@ -95,23 +95,14 @@ def test_the_learner_rides_out_a_restart_of_the_rollout_service(fixture_dir, cap
         stats = [learner.step()]
         service.proc.send_signal(signal.SIGKILL)  # gone between step 1 and step 2, its weights with it
         service.proc.wait(timeout=30)
-        outcome: dict = {}
-
-        def second_step() -> None:
-            try:
-                outcome["stats"] = learner.step()
-            except BaseException as exc:  # noqa: BLE001  (reported below)
-                outcome["error"] = exc
-
         with caplog.at_level(logging.WARNING, logger="fastgrpo.learner"):
-            step = threading.Thread(target=second_step)
-            step.start()
+            step, outcome = in_background(learner.step)
             step.join(timeout=1.0)
             assert step.is_alive(), f"step 2 did not wait for the service: {outcome}"
             restarted.append(ServiceProcess(fixture_dir, *args, port=port, threads=1))
             step.join(timeout=300)
         assert "error" not in outcome, outcome.get("error")
-        stats.append(outcome["stats"])
+        stats.append(outcome["value"])
         assert any("pushing the learner's weights in full" in r.message for r in caplog.records)
         stats.append(learner.step())
         assert [s.step for s in stats] == [1, 2, 3]
