@@ -108,7 +108,6 @@ class Engine:
         self.controller = controller
         self.text_drafts = text_drafts
         self.chooser = StepChooser()  # speculative steps: plainly, with the text chains alone, or with the head
-        self._probing = False  # this step's adaptive trees are the C_peak calibrator's probe
         self.background: list[BackgroundWork] = []
         self.last_tree: TreeShape | None = None  # tree of the latest decode step (None: plain)
         self.last_batch_size = 0
@@ -498,7 +497,6 @@ class Engine:
         self.last_batch_size = B
         B = self.spec.batch_size(B)  # the rows a step computes: a compiled step's batch bucket
         c_peak = self.controller.step_c_peak()
-        self._probing = self.controller.probing
         trees: dict[str | None, TreeShape | None] = {}  # per request mode, computed once per step
         groups: dict[tuple[TreeShape | None, bool], list[SequenceState]] = {}
         for s in seqs:
@@ -517,7 +515,7 @@ class Engine:
         # the C_peak calibrator's probe: verified as sized (its latency is the point) and not taken
         # as its way's speed -- unless plain decoding is the fastest way at this batch size, where
         # trees are not used and a probe would only cost
-        probe = adaptive and self._probing and self.chooser.leader(len(seqs), ways) != "plain"
+        probe = adaptive and self.controller.probing and self.chooser.leader(len(seqs), ways) != "plain"
         if probe or not self.controller.choose:
             way = ways[0]
         else:

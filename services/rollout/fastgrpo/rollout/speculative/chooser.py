@@ -61,7 +61,7 @@ class StepChooser:
         unknown = [w for w in ordered if (b, w) not in self.rates]
         if unknown and not self._borrow(b, unknown, ordered, n):
             return unknown[0]
-        best = max(ordered, key=lambda w: self.rates[(b, w)])
+        best = self.leader(batch, ordered)
         due = [w for w in ordered if w != best and n - self._tried[(b, w)] >= self._every[(b, w)]]
         return min(due, key=lambda w: self._tried[(b, w)]) if due else best
 
