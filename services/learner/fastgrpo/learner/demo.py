@@ -85,10 +85,12 @@ def run_demo(demo: DemoConfig) -> int:
             with exported(cfg.http_host, cfg.http_port) as metrics:
                 summary = run_training(cfg, metrics=metrics, learner=learner, describe=learner.describe,
                                        progress=False)
+            if learner.baseline is not None:
+                learner.baseline.close()
         finally:
             if baseline is not None:
                 baseline.stop()
-    print(learner.summary(summary["start_accuracy"], summary["end_accuracy"]), flush=True)
+    print(learner.summary(summary["steps"], summary["start_accuracy"], summary["end_accuracy"]), flush=True)
     print(f"demo done in {time.perf_counter() - t0:.0f}s", flush=True)
     return 0
 
@@ -110,7 +112,6 @@ class DemoLearner(GRPOLearner):
             self.baseline_pusher = Pusher(self.baseline, self.model, lora=False, push_kind="full")
             self.baseline_pusher.check_in_sync()
         self.baselines: list[Baseline] = []
-        self.spec_steps: list[StepStats] = []
         self.speculation = self.client.status(timeout=cfg.timeout).speculation  # as of the latest step
         self._accepted = self._accepted_by_source(self.speculation)
 
@@ -130,7 +131,6 @@ class DemoLearner(GRPOLearner):
             if pushed.checksum != self.pusher.mirror.checksum:
                 raise RuntimeError(f"the plain baseline serves checksum {pushed.checksum[:12]}, the speculative "
                                    f"service {self.pusher.mirror.checksum[:12]}: they no longer serve one policy")
-        self.spec_steps.append(stats)
         return stats
 
     @staticmethod
@@ -153,9 +153,10 @@ class DemoLearner(GRPOLearner):
             line += f", plain {plain:5.0f} tok/s ({s.tokens_per_s / plain:.2f}x)"
         return line
 
-    def summary(self, start_acc: float, end_acc: float) -> str:
-        spec_s = sum(s.generate_s for s in self.spec_steps)
-        spec_tokens = sum(s.completion_tokens for s in self.spec_steps)
+    def summary(self, steps: list[StepStats], start_acc: float, end_acc: float) -> str:
+        """The run's closing lines, from its steps (as step() returned them) and accuracies."""
+        spec_s = sum(s.generate_s for s in steps)
+        spec_tokens = sum(s.completion_tokens for s in steps)
         lines = [f"test accuracy {start_acc:.3f} -> {end_acc:.3f} "
                  f"({'improved' if end_acc > start_acc else 'did not improve'}, {end_acc - start_acc:+.3f})"]
         spec = self.speculation
@@ -168,7 +169,7 @@ class DemoLearner(GRPOLearner):
             plain_tokens = sum(b.tokens for b in self.baselines)
             spec_rate, plain_rate = spec_tokens / max(spec_s, 1e-9), plain_tokens / max(plain_s, 1e-9)
             lines.append(
-                f"rollout over {len(self.spec_steps)} steps: speculative {spec_s:.1f}s ({spec_tokens} tokens, "
+                f"rollout over {len(steps)} steps: speculative {spec_s:.1f}s ({spec_tokens} tokens, "
                 f"{spec_rate:.0f} tok/s), plain {plain_s:.1f}s ({plain_tokens} tokens, {plain_rate:.0f} tok/s): "
                 f"{spec_rate / plain_rate:.2f}x the plain rollout's tokens/s, measured on the same prompts and "
                 f"weights (samples differ: both are exact draws from the policy)")
