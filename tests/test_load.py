@@ -153,8 +153,8 @@ async def _collect(stream) -> list:
 def test_load_256_clients_bounded_admission(tiny_dir, service_process, stubs, tmp_path):
     """256 concurrent clients against --max-running 4 on the CPU: every call completes or is refused
     (RESOURCE_EXHAUSTED, promptly, and counted by the server), memory stays bounded, and health checks
-    and GetStatus keep answering (each under RESPONSIVE_S; their p50 / p99 are recorded beside the
-    100 ms goal in benchmarks/results/load-cpu.json). Two rounds: NO_RETRY, then the default RetryPolicy (which
+    and GetStatus keep answering (each under RESPONSIVE_S seen from a process of its own, twice that
+    from the load generator's loop; their p50 / p99 are recorded beside the 100 ms goal in benchmarks/results/load-cpu.json). Two rounds: NO_RETRY, then the default RetryPolicy (which
     retries UNAVAILABLE only: a RESOURCE_EXHAUSTED must reach the caller, not be repeated)."""
     flags = ("--max-running", "4")
     svc = service_process(tiny_dir, *flags, http=True)
@@ -231,13 +231,20 @@ def test_load_256_clients_bounded_admission(tiny_dir, service_process, stubs, tm
                             f"e.g. {sorted(set(o['errors']))[:3]}")
         # latency is measured, not asserted (README: speed lives in figures): the p99s go to the
         # results file beside the 100 ms goal; what is asserted is that the probes keep answering
-        probes = r["probe_s"]["health"] + r["probe_s"]["status"] + o["health"] + o["status"]
+        # answering: the outside prober sees the service alone, and each of its probes must come back
+        # within RESPONSIVE_S; the in-process prober also waits its turn on an event loop driving 256
+        # calls (and their retries) on the same 2 cores, so its bound is twice that (CI once saw a
+        # 1.3 s in-process probe while the outside prober's p99 was 58 ms)
+        inside, outside = r["probe_s"]["health"] + r["probe_s"]["status"], o["health"] + o["status"]
+        fig["max_probe_ms"], fig["outside_max_probe_ms"] = ms(max(inside, default=None)), ms(max(outside, default=None))
         fig["probe_goal_ms"] = FAST_S * 1e3
         fig["probe_goal_met"] = all(fig[f"{w}_p99_ms"] is not None and fig[f"{w}_p99_ms"] < FAST_S * 1e3
                                     for w in ("health", "status", "outside_health", "outside_status"))
-        if not probes or max(probes) >= RESPONSIVE_S:
-            failures.append(f"{tag} a health / GetStatus probe took {max(probes, default=0):.2f} s under load: "
-                            "the service stopped answering them promptly")
+        for where, probes, bound in (("from its own process", outside, RESPONSIVE_S),
+                                     ("from the load generator's event loop", inside, 2 * RESPONSIVE_S)):
+            if not probes or max(probes) >= bound:
+                failures.append(f"{tag} a health / GetStatus probe {where} took {max(probes, default=0):.2f} s "
+                                f"under load (bound {bound:g} s): the service stopped answering them promptly")
     peak = vm_bytes(svc.proc.pid, "VmHWM")
 
     first = rounds[0]
