@@ -38,6 +38,7 @@ from fastgrpo.rollout.runtime.blocks import BlockManager, blocks_for
 from fastgrpo.rollout.runtime.kv_cache import kv_budget_bytes, padded_tables, token_slots
 from fastgrpo.rollout.runtime.model_runner import ModelRunner
 from fastgrpo.rollout.runtime.steps import DecodeStep, batch_buckets, compiled_batch, to_host_rows
+from fastgrpo.rollout.runtime.threads import use_threads
 from fastgrpo.rollout.scheduler.observer import BackgroundWork, EngineObserver
 from fastgrpo.rollout.scheduler.requests import (EngineLimits, GenerationRequest, InvalidRequest, KVCacheTooSmall,
                                                  StepReport, validate_request)
@@ -122,6 +123,9 @@ class Engine:
         self._running: list[SequenceState] = []
         self._prefilling: list[SequenceState] = []  # admitted this step, until their prefill is done
         self._stop = False
+        # the thread count of the thread that built the engine: the engine thread computes with it
+        # (runtime.threads: other threads of a serving process run torch on one thread)
+        self._torch_threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._loop, name="fastgrpo-engine", daemon=True)
         self._thread.start()
 
@@ -251,6 +255,7 @@ class Engine:
     # ---------------------------------------------------------------- engine thread
 
     def _loop(self) -> None:
+        use_threads(self._torch_threads)
         while True:
             with self._cv:
                 while not (self._stop or self._ops or self._queue or self._running

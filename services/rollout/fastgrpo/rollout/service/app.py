@@ -17,6 +17,7 @@ from fastgrpo.common.http import HttpSide, Startup
 from fastgrpo.rollout.draft_learning.online import OnlineDraftLearner
 from fastgrpo.rollout.runtime.model_runner import ModelRunner, resolve_placement
 from fastgrpo.rollout.runtime.steps import compiled_batch, profile_compiled
+from fastgrpo.rollout.runtime.threads import single_threaded
 from fastgrpo.rollout.scheduler.engine import Engine
 from fastgrpo.rollout.service.config import ServeConfig
 from fastgrpo.rollout.service.interceptors import BearerAuth, MalformedRequests, auth_token
@@ -155,7 +156,8 @@ def _load_and_serve(cfg: ServeConfig, metrics: RolloutMetrics, interceptors: tup
     token = auth_token(cfg)
     auth = (BearerAuth(token),) if token else ()
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=cfg.limits.workers),
+        # (torch on one thread in each: the engine thread's is the process's one OpenMP team, runtime.threads)
+        futures.ThreadPoolExecutor(max_workers=cfg.limits.workers, initializer=single_threaded),
         interceptors=auth + (MalformedRequests(),) + tuple(interceptors),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

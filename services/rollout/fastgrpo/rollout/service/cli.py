@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fastgrpo.common.config import add_dataclass_args, from_args
 from fastgrpo.rollout.draft_learning.offline import OfflineConfig
+from fastgrpo.rollout.runtime.threads import on_passing_thread
 from fastgrpo.rollout.service.app import build_app
 from fastgrpo.rollout.service.config import ServeConfig
 
@@ -121,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         return train_draft(args.model, args.prompts, args.out, from_args(OfflineConfig, args))
     try:
         cfg = from_args(ServeConfig, args)
-        app = build_app(cfg)
+        # loaded, profiled and compiled on a thread that ends: the main thread keeps no OpenMP team
+        # beside the engine thread's (runtime.threads)
+        app = on_passing_thread(lambda: build_app(cfg))
     except (ValueError, OSError) as exc:  # a bad flag or a taken port: say so, without a traceback
         print(f"fastgrpo-rollout serve: error: {exc}", file=sys.stderr, flush=True)
         return 2
