@@ -23,6 +23,13 @@ pytestmark = [pytest.mark.unit,
               pytest.mark.skipif(not packed.ONEDNN, reason="this torch build has no oneDNN (mkldnn)")]
 
 
+@pytest.fixture(autouse=True)
+def untuned(monkeypatch):
+    """Every test starts untuned (the packed op at every row count), whatever an engine built
+    earlier in this process measured; a test's own tuning goes with it."""
+    monkeypatch.setattr(packed, "_PACKED_ROWS", {})
+
+
 def _linear(out_features: int, in_features: int, seed: int = 0) -> torch.nn.Linear:
     torch.manual_seed(seed)
     return torch.nn.Linear(in_features, out_features)
@@ -37,6 +44,23 @@ def test_project_in_inference_equals_linear(shape):
         want = F.linear(x, lin.weight, lin.bias)
     assert id(lin.weight) in packed._PACKED  # it did take the packed path
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tune_records_the_faster_way_per_row_count_and_project_takes_it():
+    linears = [_linear(96, 48, seed=i) for i in range(4)]
+    seconds = packed.tune(linears, repeats=1)
+    assert seconds > 0 and set(packed._PACKED_ROWS) == set(packed.TUNE_ROWS)
+    assert packed.tune([_linear(8, 6).double()]) == 0.0  # nothing packable: nothing measured, nothing changed
+    # a choice each way: project equals F.linear either way, and the packed copy is made only where it is taken
+    packed._PACKED_ROWS.update({1: False, 2: True})
+    assert not packed.packed_rows(1) and packed.packed_rows(2) and packed.packed_rows(10**6) == packed._PACKED_ROWS[256]
+    for rows, takes_packed in ((1, False), (2, True)):
+        lin = _linear(80, 48, seed=rows)
+        x = torch.randn(rows, 48)
+        with torch.inference_mode():
+            got = project(lin, x)
+        assert (id(lin.weight) in packed._PACKED) == takes_packed
+        torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
 
 
 def test_project_with_autograd_is_the_plain_differentiable_linear():

@@ -9,7 +9,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fastgrpo.rollout.runtime.batch import ForwardBatch
 from fastgrpo.rollout.runtime.kv_cache import SCRATCH_BLOCK, PagedKVCache, token_slots
-from fastgrpo.rollout.runtime.packed import linear_packed, packable
+from fastgrpo.rollout.runtime.packed import linear_packed, packable, packed_rows
 
 
 def attention_mask(batch: ForwardBatch, key_len: int) -> torch.Tensor:
@@ -52,14 +52,17 @@ GEMV_ROWS = 4
 
 
 def project(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """linear(x). On the CPU in inference: through oneDNN's packed weights (runtime.packed), and in
+    """linear(x). On the CPU in inference: through oneDNN's packed weights (runtime.packed) at the
+    row counts where that was measured faster than MKL's (packed.tune), and in
     a compiled step as a multiply-reduce where that reads the weights faster (GEMV_ROWS), at a row
     count known when compiling (a symbolic one, such as a catch-up's pending pairs, is left to the
     matrix product rather than specialised)."""
     if not packable(linear.weight):
         return linear(x)
     if not torch.compiler.is_compiling():
-        return linear_packed(x, linear.weight, linear.bias)
+        if packed_rows(x.numel() // x.shape[-1]):
+            return linear_packed(x, linear.weight, linear.bias)
+        return F.linear(x, linear.weight, linear.bias)
     if statically_known_true(x.numel() <= GEMV_ROWS * x.shape[-1]):
         y = (x[..., None, :] * linear.weight).sum(-1)  # (..., out)
         return y if linear.bias is None else y + linear.bias

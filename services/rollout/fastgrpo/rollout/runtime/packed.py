@@ -6,6 +6,12 @@ forward through `F.linear`, and 10 / 8 / 10 / 14 / 41 ms through oneDNN with the
 into its blocked layout once (`mkldnn._reorder_linear_weight`). The reordered copy is a second copy
 of the weights (the served one stays: weight updates, checksums and the draft's training read it).
 
+Which is faster depends on the CPU and the row count: on an Intel Xeon here MKL took 9.8 / 10.8 / 16.6
+/ 20.5 / 39.3 ms and oneDNN 14.9 / 15.5 / 15.7 / 17.1 / 40.8 ms for the bench fixture's linears at rows
+1 / 2 / 4 / 8 / 64 (MKL's matrix-vector product is fast there, and slow on AMD). So `tune` times
+both on a model's own linears once, per power-of-two row count, and `project` (runtime.layers)
+takes the faster (`packed_rows`); until a model is tuned, the packed op.
+
 A packed copy is keyed on its weight and that weight's version counter, so any in-place change of
 the weight (a WeightStore commit, the online draft learner's swap, an optimizer step) repacks it on
 the next call: nothing has to remember to invalidate it. Writes through `.data` bypass the counter;
@@ -13,9 +19,13 @@ nothing in the service writes served weights that way.
 """
 from __future__ import annotations
 
+import logging
+import time
 import weakref
 
 import torch
+
+log = logging.getLogger(__name__)
 
 ONEDNN = torch.backends.mkldnn.is_available()  # (read once: a compiled graph cannot call it)
 # id(weight) -> (weakref to the weight, its version when packed, the packed copy)
@@ -27,6 +37,56 @@ def packable(weight: torch.Tensor) -> bool:
     (the packed op has no backward; the draft's training takes the plain path)."""
     return (weight.device.type == "cpu" and weight.dtype == torch.float32 and not torch.is_grad_enabled()
             and ONEDNN)
+
+
+# power-of-two row count -> whether the packed op is the faster there (tune); rows past the largest
+# tuned count take its answer, and before any tuning every row count takes the packed op
+_PACKED_ROWS: dict[int, bool] = {}
+TUNE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def packed_rows(rows: int) -> bool:
+    """Whether an eager linear over `rows` rows takes the packed op (else F.linear, MKL's)."""
+    if not _PACKED_ROWS:
+        return True
+    size = 1 << max(0, rows - 1).bit_length()
+    return _PACKED_ROWS.get(size, _PACKED_ROWS[max(_PACKED_ROWS)] if size > max(_PACKED_ROWS) else True)
+
+
+@torch.inference_mode()
+def tune(linears: list[torch.nn.Linear], repeats: int = 3) -> float:
+    """Times F.linear and the packed op over every one of `linears` (a forward's worth of weight
+    reads, so the weights stream from memory as in a step), at each of TUNE_ROWS rows, the best of
+    `repeats`; records the faster per row count for `packed_rows`. Returns the seconds it took
+    (0 where nothing here can run packed)."""
+    linears = [m for m in linears if packable(m.weight)]
+    if not linears:
+        return 0.0
+    t0 = time.perf_counter()
+    inputs = {m.in_features for m in linears}
+    choice = {}
+    for rows in TUNE_ROWS:
+        xs = {n: torch.randn(rows, n, dtype=linears[0].weight.dtype) for n in inputs}
+        best = {}
+        for name, fn in (("packed", lambda m, x: linear_packed(x, m.weight, m.bias)),
+                         ("linear", lambda m, x: torch.nn.functional.linear(x, m.weight, m.bias))):
+            for m in linears:  # (the packed copies are made, and every path run once, before timing)
+                fn(m, xs[m.in_features])
+            took = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                for m in linears:
+                    fn(m, xs[m.in_features])
+                took.append(time.perf_counter() - t)
+            best[name] = min(took)
+        choice[rows] = best["packed"] <= best["linear"]
+        log.debug("linears at %d rows: packed %.2f ms, F.linear %.2f ms", rows, best["packed"] * 1e3, best["linear"] * 1e3)
+    _PACKED_ROWS.clear()
+    _PACKED_ROWS.update(choice)
+    seconds = time.perf_counter() - t0
+    log.info("eager linears: the packed op at rows %s, F.linear at rows %s (tuned in %.1f s)",
+             [r for r, c in choice.items() if c], [r for r, c in choice.items() if not c], seconds)
+    return seconds
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:

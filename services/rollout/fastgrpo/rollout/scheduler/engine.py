@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Literal, TypeVar
 import torch
 
 from fastgrpo.common.config import help_field
-from fastgrpo.rollout.runtime import sampler
+from fastgrpo.rollout.runtime import packed, sampler
 from fastgrpo.rollout.runtime.batch import ForwardBatch
 from fastgrpo.rollout.runtime.blocks import BlockManager, blocks_for
 from fastgrpo.rollout.runtime.kv_cache import kv_budget_bytes, padded_tables, token_slots
@@ -95,7 +95,9 @@ class Engine:
         self.observers = list(observers)
         compiled = compiled_batch(config.compile, runner.device, config.max_running)
         self.decode_step = DecodeStep(runner, compiled, config.max_running)
-        self.warmup_seconds = self.decode_step.warm_up()
+        # which of MKL's and oneDNN's linears is faster here, per row count (CPU only)
+        self.warmup_seconds = packed.tune([m for m in runner.model.modules() if isinstance(m, torch.nn.Linear)])
+        self.warmup_seconds += self.decode_step.warm_up()
         self.spec = None
         if controller is not None:
             self.spec = SpecDecoder(runner, drafter, controller.verify, compiled, config.max_running)
