@@ -46,14 +46,17 @@ def test_project_in_inference_equals_linear(shape):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_tune_records_the_faster_way_per_row_count_and_project_takes_it():
+def test_tune_records_the_faster_way_per_row_count_and_project_takes_it(monkeypatch):
     linears = [_linear(96, 48, seed=i) for i in range(4)]
+    # a bounded pass: the first linears up to TUNE_BYTES of weights (here two of the four)
+    monkeypatch.setattr(packed, "TUNE_BYTES", 2 * 96 * 48 * 4)
     seconds = packed.tune(linears, repeats=1)
     assert seconds > 0 and set(packed._PACKED_ROWS) == set(packed.TUNE_ROWS)
+    assert [id(m.weight) in packed._PACKED for m in linears] == [True, True, False, False]
     assert packed.tune([_linear(8, 6).double()]) == 0.0  # nothing packable: nothing measured, nothing changed
     # a choice each way: project equals F.linear either way, and the packed copy is made only where it is taken
     packed._PACKED_ROWS.update({1: False, 2: True})
-    assert not packed.packed_rows(1) and packed.packed_rows(2) and packed.packed_rows(10**6) == packed._PACKED_ROWS[256]
+    assert not packed.packed_rows(1) and packed.packed_rows(2) and packed.packed_rows(10**6) == packed._PACKED_ROWS[64]
     for rows, takes_packed in ((1, False), (2, True)):
         lin = _linear(80, 48, seed=rows)
         x = torch.randn(rows, 48)

@@ -9,7 +9,8 @@ of the weights (the served one stays: weight updates, checksums and the draft's 
 Which is faster depends on the CPU and the row count: on an Intel Xeon here MKL took 9.8 / 10.8 / 16.6
 / 20.5 / 39.3 ms and oneDNN 14.9 / 15.5 / 15.7 / 17.1 / 40.8 ms for the bench fixture's linears at rows
 1 / 2 / 4 / 8 / 64 (MKL's matrix-vector product is fast there, and slow on AMD). So `tune` times
-both on a model's own linears once, per power-of-two row count, and `project` (runtime.layers)
+both on a model's own linears once (up to 64 MiB of them), per power-of-two row count up to 64 (more
+rows take 64's answer), and `project` (runtime.layers)
 takes the faster (`packed_rows`); until a model is tuned, the packed op.
 
 A packed copy is keyed on its weight and that weight's version counter, so any in-place change of
@@ -42,7 +43,10 @@ def packable(weight: torch.Tensor) -> bool:
 # power-of-two row count -> whether the packed op is the faster there (tune); rows past the largest
 # tuned count take its answer, and before any tuning every row count takes the packed op
 _PACKED_ROWS: dict[int, bool] = {}
-TUNE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TUNE_ROWS = (1, 2, 4, 8, 16, 32, 64)
+# weights a tuning pass streams: past the CPU's caches, as a step's are, yet bounded whatever the
+# model's size (a 7B model's forward at 64 rows would take seconds per pass)
+TUNE_BYTES = 64 * 2**20
 
 
 def packed_rows(rows: int) -> bool:
@@ -55,13 +59,19 @@ def packed_rows(rows: int) -> bool:
 
 @torch.inference_mode()
 def tune(linears: list[torch.nn.Linear], repeats: int = 3) -> float:
-    """Times F.linear and the packed op over every one of `linears` (a forward's worth of weight
-    reads, so the weights stream from memory as in a step), at each of TUNE_ROWS rows, the best of
+    """Times F.linear and the packed op over `linears` (the first of them up to TUNE_BYTES of
+    weights, so that they stream from memory as a step's do), at each of TUNE_ROWS rows, the best of
     `repeats`; records the faster per row count for `packed_rows`. Returns the seconds it took
     (0 where nothing here can run packed)."""
     linears = [m for m in linears if packable(m.weight)]
     if not linears:
         return 0.0
+    total = 0
+    for n, m in enumerate(linears):
+        total += m.weight.numel() * m.weight.element_size()
+        if total >= TUNE_BYTES:
+            linears = linears[: n + 1]
+            break
     t0 = time.perf_counter()
     inputs = {m.in_features for m in linears}
     choice = {}
