@@ -53,7 +53,6 @@ def test_tune_records_the_faster_way_per_row_count_and_project_takes_it(monkeypa
     seconds = packed.tune(linears, repeats=1)
     assert seconds > 0 and set(packed._PACKED_ROWS) == set(packed.TUNE_ROWS)
     assert [id(m.weight) in packed._PACKED for m in linears] == [True, True, False, False]
-    assert packed.tune([_linear(8, 6).double()]) == 0.0  # nothing packable: nothing measured, nothing changed
     # a choice each way: project equals F.linear either way, and the packed copy is made only where it is taken
     packed._PACKED_ROWS.update({1: False, 2: True})
     assert not packed.packed_rows(1) and packed.packed_rows(2) and packed.packed_rows(10**6) == packed._PACKED_ROWS[64]
@@ -64,6 +63,21 @@ def test_tune_records_the_faster_way_per_row_count_and_project_takes_it(monkeypa
             got = project(lin, x)
         assert (id(lin.weight) in packed._PACKED) == takes_packed
         torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_an_engine_tunes_its_linears_only_when_asked(tiny_dir):
+    from fastgrpo.rollout.runtime.model_runner import ModelRunner
+    from fastgrpo.rollout.scheduler.engine import Engine, EngineConfig
+
+    runner = ModelRunner.load(tiny_dir, torch.float32, "cpu")
+    for linears, tuned in (("tuned", True), ("packed", False)):
+        engine = Engine(runner, (0,), EngineConfig(max_running=2, cpu_linears=linears))
+        try:
+            assert bool(packed._PACKED_ROWS) == tuned  # packed: no table, every row count the packed op
+        finally:
+            engine.shutdown()
+    with pytest.raises(ValueError, match="--cpu-linears must be packed or tuned"):
+        Engine(runner, (0,), EngineConfig(max_running=2, cpu_linears="fast"))
 
 
 def test_project_with_autograd_is_the_plain_differentiable_linear():

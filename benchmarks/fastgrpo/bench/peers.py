@@ -45,9 +45,10 @@ from fastgrpo.common.config import help_field
 ENGINE_VARIANTS: dict[str, tuple[str, ...]] = {
     "plain": (),
     "compiled": ("--compile", "on"),  # on the CPU: the batch buckets up to 4 (runtime.steps)
+    "tuned": ("--cpu-linears", "tuned"),  # MKL's or oneDNN's linears per row count, as measured at start
 }
 # the variants whose speculative server is measured too
-SPEC_VARIANTS = ("plain", "compiled")
+SPEC_VARIANTS = ("plain", "compiled", "tuned")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ Which is faster depends on the CPU and the row count: on an Intel Xeon here MKL 
 1 / 2 / 4 / 8 / 64 (MKL's matrix-vector product is fast there, and slow on AMD). So `tune` times
 both on a model's own linears once (up to 64 MiB of them), per power-of-two row count up to 64 (more
 rows take 64's answer), and `project` (runtime.layers)
-takes the faster (`packed_rows`); until a model is tuned, the packed op.
+takes the faster (`packed_rows`); until a model is tuned, the packed op. Tuning is asked for
+(`serve --cpu-linears tuned`), not the default: the two ops round differently, and a choice made by
+timing may differ between two starts, which would cost bit-for-bit reproducible restarts.
 
 A packed copy is keyed on its weight and that weight's version counter, so any in-place change of
 the weight (a WeightStore commit, the online draft learner's swap, an optimizer step) repacks it on
@@ -61,10 +63,11 @@ def packed_rows(rows: int) -> bool:
 def tune(linears: list[torch.nn.Linear], repeats: int = 3) -> float:
     """Times F.linear and the packed op over `linears` (the first of them up to TUNE_BYTES of
     weights, so that they stream from memory as a step's do), at each of TUNE_ROWS rows, the best of
-    `repeats`; records the faster per row count for `packed_rows`. Returns the seconds it took
-    (0 where nothing here can run packed)."""
+    `repeats`; records the faster per row count for `packed_rows`. Returns the seconds it took.
+    Without linears that can run packed here, every row count takes the packed op again."""
     linears = [m for m in linears if packable(m.weight)]
     if not linears:
+        _PACKED_ROWS.clear()
         return 0.0
     total = 0
     for n, m in enumerate(linears):
