@@ -308,14 +308,30 @@ def test_the_step_chooser_keeps_the_fastest_way_and_tries_the_slower_ones_the_mo
     assert all(b - a >= 8 for a, b in zip(tries["head"], tries["head"][1:])) and 10 <= len(tries["head"]) <= 12
     assert len(tries["text"]) == 96 - len(tries["plain"]) - len(tries["head"])
     # a new bin starts from the nearest bin's rates: the fastest at once, no round of slow tries
-    assert chooser.choose(64, ways) == "text" and chooser.rates[(64, "head")] == chooser.rates[(8, "head")]
+    assert chooser.choose(64, ways) == "text" and chooser.rates[((None, 64), "head")] == chooser.rates[((None, 8), "head")]
     chooser.record(64, "text", tokens=300, seconds=1.0)  # 10x bin 8's rate: the borrowed ones scale with it
-    assert chooser.rates[(64, "plain")] == pytest.approx(10 * chooser.rates[(8, "plain")])
-    assert chooser.rates[(64, "text")] == 300
+    assert chooser.rates[((None, 64), "plain")] == pytest.approx(10 * chooser.rates[((None, 8), "plain")])
+    assert chooser.rates[((None, 64), "text")] == 300
     chooser.record(8, "head", tokens=4000, seconds=1.0)  # the head got much faster: the average follows
-    assert chooser.rates[(8, "head")] == pytest.approx(0.8 * 10 + 0.2 * 4000)
+    assert chooser.rates[((None, 8), "head")] == pytest.approx(0.8 * 10 + 0.2 * 4000)
     assert chooser.choose(8, ways) == "head"
     assert sum(chooser.steps.values()) == 3 + 96 + 2
     with pytest.raises(ValueError, match="explore <= max_explore"):
         StepChooser(explore=1)
+
+
+def test_the_step_chooser_keeps_regimes_apart():
+    chooser = StepChooser()
+    ways = ["head", "text", "plain"]
+    for way, rate in (("text", 30), ("plain", 20), ("head", 10)):  # with history: the chains lead
+        assert chooser.choose(8, ways, regime=True) == way
+        chooser.record(8, way, tokens=rate, seconds=1.0, regime=True)
+    assert chooser.leader(8, ways, regime=True) == "text"
+    # without history nothing is known, at this batch size or any: no borrowing across regimes
+    assert chooser.leader(8, ways, regime=False) is None and chooser.leader(16, ways, regime=False) is None
+    assert chooser.choose(16, ways, regime=False) == "text"  # each way in turn, as in a first bin
+    chooser.record(16, "text", tokens=5, seconds=1.0, regime=False)
+    assert chooser.choose(16, ways, regime=False) == "plain"
+    # while another bin of the same regime borrows at once
+    assert chooser.choose(32, ways, regime=True) == "text" and ((True, 32), "head") in chooser.rates
 

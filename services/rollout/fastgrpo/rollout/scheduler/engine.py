@@ -523,14 +523,15 @@ class Engine:
         measured to be faster (StepChooser); returns the tokens each verify step emitted (none for a
         plain step). Adaptive trees report how deep their accepted paths reached (the controller's alpha)."""
         ways = self._ways(adaptive)
+        regime = self._with_history(seqs)  # (the chooser keeps its rates apart by it)
         # the C_peak calibrator's probe: verified as sized (its latency is the point) and not taken
         # as its way's speed -- unless plain decoding is the fastest way at this batch size, where
         # trees are not used and a probe would only cost
-        probe = adaptive and self.controller.probing and self.chooser.leader(len(seqs), ways) != "plain"
+        probe = adaptive and self.controller.probing and self.chooser.leader(len(seqs), ways, regime) != "plain"
         if probe or not self.controller.choose:
             way = ways[0]
         else:
-            way = self.chooser.choose(len(seqs), ways)
+            way = self.chooser.choose(len(seqs), ways, regime)
         chains = None  # (the proposals cost a lookup per sequence: none for a plain step)
         if way != "plain" and self.text_drafts is not None:
             chains = [self._proposal(s, tree) for s in seqs]
@@ -539,14 +540,14 @@ class Engine:
         t0 = time.perf_counter()
         if way == "plain":
             self._decode(seqs)
-            self.chooser.record(len(seqs), way, len(seqs), 0.0 if probe else time.perf_counter() - t0)
+            self.chooser.record(len(seqs), way, len(seqs), 0.0 if probe else time.perf_counter() - t0, regime)
             return []
         steps = self.spec.step(roots=[s.generated[-1] for s in seqs], settled=[s.cached for s in seqs],
                                tables=[s.blocks for s in seqs], states=[s.spec for s in seqs],
                                params=[self._params(s) for s in seqs], seeds=[s.seed for s in seqs],
                                drawn=[len(s.generated) for s in seqs], shape=tree, chains=chains, head=way == "head")
         took = 0.0 if probe else time.perf_counter() - t0  # (a probe's time is not its way's speed)
-        self.chooser.record(len(seqs), way, sum(st.accepted + 1 for st in steps), took)
+        self.chooser.record(len(seqs), way, sum(st.accepted + 1 for st in steps), took, regime)
         for s, st in zip(seqs, steps):
             s.cached += st.accepted + 1  # the root and the accepted draft tokens are now in the cache
             self._append(s, st.tokens, st.logprobs)
@@ -568,6 +569,16 @@ class Engine:
         if plain or not ways:
             ways.append("plain")
         return ways
+
+    def _with_history(self, seqs: list[SequenceState]) -> bool:
+        """Whether most of seqs can draft from their prompt's earlier completions: text chains are
+        worth another kind of thing with them (long, often accepted) than without (siblings'
+        rare repeats), so the chooser rates the ways apart for the two."""
+        if self.text_drafts is None or self.text_drafts.history is None:
+            return False
+        have = sum(self.text_drafts.group(self._group_key(s), s.prompt, self.policy_version).history is not None
+                   for s in seqs)
+        return 2 * have >= len(seqs)
 
     @property
     def accepted_by_source(self) -> dict[str, int]:
