@@ -45,7 +45,7 @@ def packable(weight: torch.Tensor) -> bool:
 # power-of-two row count -> whether the packed op is the faster there (tune); rows past the largest
 # tuned count take its answer, and before any tuning every row count takes the packed op
 _PACKED_ROWS: dict[int, bool] = {}
-TUNE_ROWS = (1, 2, 4, 8, 16, 32, 64)
+TUNE_ROWS = (1, 2, 4, 8, 16, 32, 64)  # every power of two up to the largest: packed_rows finds each
 # weights a tuning pass streams: past the CPU's caches, as a step's are, yet bounded whatever the
 # model's size (a 7B model's forward at 64 rows would take seconds per pass)
 TUNE_BYTES = 64 * 2**20
@@ -55,8 +55,7 @@ def packed_rows(rows: int) -> bool:
     """Whether an eager linear over `rows` rows takes the packed op (else F.linear, MKL's)."""
     if not _PACKED_ROWS:
         return True
-    size = 1 << max(0, rows - 1).bit_length()
-    return _PACKED_ROWS.get(size, _PACKED_ROWS[max(_PACKED_ROWS)] if size > max(_PACKED_ROWS) else True)
+    return _PACKED_ROWS[min(1 << max(0, rows - 1).bit_length(), TUNE_ROWS[-1])]
 
 
 @torch.inference_mode()

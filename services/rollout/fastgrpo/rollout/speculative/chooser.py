@@ -30,6 +30,9 @@ from typing import Hashable, Literal, Sequence
 
 Way = Literal["text", "plain", "head"]
 WAYS: tuple[Way, ...] = ("text", "plain", "head")  # the order in which a new bin tries them
+# a bin: (regime, power-of-two batch size); the regime, the caller's, tells apart steps whose ways
+# differ in kind (the engine's: whether most rows have the prompt's earlier completions)
+Bin = tuple[Hashable, int]
 
 
 class StepChooser:
@@ -38,18 +41,16 @@ class StepChooser:
             raise ValueError(f"need 2 <= explore <= max_explore, 0 < budget < 1 and 0 <= keep < 1, got {explore}, "
                              f"{max_explore}, {budget}, {keep}")
         self.explore, self.max_explore, self.budget, self.keep = explore, max_explore, budget, keep
-        # a bin: (regime, power-of-two batch size); the regime, the caller's, tells apart steps whose
-        # ways differ in kind (the engine's: whether most rows have the prompt's earlier completions)
-        self.rates: dict[tuple[tuple[Hashable, int], Way], float] = {}  # (bin, way) -> tokens per second
+        self.rates: dict[tuple[Bin, Way], float] = {}  # (bin, way) -> tokens per second
         # steps taken each way since start; every key there from the start (other threads read it)
         self.steps: Counter[Way] = Counter(dict.fromkeys(WAYS, 0))
-        self._choices: dict[tuple[Hashable, int], int] = {}  # bin -> choices made there
-        self._tried: dict = {}  # (bin, way) -> the bin's choice count when last measured
-        self._every: dict = {}  # (bin, way) -> choices between tries of a way behind
-        self._borrowed: set = set()  # (bin, way) rates taken from another bin, not measured here yet
+        self._choices: dict[Bin, int] = {}  # bin -> choices made there
+        self._tried: dict[tuple[Bin, Way], int] = {}  # (bin, way) -> the bin's choice count when last measured
+        self._every: dict[tuple[Bin, Way], int] = {}  # (bin, way) -> choices between tries of a way behind
+        self._borrowed: set[tuple[Bin, Way]] = set()  # rates taken from another bin, not measured here yet
 
     @staticmethod
-    def _bin(batch: int, regime: Hashable = None) -> tuple[Hashable, int]:
+    def _bin(batch: int, regime: Hashable = None) -> Bin:
         return regime, 1 << (batch.bit_length() - 1)
 
     def choose(self, batch: int, ways: Sequence[Way], regime: Hashable = None) -> Way:
@@ -99,13 +100,13 @@ class StepChooser:
             if (b, w) in self.rates:
                 self._every[(b, w)] = self._interval(b, w)
 
-    def _interval(self, b: tuple[Hashable, int], way: Way) -> int:
+    def _interval(self, b: Bin, way: Way) -> int:
         """Choices between two tries of `way` in bin b: a try costs (best / rate - 1) steps' time."""
         best = max(self.rates[(b, w)] for w in WAYS if (b, w) in self.rates)
         slower = best / self.rates[(b, way)] - 1.0
         return min(self.max_explore, max(self.explore, math.ceil(slower / self.budget)))
 
-    def _borrow(self, b: tuple[Hashable, int], unknown: list[Way], ways: list[Way], n: int) -> bool:
+    def _borrow(self, b: Bin, unknown: list[Way], ways: list[Way], n: int) -> bool:
         """Gives bin b's unknown ways the rates of the nearest bin that knows all of `ways`
         (scaled by the ways b knows; the first of them measured here rescales the others, since
         tokens per second grow with the batch size while the ratios between ways move slowly);
