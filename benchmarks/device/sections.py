@@ -41,7 +41,7 @@ class Plan:
     prompt_tokens: int  # plain decode: random prompt ids per sequence
     new_tokens: int  # plain decode: tokens each sequence decodes (EOS ignored)
     repeats: int  # plain decode: timed runs per (B, compile setting) after one warm-up run; the median counts
-    copy_mib: int  # buffer the copy bandwidth is measured with
+    copy_mib: int  # buffer the read bandwidth is measured with
     sweep: tuple[int, ...]  # knee: tokens per forward
     knee_repeats: int
     knee_budget_s: float
@@ -205,13 +205,13 @@ def engine_timings(engine) -> dict:
 
 def plain(plan: Plan, out: Path, slug: str, which: str) -> None:
     """Plain decode tokens/s of B sequences (random prompts, EOS ignored), decode steps only (the
-    prefill step is left out), beside the bandwidth bound B x copy bandwidth / weight bytes; one
+    prefill step is left out), beside the bandwidth bound B x read bandwidth / weight bytes; one
     engine per compile setting, measured over every B, then shut down.
 
     One KV block holds a sequence's whole context, so a compiled engine meets no block-table
     shape its start-up warm-up did not compile: the timed runs are steady-state steps and the
     compile seconds are recorded apart (engine_build_s, engine_timings)."""
-    from fastgrpo.bench.common import copy_bandwidth
+    from fastgrpo.bench.common import read_bandwidth
     from fastgrpo.rollout.runtime.model_runner import ModelRunner
     from fastgrpo.rollout.scheduler.engine import Engine, EngineConfig
     from fastgrpo.rollout.scheduler.observer import EngineObserver
@@ -227,10 +227,10 @@ def plain(plan: Plan, out: Path, slug: str, which: str) -> None:
 
     torch.set_num_threads(plan.threads or os.cpu_count() or 1)
     model, info = load_model(plan, which)
-    bandwidth = copy_bandwidth(plan.copy_mib * 2**20, 10, next(model.parameters()).device)["bytes_per_s"]
+    bandwidth = read_bandwidth(plan.copy_mib * 2**20, 10, next(model.parameters()).device)["bytes_per_s"]
     floor_s = info["weight_bytes_per_step"] / bandwidth  # no decode step reads its weights faster
     print(f"{info['name']}: {info['parameters'] / 1e6:.0f}M parameters, {info['weight_bytes_per_step'] / 1e9:.3f} GB "
-          f"read per step; copy bandwidth {bandwidth / 1e9:.0f} GB/s -> step floor {floor_s * 1e3:.3f} ms", flush=True)
+          f"read per step; read bandwidth {bandwidth / 1e9:.0f} GB/s -> step floor {floor_s * 1e3:.3f} ms", flush=True)
     results = ResultsFile(results_path(out, "plain", slug), "plain")
     context, B_max = plan.prompt_tokens + plan.new_tokens, max(plan.batch_sizes)
     gen = torch.Generator().manual_seed(0)
@@ -266,7 +266,7 @@ def plain(plan: Plan, out: Path, slug: str, which: str) -> None:
                                 "tokens_per_s_runs": rates, "step_ms": 1e3 * B / tps, "step_floor_ms": 1e3 * floor_s,
                                 "tokens_per_s_bandwidth_bound": bound, "fraction_of_bound": tps / bound,
                                 "decode_steps": runs[0]["steps"], "warmup_run_s": warm_s, "engine_build_s": built_s,
-                                "engine_timings": timings, "copy_bandwidth_bytes_per_s": bandwidth})
+                                "engine_timings": timings, "read_bandwidth_bytes_per_s": bandwidth})
                 print(f"{which:8s} B={B:4d} compile={setting}: {tps:10.1f} tok/s  {1e3 * B / tps:7.2f} ms/step  "
                       f"bound {bound:10.1f} tok/s ({tps / bound:.1%})", flush=True)
                 results.save(records, {which: info}, context={"prompt_tokens": plan.prompt_tokens,
@@ -279,7 +279,7 @@ def knee_profile(plan: Plan, out: Path, slug: str, which: str) -> None:
     """C_peak of one model: forward latency over the sweep of tokens per forward (calibration.profile),
     read by knee.knee; eager, and where `serve --compile auto` profiles compiled forwards (CUDA)
     compiled too: the launch-bound knee beside the compute knee."""
-    from fastgrpo.bench.common import copy_bandwidth
+    from fastgrpo.bench.common import read_bandwidth
     from fastgrpo.rollout.runtime.model_runner import ModelRunner
     from fastgrpo.rollout.runtime.steps import profile_compiled
     from fastgrpo.rollout.speculative.calibration import profile
@@ -288,7 +288,7 @@ def knee_profile(plan: Plan, out: Path, slug: str, which: str) -> None:
     torch.set_num_threads(plan.threads or os.cpu_count() or 1)
     model, info = load_model(plan, which)
     device = next(model.parameters()).device
-    bandwidth = copy_bandwidth(plan.copy_mib * 2**20, 10, device)["bytes_per_s"]
+    bandwidth = read_bandwidth(plan.copy_mib * 2**20, 10, device)["bytes_per_s"]
     floor_ms = 1e3 * info["weight_bytes_per_step"] / bandwidth
     results, records = ResultsFile(results_path(out, "knee", slug), "knee"), []
     for compiled in (False, True) if profile_compiled("auto", device) else (False,):
@@ -304,7 +304,7 @@ def knee_profile(plan: Plan, out: Path, slug: str, which: str) -> None:
               flush=True)
         records.append({"model": which, "compiled": compiled, "c_peak": c_peak, "c_peak_past_sweep": past,
                         "points": points, "profile_seconds": time.perf_counter() - t0, "step_floor_ms": floor_ms,
-                        "copy_bandwidth_bytes_per_s": bandwidth})
+                        "read_bandwidth_bytes_per_s": bandwidth})
         results.save(records, {which: info})
 
 

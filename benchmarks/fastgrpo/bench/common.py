@@ -50,23 +50,38 @@ def placement(model: torch.nn.Module) -> dict:
     return {"device": param.device.type, "dtype": str(param.dtype).removeprefix("torch.")}
 
 
-def copy_bandwidth(nbytes: int, repeats: int, device: torch.device) -> dict:
-    """Bytes copied per second by `dst.copy_(src)` over a buffer of nbytes (each byte read once and
-    written once); the fastest of `repeats` copies counts, as for any ceiling (noise only slows)."""
+def read_bandwidth(nbytes: int, repeats: int, device: torch.device) -> dict:
+    """Bytes read per second by a sum over a buffer of nbytes (a streaming reduction on every
+    thread, each byte read once, nothing written back): what a decode step at B = 1 does to its
+    weights, so weight bytes / this is that step's floor. A copy moves every byte twice (read and
+    write): its bytes per second are about half of this (copy_bandwidth: 13 vs 25 GB/s on the
+    2-core Xeon here), and a floor from it sat below what HF `generate` reached. The fastest of
+    `repeats` counts."""
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)  # (N,)
-    dst = torch.empty_like(src)  # (N,)
-    dst.copy_(src)  # first touch of dst's pages
+    return _bandwidth(nbytes, repeats, device, src.sum)
+
+
+def _bandwidth(nbytes: int, repeats: int, device: torch.device, fn) -> dict:
+    fn()  # first touch, and the kernel's first launch
     seconds = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        dst.copy_(src)
+        fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t0)
     return {"bytes": nbytes, "seconds_runs": seconds, "bytes_per_s": nbytes / min(seconds),
             "bytes_per_s_median": nbytes / statistics.median(seconds)}
+
+
+def copy_bandwidth(nbytes: int, repeats: int, device: torch.device) -> dict:
+    """Bytes copied per second by `dst.copy_(src)` over a buffer of nbytes (each byte read once and
+    written once); the fastest of `repeats` copies counts, as for any ceiling (noise only slows)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)  # (N,)
+    dst = torch.empty_like(src)  # (N,)
+    return _bandwidth(nbytes, repeats, device, lambda: dst.copy_(src))
 
 
 def vm_bytes(pid: int | str, field: str) -> int:

@@ -16,7 +16,9 @@ Scenarios, each for every engine variant in ENGINE_VARIANTS:
                 fixture itself ends every answer within ~55 tokens up to T = 1.6). Ours: one
                 Generate per sample, all at once; HF: one generate to the longest budget;
   b1-floor      b1's tokens/s against the memory-bandwidth floor: a decode step at B = 1 reads
-                every weight once, so it cannot beat copy bandwidth / weight bytes;
+                every weight once, so it cannot beat read bandwidth / weight bytes (read
+                bandwidth: a sum streamed over a buffer on every thread; copy bandwidth, which
+                moves each byte twice, is recorded beside it);
   spec-greedy, spec-sampled
                 speculative decoding at B = 1 (a server with the fixture's draft and a static tree)
                 vs HF assisted generation with the assistant preset's model (same tokenizer), T = 0
@@ -38,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from fastgrpo.bench.common import copy_bandwidth, vm_bytes
+from fastgrpo.bench.common import copy_bandwidth, read_bandwidth, vm_bytes
 from fastgrpo.common.config import help_field
 
 # Named flag sets of `fastgrpo-rollout serve`: every scenario runs once per variant (one line adds one).
@@ -88,7 +90,7 @@ class PeersBenchConfig:
     spec_depth: int = help_field(7, "our static tree depth L")
     spec_n_verify: int = help_field(8, "our static tree N_verify")
     spec_verify: str = help_field("rrs", "our verification of sampled sequences: rrs or match")
-    copy_mib: int = help_field(256, "buffer copied to measure memory bandwidth, MiB (at least 256)")
+    copy_mib: int = help_field(256, "buffer read (and copied) to measure memory bandwidth, MiB (at least 256)")
     repeats: int = help_field(3, "alternating runs of ours and HF per scenario; the median counts")
     max_other_cpu: float = help_field(0.1, "a pair of runs during which other processes took more of the CPUs than this share runs again")
     retries: int = help_field(2, "times a disturbed pair runs again at most (the least disturbed attempt counts)")
@@ -427,7 +429,8 @@ def run(cfg: PeersBenchConfig) -> dict:
                  f"L={cfg.spec_depth} N_verify={cfg.spec_n_verify} ({cfg.spec_verify}) vs HF assisted by the "
                  f"{cfg.assistant_preset} fixture ({extra['assistant']['parameters'] / 1e6:.1f}M)."]
         if "bandwidth" in extra:
-            notes.append(f"copy bandwidth {extra['bandwidth']['bytes_per_s'] / 1e9:.2f} GB/s, target weights "
+            notes.append(f"read bandwidth {extra['bandwidth']['bytes_per_s'] / 1e9:.2f} GB/s (copy "
+                         f"{extra['copy_bandwidth']['bytes_per_s'] / 1e9:.2f} GB/s), target weights "
                          f"{weight_bytes / 1e6:.0f} MB: floor {extra['floor_tokens_per_s']:.1f} tok/s at B = 1.")
         shares = [r["other_cpu_share"] for r in records if "other_cpu_share" in r]
         if shares:
@@ -509,7 +512,8 @@ def run(cfg: PeersBenchConfig) -> dict:
             server_memory(svc, f"rollout server ({variant}, speculative)")
     # this process before the bandwidth buffers: HF's models, its generations and the client
     records.append({"scenario": "memory", "process": "bench process (HF transformers + client)", "vm_hwm_bytes": vm_bytes("self", "VmHWM")})
-    extra["bandwidth"] = copy_bandwidth(max(256, cfg.copy_mib) * 2**20, 10, model.device)
+    extra["bandwidth"] = read_bandwidth(max(256, cfg.copy_mib) * 2**20, 10, model.device)
+    extra["copy_bandwidth"] = copy_bandwidth(max(256, cfg.copy_mib) * 2**20, 10, model.device)
     extra["floor_tokens_per_s"] = floor = floor_tokens_per_s(extra["bandwidth"]["bytes_per_s"], weight_bytes)
     for variant, (o, p) in b1.items():
         for system, run_ in (("ours", o), ("HF generate", p)):
