@@ -287,23 +287,26 @@ def test_a_draft_that_the_sources_leave_out_is_refused(fixture_dir, draft_dir, s
 def test_the_step_chooser_keeps_the_fastest_way_and_tries_the_slower_ones_the_more_rarely_the_slower():
     chooser = StepChooser(explore=4, max_explore=64, budget=0.25)
     ways = ["head", "text", "plain"]
-    rate = {"text": 30, "plain": 20, "head": 10}  # tokens per second of each way, here and now
+    # (tokens, seconds) of a step each way, here and now: text 30 tok/s, plain 20, head 10 (its
+    # steps three times as long)
+    step = {"text": (30, 1.0), "plain": (20, 1.0), "head": (30, 3.0)}
     assert chooser.choose(8, ways) == "text"  # nothing known anywhere: each in turn, the cheapest first
-    chooser.record(8, "text", tokens=30, seconds=1.0)
+    chooser.record(8, "text", *step["text"])
     assert chooser.choose(9, ways) == "plain"  # (the same bin)
-    chooser.record(9, "plain", tokens=20, seconds=1.0)
+    chooser.record(9, "plain", *step["plain"])
     assert chooser.choose(8, ways) == "head"
-    chooser.record(8, "head", tokens=10, seconds=1.0)
+    chooser.record(8, "head", *step["head"])
     assert chooser.choose(8, ["head"]) == "head"  # one way open: no choice
     assert chooser.leader(8, ways) == "text" and chooser.leader(64, ways) is None
 
     picks = []
     for _ in range(96):
         way = chooser.choose(8, ways)
-        chooser.record(8, way, tokens=rate[way], seconds=1.0)
+        chooser.record(8, way, *step[way])
         picks.append(way)
     tries = {w: [i for i, p in enumerate(picks) if p == w] for w in ways}
-    # plain is 1.5x slower: tried every max(4, 0.5 / 0.25) = 4 choices; head 3x slower: every 8
+    # a try of plain loses 1 x (1 - 20/30) = 1/3 of text's step: every max(4, ceil(1/3 / 0.25)) = 4
+    # choices; of the head 3 x (1 - 10/30) = 2 steps: every 2 / 0.25 = 8
     assert all(b - a >= 4 for a, b in zip(tries["plain"], tries["plain"][1:])) and len(tries["plain"]) >= 20
     assert all(b - a >= 8 for a, b in zip(tries["head"], tries["head"][1:])) and 10 <= len(tries["head"]) <= 12
     assert len(tries["text"]) == 96 - len(tries["plain"]) - len(tries["head"])
@@ -312,10 +315,14 @@ def test_the_step_chooser_keeps_the_fastest_way_and_tries_the_slower_ones_the_mo
     chooser.record(64, "text", tokens=300, seconds=1.0)  # 10x bin 8's rate: the borrowed ones scale with it
     assert chooser.rates[((None, 64), "plain")] == pytest.approx(10 * chooser.rates[((None, 8), "plain")])
     assert chooser.rates[((None, 64), "text")] == 300
+    # and a borrowed rate is a guess: each borrowed way is measured once, `explore` choices on
+    late = [chooser.choose(64, ways) for _ in range(4)]
+    assert late[:3] == ["text"] * 3 and late[3] in ("plain", "head")
+    chooser.record(64, late[3], tokens=10 * step[late[3]][0], seconds=step[late[3]][1])
     chooser.record(8, "head", tokens=4000, seconds=1.0)  # the head got much faster: the average follows
     assert chooser.rates[((None, 8), "head")] == pytest.approx(0.8 * 10 + 0.2 * 4000)
     assert chooser.choose(8, ways) == "head"
-    assert sum(chooser.steps.values()) == 3 + 96 + 2
+    assert sum(chooser.steps.values()) == 3 + 96 + 3
     with pytest.raises(ValueError, match="explore <= max_explore"):
         StepChooser(explore=1)
 
@@ -335,3 +342,23 @@ def test_the_step_chooser_keeps_regimes_apart():
     # while another bin of the same regime borrows at once
     assert chooser.choose(32, ways, regime=True) == "text" and ((True, 32), "head") in chooser.rates
 
+
+
+def test_without_history_a_head_step_takes_the_chains_and_there_is_no_text_way():
+    """The ways an adaptive step may take: siblings' chains alone (no history) are no way of their
+    own where a head drafts (they join its trees); with history, or with no head, they are."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen2")).eval()
+    controller = SpecController("adaptive")
+    engines = {head: Engine(ModelRunner(model, headroom=controller.max_nodes()), (0,), EngineConfig(max_running=2),
+                            Drafter(DraftHead.for_target(model)) if head else None, controller,
+                            text_drafts=TextDrafts(("siblings", "history"), history_tokens=1000, history_max_age=4))
+               for head in (True, False)}
+    try:
+        assert engines[True]._ways(True, False) == ["head", "plain"]
+        assert engines[True]._ways(True, True) == ["head", "text", "plain"]
+        assert engines[False]._ways(True, False) == ["text", "plain"]
+        assert engines[True]._ways(False, False) == ["head"]  # a static tree: as sized
+    finally:
+        for e in engines.values():
+            e.shutdown()

@@ -522,8 +522,8 @@ class Engine:
         """One step of sequences given a tree: draft and verify, or decode plainly where that is
         measured to be faster (StepChooser); returns the tokens each verify step emitted (none for a
         plain step). Adaptive trees report how deep their accepted paths reached (the controller's alpha)."""
-        ways = self._ways(adaptive)
         regime = self._with_history(seqs)  # (the chooser keeps its rates apart by it)
+        ways = self._ways(adaptive, regime)
         # the C_peak calibrator's probe: verified as sized (its latency is the point) and not taken
         # as its way's speed -- unless plain decoding is the fastest way at this batch size, where
         # trees are not used and a probe would only cost
@@ -556,15 +556,20 @@ class Engine:
             self.controller.calibrator.observe_acceptance([st.depth for st in steps], [st.accepted for st in steps])
         return [st.accepted + 1 for st in steps]
 
-    def _ways(self, plain: bool) -> list[Way]:
+    def _ways(self, plain: bool, with_history: bool) -> list[Way]:
         """The ways a step may take: with the head if there is one, with the text chains alone if
-        the sources include text (a step without any chain then runs plainly), plainly if the
-        controller sizes the trees (a fixed tree is what was asked for) or nothing else is open;
-        the first is the tree as sized."""
+        the sources include text (a step without any chain then runs plainly) and, where there is
+        a head, most rows have history, plainly if the controller sizes the trees (a fixed tree is
+        what was asked for) or nothing else is open; the first is the tree as sized.
+
+        Without history the chains come from the siblings alone, which write in step with each
+        other and so rarely ahead of one another: short, seldom accepted (chains alone ran at
+        0.4-0.8x plain's tokens/s at B = 2-16 on the CPU here). They still join every head step's
+        tree; a way of their own would only cost its tries."""
         ways: list[Way] = []
         if self.spec.drafter is not None:
             ways.append("head")
-        if self.text_drafts is not None:
+        if self.text_drafts is not None and (with_history or self.spec.drafter is None):
             ways.append("text")
         if plain or not ways:
             ways.append("plain")

@@ -8,10 +8,15 @@ second than plain decoding. So every step that has more than one way open record
 emitted per second of step time, per way and per batch size (power-of-two bins, a moving average),
 and the next step of that size takes the fastest. The first bin tries each way once (cheapest first:
 the chains alone, then plain, then the head); later bins start from the rates of the nearest bin
-that knows them. A way that is behind is tried again from time to time, as rates move with the
-policy, the text and the draft -- the further behind, the more rarely, so that those tries cost a
-few percent of the time (on a small model or a host-bound device a head step can cost three plain
-steps: tried as often as the others, it would eat what the choice saves).
+that knows them, and measure each borrowed way once soon (a borrowed rate is a guess: one taken
+from a bin that measured it on a handful of steps could otherwise keep the bin on the slower way
+for as long as it lives). A way that is behind is tried again from time to time, as rates move
+with the policy, the text and the draft -- the more a try costs, the more rarely, so that those
+tries cost a few percent of the time. A try's cost is the time it loses against the leader for the
+tokens it emits, counted in the leader's steps: a head step that costs 3.4 plain steps and emits
+tokens at 0.8 of plain's rate loses 0.7 of a plain step (on a small model or a host-bound device
+a head step can cost several plain steps: tried as often as the others, it would eat what the
+choice saves).
 
 Rates are kept apart by a regime the caller names, for steps whose ways are worth different things
 in kind: the engine's is whether most rows have their prompt's earlier completions to draft from
@@ -42,6 +47,7 @@ class StepChooser:
                              f"{max_explore}, {budget}, {keep}")
         self.explore, self.max_explore, self.budget, self.keep = explore, max_explore, budget, keep
         self.rates: dict[tuple[Bin, Way], float] = {}  # (bin, way) -> tokens per second
+        self.seconds: dict[tuple[Bin, Way], float] = {}  # (bin, way) -> seconds a step (measured here only)
         # steps taken each way since start; every key there from the start (other threads read it)
         self.steps: Counter[Way] = Counter(dict.fromkeys(WAYS, 0))
         self._choices: dict[Bin, int] = {}  # bin -> choices made there
@@ -59,8 +65,9 @@ class StepChooser:
         change slowly with the batch size) or, where none does, tries each way in turn; then the
         fastest, except that a way behind is tried again once enough choices of this bin have
         passed since it was last measured: as many as keep the extra time of those tries within
-        `budget` of the time (a way twice as slow every 1 / budget choices), at least `explore`,
-        at most `max_explore`. Bins of another regime are never borrowed from."""
+        `budget` of the time (a way whose tries each lose one leader's step every 1 / budget
+        choices), at least `explore`, at most `max_explore`; a borrowed way is first measured
+        after `explore` choices. Bins of another regime are never borrowed from."""
         b = self._bin(batch, regime)
         ordered = [w for w in WAYS if w in ways]
         if len(ordered) == 1:
@@ -95,16 +102,28 @@ class StepChooser:
                 self.rates[other] *= rate / old
             old = None
         self.rates[key] = rate if old is None else self.keep * old + (1 - self.keep) * rate
+        old_s = self.seconds.get(key)
+        self.seconds[key] = seconds if old_s is None else self.keep * old_s + (1 - self.keep) * seconds
         self._tried[key] = self._choices.get(b, 0)
         for w in WAYS:  # every way of the bin: its interval follows the rates, the best one's too
             if (b, w) in self.rates:
                 self._every[(b, w)] = self._interval(b, w)
 
     def _interval(self, b: Bin, way: Way) -> int:
-        """Choices between two tries of `way` in bin b: a try costs (best / rate - 1) steps' time."""
-        best = max(self.rates[(b, w)] for w in WAYS if (b, w) in self.rates)
-        slower = best / self.rates[(b, way)] - 1.0
-        return min(self.max_explore, max(self.explore, math.ceil(slower / self.budget)))
+        """Choices between two tries of `way` in bin b. A try of `way` takes s_w seconds and emits
+        rate_w * s_w tokens, which the leader would emit in s_w * rate_w / rate_best: it loses
+        s_w * (1 - rate_w / rate_best), that is (s_w / s_best) * (1 - rate_w / rate_best) of the
+        leader's steps. Where either step time is not measured here yet, as if the two emitted
+        alike per step: rate_best / rate_w - 1. A borrowed way: `explore` (measure it soon)."""
+        if (b, way) in self._borrowed:
+            return self.explore
+        leader = max((w for w in WAYS if (b, w) in self.rates), key=lambda w: self.rates[(b, w)])
+        best, rate = self.rates[(b, leader)], self.rates[(b, way)]
+        if (b, way) in self.seconds and (b, leader) in self.seconds:
+            lost = self.seconds[(b, way)] / self.seconds[(b, leader)] * (1.0 - rate / best)
+        else:
+            lost = best / rate - 1.0
+        return min(self.max_explore, max(self.explore, math.ceil(lost / self.budget)))
 
     def _borrow(self, b: Bin, unknown: list[Way], ways: list[Way], n: int) -> bool:
         """Gives bin b's unknown ways the rates of the nearest bin that knows all of `ways`
