@@ -87,6 +87,12 @@ def test_history_feeds_the_prompts_next_group():
     assert drafts.live_groups == 1
     # two versions later the completion is stale
     assert drafts.propose(drafts.group(("r3", 0), prompt, version=2), 0, prompt, [], 8) is None
+    # whether a group would draft from history, asked without opening it (a plain step builds no index)
+    drafts.finished(("r4", 0), prompt, 0, [9, 8, 7, 6], version=2, keep=True)
+    live = drafts.live_groups
+    assert drafts.has_history(("r5", 0), prompt, 3) and not drafts.has_history(("r5", 0), prompt, 4)
+    assert not drafts.has_history(("r5", 1), (1, 2), 3) and drafts.live_groups == live
+    assert drafts.has_history(("r3", 0), prompt, 3) is False  # an open group answers for itself
 
 
 def test_spec_config_refuses_bad_sources_and_bounds():

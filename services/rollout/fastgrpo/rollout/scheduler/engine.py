@@ -581,8 +581,7 @@ class Engine:
         rare repeats), so the chooser rates the ways apart for the two."""
         if self.text_drafts is None or self.text_drafts.history is None:
             return False
-        have = sum(self.text_drafts.group(self._group_key(s), s.prompt, self.policy_version).history is not None
-                   for s in seqs)
+        have = sum(self.text_drafts.has_history(self._group_key(s), s.prompt, self.policy_version) for s in seqs)
         return 2 * have >= len(seqs)
 
     @property

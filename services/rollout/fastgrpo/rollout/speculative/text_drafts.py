@@ -56,12 +56,22 @@ class SuffixIndex:
     def extend(self, text: Sequence[int], start: int = 0) -> None:
         """Feeds positions start .. len(text) - 1 of text (the earlier ones were fed before, or are
         context only, e.g. the prompt before a completion)."""
-        for i in range(max(start, 1), len(text)):
-            nxt = text[i]
-            for n in range(self.min_n, min(self.max_n, i) + 1):
-                counts = self.table.setdefault(tuple(text[i - n: i]), {})
-                counts[nxt] = counts.get(nxt, 0) + 1
-        self.tokens += max(0, len(text) - max(start, 1))
+        text = list(text)
+        lo, end = max(start, 1), len(text)
+        table = self.table
+        for n in range(self.min_n, self.max_n + 1):  # (a context's counts see positions in order)
+            first = max(lo, n)  # position i has the context text[i - n: i]
+            # the contexts as tuples built by zip over n shifted slices (a loop of slices and
+            # tuple() calls took twice as long: opening a group over a prompt's history runs this
+            # over every earlier completion)
+            contexts = zip(*(text[first - n + k: end - n + k] for k in range(n)))
+            for ctx, nxt in zip(contexts, text[first:]):
+                counts = table.get(ctx)
+                if counts is None:
+                    table[ctx] = {nxt: 1}
+                else:
+                    counts[nxt] = counts.get(nxt, 0) + 1
+        self.tokens += max(0, end - lo)
 
     def next_token(self, context: Sequence[int]) -> tuple[int, float] | None:
         """The most frequent continuation of the longest known suffix of context (at least min_n
@@ -136,6 +146,10 @@ class HistoryStore:
         else:
             del self._store[prompt]
         return [c for _, c in fresh]
+
+    def has(self, prompt: tuple[int, ...], version: int) -> bool:
+        """Whether completions() would return any (and nothing changes)."""
+        return any(version - v <= self.max_age for v, _ in self._store.get(prompt, ()))
 
     def __len__(self) -> int:
         return len(self._store)
@@ -213,6 +227,15 @@ class TextDrafts:
         if group is None:
             group = self._groups[key] = GroupDrafts.open(prompt, self.config, self.sources, self.history, version)
         return group
+
+    def has_history(self, key: tuple[object, int], prompt: tuple[int, ...], version: int) -> bool:
+        """Whether the group of key drafts from earlier completions: its own answer where it is
+        open, else whether the store holds completions of prompt fresh at `version` (without
+        building the group's indexes: a step that runs plainly needs none)."""
+        group = self._groups.get(key)
+        if group is not None:
+            return group.history is not None
+        return self.history is not None and self.history.has(prompt, version)
 
     def propose(self, group: GroupDrafts, sample: int, prompt: tuple[int, ...], generated: Sequence[int],
                 max_len: int) -> Proposal | None:
