@@ -8,12 +8,11 @@ second than plain decoding. So every step that has more than one way open record
 emitted per second of step time, per way and per batch size (power-of-two bins, a moving average),
 and the next step of that size takes the fastest. The first bin tries each way once (cheapest first:
 the chains alone, then plain, then the head); later bins start from the rates of the nearest bin
-that knows them, and measure each borrowed way once soon (a borrowed rate is a guess: one taken
-from a bin that measured it on a handful of steps could otherwise keep the bin on the slower way
-for as long as it lives). A way that is behind is tried again from time to time, as rates move
+that knows them (rates and step times alike, so a borrowed way is retried as its cost says:
+a cheap one soon, and a bad borrow cannot keep a bin on a slow way). A way that is behind is tried again from time to time, as rates move
 with the policy, the text and the draft -- the more a try costs, the more rarely, so that those
 tries cost a few percent of the time. A try's cost is the time it loses against the leader for the
-tokens it emits, counted in the leader's steps: a head step that costs 3.4 plain steps and emits
+tokens it emits, counted in the leader's steps: a head step that lasts 3.4 plain steps and emits
 tokens at 0.8 of plain's rate loses 0.7 of a plain step (on a small model or a host-bound device
 a head step can cost several plain steps: tried as often as the others, it would eat what the
 choice saves).
@@ -66,8 +65,8 @@ class StepChooser:
         fastest, except that a way behind is tried again once enough choices of this bin have
         passed since it was last measured: as many as keep the extra time of those tries within
         `budget` of the time (a way whose tries each lose one leader's step every 1 / budget
-        choices), at least `explore`, at most `max_explore`; a borrowed way is first measured
-        after `explore` choices. Bins of another regime are never borrowed from."""
+        choices), at least `explore`, at most `max_explore`; a borrowed way alike, by its borrowed
+        figures. Bins of another regime are never borrowed from."""
         b = self._bin(batch, regime)
         ordered = [w for w in WAYS if w in ways]
         if len(ordered) == 1:
@@ -96,13 +95,14 @@ class StepChooser:
         key = (b, way)
         rate = tokens / seconds
         old = self.rates.get(key)
-        if key in self._borrowed:  # the first measurement here: it sets the scale of the bin's borrowed rates
+        old_s = self.seconds.get(key)
+        if key in self._borrowed:  # the first measurement here: it sets the scale of the bin's borrowed figures
             self._borrowed.discard(key)
             for other in [k for k in self._borrowed if k[0] == b]:
                 self.rates[other] *= rate / old
-            old = None
+                self.seconds[other] *= seconds / old_s
+            old = old_s = None
         self.rates[key] = rate if old is None else self.keep * old + (1 - self.keep) * rate
-        old_s = self.seconds.get(key)
         self.seconds[key] = seconds if old_s is None else self.keep * old_s + (1 - self.keep) * seconds
         self._tried[key] = self._choices.get(b, 0)
         for w in WAYS:  # every way of the bin: its interval follows the rates, the best one's too
@@ -113,23 +113,18 @@ class StepChooser:
         """Choices between two tries of `way` in bin b. A try of `way` takes s_w seconds and emits
         rate_w * s_w tokens, which the leader would emit in s_w * rate_w / rate_best: it loses
         s_w * (1 - rate_w / rate_best), that is (s_w / s_best) * (1 - rate_w / rate_best) of the
-        leader's steps. Where either step time is not measured here yet, as if the two emitted
-        alike per step: rate_best / rate_w - 1. A borrowed way: `explore` (measure it soon)."""
-        if (b, way) in self._borrowed:
-            return self.explore
+        leader's steps (borrowed figures count as measured: a borrowed way that costs little is
+        measured soon, and a bad borrow cannot keep a bin on a slow way)."""
         leader = max((w for w in WAYS if (b, w) in self.rates), key=lambda w: self.rates[(b, w)])
         best, rate = self.rates[(b, leader)], self.rates[(b, way)]
-        if (b, way) in self.seconds and (b, leader) in self.seconds:
-            lost = self.seconds[(b, way)] / self.seconds[(b, leader)] * (1.0 - rate / best)
-        else:
-            lost = best / rate - 1.0
+        lost = self.seconds[(b, way)] / self.seconds[(b, leader)] * (1.0 - rate / best)
         return min(self.max_explore, max(self.explore, math.ceil(lost / self.budget)))
 
     def _borrow(self, b: Bin, unknown: list[Way], ways: list[Way], n: int) -> bool:
-        """Gives bin b's unknown ways the rates of the nearest bin that knows all of `ways`
-        (scaled by the ways b knows; the first of them measured here rescales the others, since
-        tokens per second grow with the batch size while the ratios between ways move slowly);
-        False where no bin does."""
+        """Gives bin b's unknown ways the rates and step times of the nearest bin that knows all
+        of `ways` (scaled by the ways b knows; the first of them measured here rescales the others,
+        since tokens per second and step times grow with the batch size while the ratios between
+        ways move slowly); False where no bin does."""
         known = sorted({k for k, _ in self.rates if k[0] == b[0] and all((k, w) in self.rates for w in ways)},
                        key=lambda k: abs(math.log2(k[1] / b[1])))
         if not known:
@@ -137,8 +132,10 @@ class StepChooser:
         src = known[0]
         mine = [w for w in ways if w not in unknown]
         scale = (sum(self.rates[(b, w)] for w in mine) / sum(self.rates[(src, w)] for w in mine)) if mine else 1.0
+        s_scale = (sum(self.seconds[(b, w)] for w in mine) / sum(self.seconds[(src, w)] for w in mine)) if mine else 1.0
         for w in unknown:
             self.rates[(b, w)] = self.rates[(src, w)] * scale
+            self.seconds[(b, w)] = self.seconds[(src, w)] * s_scale
             self._tried[(b, w)] = n
             self._borrowed.add((b, w))
         for w in ways:
