@@ -10,9 +10,10 @@ B = Q x G: adaptive trees are large at small B and speculation stops where C_pea
 batches decay as completions end, so each mode's steps are also binned by their batch size
 (powers of two): tokens/s and acceptance length per bin, and the speedup over off per bin.
 
-Before the measured epochs each engine runs `warm_epochs` epochs over Q other prompts alone: a
-rollout service serves many GRPO steps, so its step chooser has long learned what each way is
-worth at each batch size, with history and without, when a given step's prompts come. A run of
+Before the measured epochs each engine runs alone over other prompts, `warm_rounds` times a new
+set of Q prompts twice (the first time without history, the second with): a rollout service
+serves many GRPO steps, so its step chooser has long learned what each way is worth at each batch
+size, with history and without, when a given step's prompts come. A run of
 Q x G here lasts 0.2-2 s, and a cold chooser's first tries of every way in every bin (a head step
 costs 3-5 plain ones on this CPU) would be a one-time cost that these short runs magnify.
 """
@@ -41,7 +42,7 @@ class SourcesBenchConfig:
     max_new_tokens: int = help_field(96, "tokens per sequence at most")
     c_peak: float = help_field(0.0, "adaptive C_peak; 0 = measure it now with the profiler")
     repeats: int = help_field(len(MODES), "rounds (fresh engines each: history starts empty); figures are the rounds' medians (quick: 1); the engine stepping first rotates, so a multiple of the five modes gives each the first turn equally often")
-    warm_epochs: int = help_field(2, "epochs of Q x G over other prompts that each engine runs alone before the measured ones: a rollout service serves many GRPO steps, and by then its step chooser (--spec-choose) knows what each way is worth at each batch size and regime; 0 = a cold chooser, whose first tries of every way in every bin fall on the measured steps")
+    warm_rounds: int = help_field(2, "warm-up rounds each engine runs alone before the measured epochs, each two epochs over Q x G other prompts (without history, then with): a rollout service serves many GRPO steps, and by then its step chooser (--spec-choose) knows what each way is worth at each batch size, with history and without; 0 = a cold chooser, whose first tries of every way in every bin fall on the measured steps")
     seed: int = help_field(0, "sampling seed (epoch e uses seed + e: a new epoch samples anew)")
     threads: int = help_field(0, "torch CPU threads; 0 = one per core")
 
@@ -99,16 +100,18 @@ def run(cfg: SourcesBenchConfig) -> dict:
         del runner
         print(f"profiled C_peak {c_peak:.1f}", flush=True)
     G = cfg.group_size
-    problems = synthetic_math(seed=0).test
+    task = synthetic_math(seed=0)
+    problems, warm = task.test, task.train  # (the warm-up's prompts are none of the measured ones)
     eos = (tok.eos_token_id,)
     records = []
     extra = {**placement(model), "c_peak": c_peak, "c_peak_source": source, "group_size": G,
-             "warm_epochs": cfg.warm_epochs,
+             "warm_rounds": cfg.warm_rounds,
              "sampling": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens},
              "target": {"preset": cfg.preset, "parameters": sum(p.numel() for p in model.parameters())}}
     for Q in ([1, 4] if cfg.quick else [int(q) for q in cfg.prompts.split(",")]):
         prompts = [tuple(tok(format_prompt(p.question))["input_ids"]) for p in problems[200: 200 + Q]]
-        prompts_warm = [tuple(tok(format_prompt(p.question))["input_ids"]) for p in problems[400: 400 + Q]]
+        prompts_warm = [[tuple(tok(format_prompt(p.question))["input_ids"]) for p in warm[k * Q: (k + 1) * Q]]
+                        for k in range(max(1, cfg.warm_rounds))]
         records += _measure(cfg, Q, G, prompts, prompts_warm, eos, model, head, c_peak)
         path = write_results(cfg.out, "sources", records, **extra)
     last = [r for r in records if r["epoch"] == cfg.epochs and r["mode"] != "off"]
@@ -154,11 +157,12 @@ def _measure(cfg: SourcesBenchConfig, Q: int, G: int, prompts, prompts_warm, eos
         engs, bins = engines()
         try:
             for mode, engine in engs.items():  # warm up each alone (first touches; the chooser) on prompts of its own
-                for epoch in range(1, cfg.warm_epochs + 1):
-                    for req in requests(100 + epoch, prompts_warm)(mode):
-                        list(engine.submit(req))
-                if not cfg.warm_epochs:
-                    list(engine.submit(GenerationRequest("warm-up", prompts_warm[:1], 2, Sampling(max_new_tokens=16))))
+                for k in range(cfg.warm_rounds):
+                    for epoch in (1, 2):
+                        for req in requests(100 + 2 * k + epoch, prompts_warm[k])(mode):
+                            list(engine.submit(req))
+                if not cfg.warm_rounds:
+                    list(engine.submit(GenerationRequest("warm-up", prompts_warm[0][:1], 2, Sampling(max_new_tokens=16))))
                 bins[mode].take()
             got, before = {}, {m: dict(e.accepted_by_source) for m, e in engs.items()}
             for epoch in range(1, cfg.epochs + 1):
