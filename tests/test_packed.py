@@ -10,6 +10,8 @@ buffers (runtime.kv_cache): the same numbers as the plain ops, and never stale.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,17 +67,53 @@ def test_tune_records_the_faster_way_per_row_count_and_project_takes_it(monkeypa
         torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
 
 
-def test_an_engine_tunes_its_linears_only_when_asked(tiny_dir):
+def test_a_remembered_choice_is_read_instead_of_timed_and_a_bad_one_timed_again(tmp_path, monkeypatch):
+    linears = [_linear(96, 48, seed=i) for i in range(2)]
+    path = packed.choice_path(linears, root=tmp_path)
+    assert path.parent == tmp_path / "linears" and not path.exists()
+    assert packed.tune(linears, repeats=1, remember=path) > 0
+    first = dict(packed._PACKED_ROWS)
+    assert json.loads(path.read_text()) == {str(r): c for r, c in first.items()}
+
+    def no_timing(*_):
+        raise AssertionError("timed although a choice is remembered")
+
+    monkeypatch.setattr(packed, "_timed_choice", no_timing)
+    flipped = {r: not c for r, c in first.items()}  # (as another start's timing might have chosen)
+    path.write_text(json.dumps({str(r): c for r, c in flipped.items()}))
+    packed._PACKED_ROWS.clear()
+    packed.tune(linears, remember=path)
+    assert packed._PACKED_ROWS == flipped  # the file's choice, not a new timing
+    path.write_text('{"1": true}')  # unreadable as a choice (row counts missing): timed again, rewritten
+    monkeypatch.setattr(packed, "_timed_choice", lambda *_: first)
+    packed.tune(linears, remember=path)
+    assert packed._PACKED_ROWS == first and json.loads(path.read_text())["1"] == first[1]
+    # the key: the shapes (and the thread count) make another file; the same linears the same one
+    assert packed.choice_path([_linear(80, 48)], root=tmp_path) != path
+    assert packed.choice_path([_linear(96, 48, seed=7), _linear(96, 48, seed=8)], root=tmp_path) == path
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert packed.choice_path(linears, root=tmp_path) != path
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_an_engine_tunes_its_linears_by_default_and_remembers_the_choice(tiny_dir, tmp_path, monkeypatch):
     from fastgrpo.rollout.runtime.model_runner import ModelRunner
     from fastgrpo.rollout.scheduler.engine import Engine, EngineConfig
 
+    monkeypatch.setenv("FASTGRPO_CACHE", str(tmp_path))
     runner = ModelRunner.load(tiny_dir, torch.float32, "cpu")
+    assert EngineConfig().cpu_linears == "tuned"
     for linears, tuned in (("tuned", True), ("packed", False)):
         engine = Engine(runner, (0,), EngineConfig(max_running=2, cpu_linears=linears))
         try:
             assert bool(packed._PACKED_ROWS) == tuned  # packed: no table, every row count the packed op
         finally:
             engine.shutdown()
+    remembered = list((tmp_path / "linears").glob("*.json"))
+    assert len(remembered) == 1  # the tuned engine's choice, for the next start on this machine
     with pytest.raises(ValueError, match="--cpu-linears must be packed or tuned"):
         Engine(runner, (0,), EngineConfig(max_running=2, cpu_linears="fast"))
 

@@ -45,12 +45,12 @@ from fastgrpo.common.config import help_field
 
 # Named flag sets of `fastgrpo-rollout serve`: every scenario runs once per variant (one line adds one).
 ENGINE_VARIANTS: dict[str, tuple[str, ...]] = {
-    "plain": (),
+    "plain": (),  # as served by default: eager, MKL's or oneDNN's linears per row count as tuned (and remembered)
     "compiled": ("--compile", "on"),  # on the CPU: the batch buckets up to 4 (runtime.steps)
-    "tuned": ("--cpu-linears", "tuned"),  # MKL's or oneDNN's linears per row count, as measured at start
+    "packed": ("--cpu-linears", "packed"),  # oneDNN's packed linears at every row count, nothing timed
 }
 # the variants whose speculative server is measured too
-SPEC_VARIANTS = ("plain", "compiled", "tuned")
+SPEC_VARIANTS = ("plain", "compiled", "packed")
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,12 @@ Which is faster depends on the CPU and the row count: on an Intel Xeon here MKL 
 1 / 2 / 4 / 8 / 64 (MKL's matrix-vector product is fast there, and slow on AMD). So `tune` times
 both on a model's own linears once (up to 64 MiB of them), per power-of-two row count up to 64 (more
 rows take 64's answer), and `project` (runtime.layers)
-takes the faster (`packed_rows`); until a model is tuned, the packed op. Tuning is asked for
-(`serve --cpu-linears tuned`), not the default: the two ops round differently, and a choice made by
-timing may differ between two starts, which would cost bit-for-bit reproducible restarts.
+takes the faster (`packed_rows`); until a model is tuned, the packed op. The two ops round
+differently, and a choice made by timing may differ between two starts, which would cost
+bit-for-bit reproducible restarts: so the engine (`serve --cpu-linears tuned`, the default) has the
+choice remembered under the cache, per CPU, torch version, thread count and linear shapes
+(`choice_path`), and times only where none is remembered (about a second); `--cpu-linears packed`
+takes the packed op at every row count without timing anything.
 
 A packed copy is keyed on its weight and that weight's version counter, so any in-place change of
 the weight (a WeightStore commit, the online draft learner's swap, an optimizer step) repacks it on
@@ -22,11 +25,19 @@ nothing in the service writes served weights that way.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import platform
 import time
 import weakref
+from collections import Counter
+from pathlib import Path
 
 import torch
+
+from fastgrpo.common.cache import cache_root, locked
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +70,80 @@ def packed_rows(rows: int) -> bool:
 
 
 @torch.inference_mode()
-def tune(linears: list[torch.nn.Linear], repeats: int = 3) -> float:
-    """Times F.linear and the packed op over `linears` (the first of them up to TUNE_BYTES of
-    weights, so that they stream from memory as a step's do), at each of TUNE_ROWS rows, the best of
-    `repeats`; records the faster per row count for `packed_rows`. Returns the seconds it took.
-    Without linears that can run packed here, every row count takes the packed op again."""
+def tune(linears: list[torch.nn.Linear], repeats: int = 3, remember: Path | None = None) -> float:
+    """Records for `packed_rows` which of F.linear and the packed op is the faster over `linears`,
+    per row count of TUNE_ROWS; returns the seconds it took. With `remember` (a JSON file, e.g.
+    choice_path's), a choice made before on this machine for these shapes is read from it, and a
+    new one is written to it (under a file lock: concurrent starts time once and agree), so a
+    restart takes the same ops and reproduces its logits bit for bit. Without linears that can run
+    packed here, every row count takes the packed op again."""
     linears = [m for m in linears if packable(m.weight)]
     if not linears:
         _PACKED_ROWS.clear()
         return 0.0
+    t0 = time.perf_counter()
+    if remember is None:
+        choice = _timed_choice(linears, repeats)
+    else:
+        remember.parent.mkdir(parents=True, exist_ok=True)
+        with locked(remember.with_name(remember.name + ".lock"), log.info):
+            choice = _read_choice(remember)
+            if choice is None:
+                choice = _timed_choice(linears, repeats)
+                tmp = remember.with_name(f".{remember.name}.{os.getpid()}")
+                tmp.write_text(json.dumps({str(r): c for r, c in choice.items()}))
+                os.replace(tmp, remember)  # (atomic: a reader sees a whole choice or none)
+            else:
+                log.info("eager linears: the choice remembered in %s", remember)
+    _PACKED_ROWS.clear()
+    _PACKED_ROWS.update(choice)
+    seconds = time.perf_counter() - t0
+    log.info("eager linears: the packed op at rows %s, F.linear at rows %s (%.1f s)",
+             [r for r, c in choice.items() if c], [r for r, c in choice.items() if not c], seconds)
+    return seconds
+
+
+def choice_path(linears: list[torch.nn.Linear], root: Path | None = None) -> Path:
+    """Where tune remembers its choice for these linears on this machine: keyed by the CPU, torch,
+    the thread count and the linears' shapes (what the timing depends on), under the cache."""
+    shapes = Counter((m.in_features, m.out_features, m.bias is not None, str(m.weight.dtype)) for m in linears)
+    key = json.dumps({"machine": platform.machine(), "cpu": _cpu_model(),
+                      "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "shapes": sorted(shapes.items()), "rows": TUNE_ROWS, "bytes": TUNE_BYTES})
+    return (root or cache_root()) / "linears" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _read_choice(path: Path) -> dict[int, bool] | None:
+    """A remembered choice: every row count of TUNE_ROWS to a bool; None if missing or unreadable
+    (then it is timed again and rewritten)."""
+    try:
+        raw = json.loads(path.read_text())
+        choice = {r: raw[str(r)] for r in TUNE_ROWS}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return choice if all(isinstance(c, bool) for c in choice.values()) else None
+
+
+def _timed_choice(linears: list[torch.nn.Linear], repeats: int) -> dict[int, bool]:
+    """Times F.linear and the packed op over `linears` (the first of them up to TUNE_BYTES of
+    weights, so that they stream from memory as a step's do), at each of TUNE_ROWS rows, the best
+    of `repeats`: whether the packed op is the faster, per row count."""
     total = 0
     for n, m in enumerate(linears):
         total += m.weight.numel() * m.weight.element_size()
         if total >= TUNE_BYTES:
             linears = linears[: n + 1]
             break
-    t0 = time.perf_counter()
     inputs = {m.in_features for m in linears}
     choice = {}
     for rows in TUNE_ROWS:
@@ -93,12 +162,7 @@ def tune(linears: list[torch.nn.Linear], repeats: int = 3) -> float:
             best[name] = min(took)
         choice[rows] = best["packed"] <= best["linear"]
         log.debug("linears at %d rows: packed %.2f ms, F.linear %.2f ms", rows, best["packed"] * 1e3, best["linear"] * 1e3)
-    _PACKED_ROWS.clear()
-    _PACKED_ROWS.update(choice)
-    seconds = time.perf_counter() - t0
-    log.info("eager linears: the packed op at rows %s, F.linear at rows %s (tuned in %.1f s)",
-             [r for r, c in choice.items() if c], [r for r, c in choice.items() if not c], seconds)
-    return seconds
+    return choice
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,7 @@ class EngineConfig:
     prefix_sharing: bool = help_field(True, "the samples of a prompt share its KV-cache blocks and prefill it once, and later sequences reuse a prompt prefix still cached (off: every sequence prefills its own prompt)")
     attention_backend: Literal["gather", "flex"] = help_field("gather", "how attention reads the paged KV cache: gather (copies the blocks a forward reads, then SDPA) or flex (FlexAttention reads them in place; compiled at start-up, needs a C++ compiler on the CPU; faster at large-batch decode, slower at prefill and deep trees on the CPU: see fastgrpo-bench kv)")
     compile: Literal["auto", "on", "off"] = help_field("auto", "torch.compile the decode steps (plain; speculative draft and verify), the batch padded to a power of two (CUDA graphs on a GPU): auto = on on CUDA, off on the CPU; on the CPU, on compiles the batches of at most 4, where it pays; compiling takes a while at start-up (logged, and /readyz says so)")
-    cpu_linears: Literal["packed", "tuned"] = help_field("packed", "float32 projections on the CPU: packed = oneDNN's packed op at every row count; tuned = MKL's or oneDNN's, whichever measures faster per row count at start-up (about a second; faster where MKL's matrix-vector product is good, e.g. 1-2 rows on an Intel Xeon, but the choice may differ between two starts, and with it the last bits of the logits: packed keeps restarts bit-for-bit reproducible)")
+    cpu_linears: Literal["packed", "tuned"] = help_field("tuned", "float32 projections on the CPU: tuned = MKL's or oneDNN's, whichever measures faster per row count (faster where MKL's matrix-vector product is good, e.g. 1-2 rows on an Intel Xeon), timed at the first start on a machine (about a second) and remembered under the cache ($FASTGRPO_CACHE/linears/, per CPU, torch version, thread count and model shapes; delete a file to time again), so restarts take the same ops and reproduce their logits bit for bit; packed = oneDNN's packed op at every row count, nothing timed")
     max_queued: int = help_field(4096, "sequences waiting to be admitted; a request that would pass it is refused (RESOURCE_EXHAUSTED, or INVALID_ARGUMENT when it alone is larger)")
 
 
@@ -99,8 +99,8 @@ class Engine:
         # which of MKL's and oneDNN's linears runs at each row count (process-wide: the latest engine's say)
         if config.cpu_linears not in ("packed", "tuned"):
             raise ValueError(f"--cpu-linears must be packed or tuned; got {config.cpu_linears!r}")
-        self.warmup_seconds = packed.tune(
-            [m for m in runner.model.modules() if isinstance(m, torch.nn.Linear)] if config.cpu_linears == "tuned" else [])
+        linears = [m for m in runner.model.modules() if isinstance(m, torch.nn.Linear)] if config.cpu_linears == "tuned" else []
+        self.warmup_seconds = packed.tune(linears, remember=packed.choice_path(linears) if linears else None)
         self.warmup_seconds += self.decode_step.warm_up()
         self.spec = None
         if controller is not None:
