@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from fastgrpo.common.cache import cache_root, locked
+from fastgrpo.common.host import cpu_model
 
 log = logging.getLogger(__name__)
 
@@ -107,20 +108,10 @@ def choice_path(linears: list[torch.nn.Linear], root: Path | None = None) -> Pat
     """Where tune remembers its choice for these linears on this machine: keyed by the CPU, torch,
     the thread count and the linears' shapes (what the timing depends on), under the cache."""
     shapes = Counter((m.in_features, m.out_features, m.bias is not None, str(m.weight.dtype)) for m in linears)
-    key = json.dumps({"machine": platform.machine(), "cpu": _cpu_model(),
+    key = json.dumps({"machine": platform.machine(), "cpu": cpu_model(),
                       "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "shapes": sorted(shapes.items()), "rows": TUNE_ROWS, "bytes": TUNE_BYTES})
     return (root or cache_root()) / "linears" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def _read_choice(path: Path) -> dict[int, bool] | None:
