@@ -8,10 +8,10 @@ second than plain decoding. So every step that has more than one way open record
 emitted per second of step time, per way and per batch size (power-of-two bins, a moving average),
 and the next step of that size takes the fastest. The first bin tries each way once (cheapest first:
 the chains alone, then plain, then the head); later bins start from the rates of the nearest bin
-that knows them (rates and step times alike, so a borrowed way is retried as its cost says:
-a cheap one soon, and a bad borrow cannot keep a bin on a slow way). A way that is behind is tried again from time to time, as rates move
-with the policy, the text and the draft -- the more a try costs, the more rarely, so that those
-tries cost a few percent of the time. A try's cost is the time it loses against the leader for the
+that knows them (rates and step times alike, so a borrowed way is retried as its cost says: a
+cheap one soon, and a bad borrow cannot keep a bin on a slow way). A way that is behind is tried
+again from time to time, as rates move with the policy, the text and the draft -- the more a try
+costs, the more rarely, so that those tries cost a few percent of the time. A try's cost is the time it loses against the leader for the
 tokens it emits, counted in the leader's steps: a head step that lasts 3.4 plain steps and emits
 tokens at 0.8 of plain's rate loses 0.7 of a plain step (on a small model or a host-bound device
 a head step can cost several plain steps: tried as often as the others, it would eat what the
@@ -46,13 +46,13 @@ class StepChooser:
                              f"{max_explore}, {budget}, {keep}")
         self.explore, self.max_explore, self.budget, self.keep = explore, max_explore, budget, keep
         self.rates: dict[tuple[Bin, Way], float] = {}  # (bin, way) -> tokens per second
-        self.seconds: dict[tuple[Bin, Way], float] = {}  # (bin, way) -> seconds a step (measured here only)
+        self.seconds: dict[tuple[Bin, Way], float] = {}  # (bin, way) -> seconds a step (borrowed ones too)
         # steps taken each way since start; every key there from the start (other threads read it)
         self.steps: Counter[Way] = Counter(dict.fromkeys(WAYS, 0))
         self._choices: dict[Bin, int] = {}  # bin -> choices made there
         self._tried: dict[tuple[Bin, Way], int] = {}  # (bin, way) -> the bin's choice count when last measured
         self._every: dict[tuple[Bin, Way], int] = {}  # (bin, way) -> choices between tries of a way behind
-        self._borrowed: set[tuple[Bin, Way]] = set()  # rates taken from another bin, not measured here yet
+        self._borrowed: set[tuple[Bin, Way]] = set()  # figures taken from another bin, not measured here yet
 
     @staticmethod
     def _bin(batch: int, regime: Hashable = None) -> Bin:
