@@ -17,10 +17,11 @@ from fastgrpo.rollout.speculative.chooser import StepChooser
 from fastgrpo.rollout.speculative.controller import SpecConfig, SpecController
 from fastgrpo.rollout.speculative.draft_head import DraftHead
 from fastgrpo.rollout.speculative.draft_runner import Drafter
-from fastgrpo.rollout.speculative.text_drafts import (GroupDrafts, HistoryStore, SuffixIndex, TextDraftConfig,
-                                                     TextDrafts)
-from fastgrpo.rollout.speculative.tree import TextChain, TreeShape, chain_tree, merge_chain, select_tree
-from fastgrpo.rollout.speculative.verify import accept_path
+from fastgrpo.rollout.speculative.text_drafts import (Calibration, GroupDrafts, HistoryStore, Proposal, SuffixIndex,
+                                                     TextDraftConfig, TextDrafts)
+from fastgrpo.rollout.speculative.tree import (TextChain, TreeShape, attach_chain, chain_tree, merge_chain,
+                                               pick_children, select_tree)
+from fastgrpo.rollout.speculative.verify import accept_path, verify_rrs
 from test_speculative import ALPHA, N_SAMPLES, V_SMALL, _chi2_pvalue, _exact_first3, _run, _sd_first3_counts
 
 pytestmark = pytest.mark.unit
@@ -95,6 +96,34 @@ def test_history_feeds_the_prompts_next_group():
     assert drafts.has_history(("r3", 0), prompt, 3) is False  # an open group answers for itself
 
 
+def test_calibration_scales_a_sources_first_estimate_by_how_often_it_is_what_was_emitted():
+    cal = Calibration(("siblings", "history"), prior=4.0, decay=1.0)
+    p = Proposal((5, 6), (0.8, 0.5), "siblings")
+    for i in range(96):  # emitted 1 time in 4 where the estimate said 0.8
+        cal.observe(p, 5 if i % 4 == 0 else 7)
+    scale = (4 + 24) / (4 + 96 * 0.8)
+    assert abs(cal.scale("siblings") - scale) < 1e-12 and cal.scale("history") == 1.0
+    q = cal.apply(p)
+    assert q.tokens == (5, 6) and q.source == "siblings" and q.probs[1] == 0.5 and abs(q.probs[0] - 0.8 * scale) < 1e-12
+    assert cal.apply(Proposal((5,), (0.9,), "history")).probs == (0.9,)
+    for _ in range(5000):  # never emitted: the scale nears 0, the estimate stays a probability
+        cal.observe(p, 7)
+    assert 0 < cal.apply(p).probs[0] < 0.01
+
+
+def test_a_samples_last_proposal_is_checked_against_the_token_it_then_emitted():
+    drafts = TextDrafts(("siblings",))
+    prompt, key = (1, 2, 3, 4), ("r", 0)
+    group = drafts.group(key, prompt, 0)
+    drafts.propose(group, 1, prompt, [5, 6, 7, 8, 9], max_len=4)  # (its own proposal: nothing follows 8 9 yet)
+    p = drafts.propose(group, 0, prompt, [5, 6], max_len=4)
+    assert p.tokens[0] == 7 and p.probs[0] == 0.5  # seen once, estimate 1/2; the calibration starts at 1
+    drafts.propose(group, 0, prompt, [5, 6], max_len=4)  # nothing emitted since: nothing to check yet
+    assert drafts.calibration.sums["siblings"] == [4.0, 4.0]
+    drafts.finished(key, prompt, 0, [5, 6, 9], version=0, keep=True)  # 9 came where 7 was proposed
+    assert drafts.calibration.sums["siblings"] == [4.0 * 0.999, 4.0 * 0.999 + 0.5]
+
+
 def test_spec_config_refuses_bad_sources_and_bounds():
     assert SpecConfig(sources="head,siblings").text_drafts().sources == ("siblings",)
     assert SpecConfig().text_drafts() is None and SpecConfig().head
@@ -151,6 +180,87 @@ def test_a_chain_alone_is_a_tree_whose_padding_is_never_accepted():
     res = accept_path(tree, torch.tensor([[4, 5, 6, 1], [4, 0, 0, 0]]), 3, candidate)
     assert res.accepted.tolist() == [3, 1]
     assert res.tokens[0].tolist() == [4, 5, 6, 1] and res.tokens[1, :2].tolist() == [4, 0]
+
+
+def test_a_chain_attaches_to_drawn_children_as_leads():
+    """Row 0: the chain's first token repeats a drawn child (node 1), which becomes the root's lead
+    and keeps its own drawn child (node 3); the chain goes on in new nodes. Row 1: the chain's only
+    token is new; its second slot is padding under the root, nobody's lead."""
+    tree = select_tree(torch.tensor([9, 9]), torch.tensor([[5, 6, 7], [5, 6, 7]]), torch.tensor([[-1, -1, 0]] * 2),
+                       torch.zeros(2, 3), torch.tensor([[1, 1, 2]] * 2), 4, 2)
+    candidate = torch.ones(2, 4, dtype=torch.bool)
+    chain = TextChain(torch.tensor([[5, 8, 3], [4, 0, 0]]), torch.tensor([[-0.1, -0.2, -0.3], [-0.1, -inf, -inf]]))
+    out, cand, lead = attach_chain(tree, candidate, chain, 3)
+    assert out.tokens.tolist() == [[9, 5, 6, 7, 0, 8, 3], [9, 5, 6, 7, 4, 0, 0]]
+    assert out.parents.tolist() == [[0, 0, 0, 1, 0, 1, 5], [0, 0, 0, 1, 0, 0, 0]]
+    assert out.depths.tolist() == [[0, 1, 1, 2, 1, 2, 3], [0, 1, 1, 2, 1, 1, 1]]
+    assert lead.tolist() == [[1, 5, -1, -1, -1, 6, -1], [4, -1, -1, -1, -1, -1, -1]]
+    assert out.from_text.tolist() == [[False] * 5 + [True, True], [False] * 4 + [True, False, False]]
+    assert cand.tolist() == [[True] * 4 + [False] * 3] * 2  # (the new nodes are nobody's drawn children)
+    assert bool(out.ancestors[0, 6, 1]) and bool(out.ancestors[0, 6, 5]) and not bool(out.ancestors[0, 6, 2])
+
+
+def _rrs_with_lead(p, q, rows, seed, biased=False):
+    """The first two tokens of `rows` walks: two children of the root drawn from q, then a chain
+    (1, 2) attached as leads (token 1 often repeats a draw; token 2 is always new), the target p
+    at every node. Returns the pairs' counts (V * V,) and the tokens passed as leads."""
+    g = torch.Generator().manual_seed(seed)
+    V, k = p.shape[0], 2
+    toks, lq = pick_children(q.log().expand(rows, 1, V), k, torch.rand(rows, 1, k, generator=g, dtype=torch.float64),
+                             torch.ones(rows, dtype=torch.bool))
+    tree = select_tree(torch.zeros(rows, dtype=torch.long), toks[:, 0], torch.full((rows, k), -1),
+                       torch.zeros(rows, k), torch.ones(rows, k, dtype=torch.long), k + 1, 1)
+    candidate = torch.cat([torch.ones(rows, 1, dtype=torch.bool), lq[:, 0] > float("-inf")], 1)
+    chain = TextChain(torch.tensor([[1, 2]]).expand(rows, 2), torch.log(torch.tensor([[0.9, 0.8]])).expand(rows, 2))
+    tree, candidate, lead = attach_chain(tree, candidate, chain, 2)
+    N = tree.size
+    u = torch.rand(rows, 3, k + 2, generator=g, dtype=torch.float64)
+    if biased:  # a lead passes whenever p gives it any probability
+        u[:, :, k] = 0.0
+    res = verify_rrs(tree, p.log().expand(rows, N, V), q.log().expand(rows, N, V), candidate, u, 2, k, lead)
+    # a walk that stopped at the root emitted one token: its second comes from the next step, a draw from p
+    second = torch.where(res.accepted >= 1, res.tokens[:, 1], torch.multinomial(p, rows, True, generator=g))
+    return torch.bincount(res.tokens[:, 0] * V + second, minlength=V * V), int(res.led.sum())
+
+
+def test_rrs_with_chain_leads_emits_exactly_the_target_distribution():
+    """Pure tensors, 40,000 walks: the first two tokens are i.i.d. p (chi-square at 1e-3, fixed
+    seeds); the leads were taken often; the same check fails with a lead accepted whenever p(x) > 0."""
+    from scipy.stats import chisquare
+
+    p = torch.tensor([0.05, 0.4, 0.3, 0.2, 0.05], dtype=torch.float64)
+    q = torch.tensor([0.3, 0.1, 0.3, 0.1, 0.2], dtype=torch.float64)
+    rows = 40000
+    expected = (torch.outer(p, p).flatten() * rows).numpy()
+    counts, led = _rrs_with_lead(p, q, rows, seed=4)
+    assert led > rows // 2
+    assert chisquare(counts.double().numpy(), expected).pvalue > 1e-3
+    counts, _ = _rrs_with_lead(p, q, rows, seed=4, biased=True)
+    assert chisquare(counts.double().numpy(), expected).pvalue < 1e-3
+
+
+def test_chains_take_the_places_where_they_are_worth_more_than_the_heads_draws():
+    from types import SimpleNamespace
+
+    from fastgrpo.rollout.speculative.spec_step import SpecDecoder
+
+    shape = TreeShape(width=2, depth=3, n_verify=7)  # (the head draws 2 children, 1 expanded, 3 levels)
+    strong = [Proposal((1, 2, 3, 4), (0.95, 0.95, 0.95, 0.95), "history")] * 4
+    weak = [Proposal((1, 2), (0.3, 0.5), "siblings"), None, None, None]
+
+    def places(head_per_level, chains):
+        me = SimpleNamespace(head_reach=[head_per_level ** (d + 1) for d in range(16)], max_chain=16)
+        return SpecDecoder._chain_places(me, chains, shape)
+
+    assert places(0.9, weak) == 0  # a head accepted 9 levels in 10 keeps its places from a doubtful chain
+    # and its levels from a confident one, which adds little to it (giving up only second children)
+    assert 1 <= places(0.9, strong) <= 3
+    assert places(0.3, strong) == 4  # a weak head gives up as many as the chains have tokens (keeping 2)
+    assert places(0.3, weak) == 0  # a chain hardly likelier than the head's draws takes nothing
+
+    me = SimpleNamespace(head_reach=[0.5, 0.25, 0.125])
+    SpecDecoder._learn_head_reach(me, [[2.0, 3.0], [0.0, 1.0]], [0, 1])  # accepted 2 of 3 levels; 0 of 1
+    assert me.head_reach == [0.5 + 0.01 * (1 - 0.5) + 0.01 * (0 - 0.505), 0.25 + 0.01 * 0.75, 0.125 - 0.01 * 0.125]
 
 
 # ------------------------------------------------------------------ the engine with text drafts on
@@ -233,9 +343,17 @@ def _first3(spec, temperature, top_p):
     return _sd_first3_counts(spec, temperature, top_p, lambda st: st.accepted_siblings + st.accepted_history)
 
 
+def _chains_take_every_place(monkeypatch):
+    monkeypatch.setattr(spec_decode.SpecDecoder, "_chain_places", lambda self, chains, shape: shape.n_verify - 2)
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.95)])
-def test_sampling_with_text_chains_matches_plain_distribution(small_vocab_text_engine, temperature, top_p):
-    """6,000 samples of one prompt: every step after the first 128 has siblings' text to draft from."""
+def test_sampling_with_text_chains_matches_plain_distribution(small_vocab_text_engine, temperature, top_p, monkeypatch):
+    """6,000 samples of one prompt: every step after the first 128 has siblings' text to draft from.
+    With the head, the trees are of drawn children and every chain joins them as lead children
+    in all the places it may take (how many it takes is a budget, not a matter of exactness); text
+    alone, each tree is its row's chain, verified by sample-matching."""
+    _chains_take_every_place(monkeypatch)
     model, spec = small_vocab_text_engine
     counts, text = _first3(spec, temperature, top_p)
     assert text > N_SAMPLES // 4  # the chains really were used
@@ -245,13 +363,21 @@ def test_sampling_with_text_chains_matches_plain_distribution(small_vocab_text_e
 
 def test_chi2_detects_a_chain_accepted_by_argmax(small_vocab_text_engine, monkeypatch):
     """Guard for the test above: accepting a chain's nodes when they are the target's argmax (not a
-    sample) must fail the same test."""
+    sample), or a lead child whenever the target gives it any probability, must fail the same test."""
     model, spec = small_vocab_text_engine
+    _chains_take_every_place(monkeypatch)
 
     def biased(tree, logp, uniforms, max_depth, candidate=None):
         return accept_path(tree, logp.argmax(-1), max_depth)
 
-    monkeypatch.setattr(spec_decode, "verify_sampled", biased)
+    def biased_lead(tree, logp, logq, candidate, uniforms, max_depth, max_children, lead=None):
+        uniforms = uniforms.clone()
+        if lead is not None:  # a lead child passes whenever the target gives it any probability
+            uniforms[:, :, max_children] = 0.0
+        return verify_rrs(tree, logp, logq, candidate, uniforms, max_depth, max_children, lead)
+
+    monkeypatch.setattr(spec_decode, "verify_sampled", biased)  # (text alone: the chains' trees)
+    monkeypatch.setattr(spec_decode, "verify_rrs", biased_lead)  # (with the head: chains as leads)
     counts, _ = _first3(spec, 1.0, 1.0)
     assert _chi2_pvalue(counts, _exact_first3(model, 1.0, 1.0), N_SAMPLES) < ALPHA
 

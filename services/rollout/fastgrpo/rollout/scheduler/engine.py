@@ -564,8 +564,8 @@ class Engine:
 
         Without history the chains come from the siblings alone, which write in step with each
         other and so rarely ahead of one another: short, seldom accepted (chains alone ran at
-        0.4-0.8x plain's tokens/s at B = 2-16 on the CPU here). They still join every head step's
-        tree; a way of their own would only cost its tries."""
+        0.4-0.8x plain's tokens/s at B = 2-16 on the CPU here). Their confident tokens still join
+        a head step's tree; a way of their own would only cost its tries."""
         ways: list[Way] = []
         if self.spec.drafter is not None:
             ways.append("head")

@@ -18,7 +18,7 @@ from fastgrpo.rollout.runtime.batch import ForwardBatch
 from fastgrpo.rollout.runtime.kv_cache import PagedKVCache
 from fastgrpo.rollout.runtime.layers import decoder_layer, paged_inputs
 from fastgrpo.rollout.speculative.draft_head import DraftHead
-from fastgrpo.rollout.speculative.tree import (DraftTree, TextChain, TreeShape, expand_level, merge_chain,
+from fastgrpo.rollout.speculative.tree import (DraftTree, TextChain, TreeShape, attach_chain, expand_level, merge_chain,
                                                pick_children, reach_scores, select_tree)
 
 
@@ -40,6 +40,9 @@ class GrownTree:
     # children are unused); None for deterministic trees
     draft_logq: torch.Tensor | None = None
     candidate: torch.Tensor | None = None  # (B, N) bool: a real draw (False: a draw past q's support)
+    # (B, N) long: the child each node tests first, a text chain's token (tree.attach_chain); -1 none.
+    # None where no chain joined a tree of drawn children
+    lead: torch.Tensor | None = None
 
 
 class Drafter:
@@ -104,10 +107,11 @@ class Drafter:
         settled + d. Without `draw`: EAGLE-2's deterministic tree (top-K children, the best
         N_verify - 1 of the pool kept). With it: children drawn without replacement, all kept
         (shape.sampled_layout), and the distributions they were drawn from returned for verification.
-        chain (deterministic trees only): a text chain per sequence that competes with the head's
-        candidates for the N_verify - 1 places (tree.merge_chain); the tree may then be deeper than L.
+        chain: a text chain per sequence. In a deterministic tree it competes with the head's
+        candidates for the N_verify - 1 places (tree.merge_chain); in a tree of drawn children it
+        is each chain node's parent's lead child, its new nodes beyond the drawn ones
+        (tree.attach_chain). Either way the tree may then be deeper than L.
         """
-        assert chain is None or draw is None, "text chains join deterministic trees only"
         if draw is None:
             k, E, L = shape.width, shape.width, shape.depth
         else:
@@ -179,4 +183,9 @@ class Drafter:
         for index, logq in drawn_from:
             node_logq.scatter_(1, (index + 1)[:, :, None].expand(-1, -1, V), logq)
         candidate = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=dev), all_scores > float("-inf")], 1)
-        return GrownTree(tree, node_logq, candidate)
+        if chain is None:
+            return GrownTree(tree, node_logq, candidate)
+        C = chain.tokens.shape[1]
+        tree, candidate, lead = attach_chain(tree, candidate, chain, max(L, C))
+        node_logq = torch.cat([node_logq, node_logq.new_zeros(B, C, V)], 1)  # (a chain node's children: its lead only)
+        return GrownTree(tree, node_logq, candidate, lead)

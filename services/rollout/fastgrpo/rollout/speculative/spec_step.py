@@ -21,8 +21,10 @@ so a symbolic batch costs nothing there, and saves a compile per bucket.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import operator
 import time
 from dataclasses import dataclass, field
 
@@ -42,6 +44,9 @@ from fastgrpo.rollout.speculative.verify import VERIFY_RULES, verify_greedy, ver
 from fastgrpo.wire.records import SpecStats
 
 log = logging.getLogger(__name__)
+
+HEAD_REACH_PRIOR = 0.7  # per level, until measured (the controller's sizing assumes about this much)
+HEAD_REACH_RATE = 0.01  # moving-average weight of one row's outcome
 
 
 @dataclass
@@ -101,6 +106,9 @@ class SpecDecoder:
         self.capture = False  # keep consumed pairs for online draft learning
         self.compiled_batch = min(compiled_batch, max_batch) if drafter is not None else 0
         self.max_chain = 16  # longest text chain a step takes (chains are padded to powers of two)
+        # [d]: the share of drawn trees' rows (without a chain) accepted deeper than d, per depth:
+        # what the head's nodes at depth d + 1 are worth, against which chains take places
+        self.head_reach = [HEAD_REACH_PRIOR ** (d + 1) for d in range(self.max_chain)]
         self.accepted_by_source = {"head": 0, **dict.fromkeys(TEXT_SOURCES, 0)}  # draft tokens accepted since start
         self.max_batch = max_batch
         self._compiled = None
@@ -149,17 +157,29 @@ class SpecDecoder:
         Leaves each state's pending pairs set to the accepted path, and its counters advanced; the
         caller appends the tokens and advances its settled count by len(tokens).
 
-        chains: a text proposal per sequence (speculative.text_drafts; None where it has none). A
-        step with any makes deterministic trees for every sequence (sampled ones verify by
-        sample-matching), the chains competing with the head's candidates for the N_verify places.
+        chains: a text proposal per sequence (speculative.text_drafts; None where it has none).
+        In a tree of drawn children (sampled rows, rule "rrs") the chains' first tokens become lead
+        children (tree.attach_chain) in as many of the N_verify places as they are worth more than
+        the head's nodes they displace (_chain_places), the head drawing its children in the rest;
+        in a deterministic tree (greedy, rule "match") the chains compete with the head's
+        candidates for the N_verify places (tree.merge_chain).
         head False (with chains): the chains alone make the trees (a sequence without one emits
         one token) and the draft head does not run; the pairs it has not read wait for its next step.
         """
-        chain = self._chain(chains, shape) if chains and any(chains) else None
+        text_only = not head and bool(chains) and any(chains)  # (the chains alone make the trees)
+        drawn_tree = self.drafter is not None and not text_only and self.rule == "rrs" and any(p[0] > 0 for p in params)
+        chain = None
+        if chains and any(chains):
+            chain = self._chain(chains, self._chain_places(chains, shape) if drawn_tree else shape.n_verify - 1)
         use_head = self.drafter is not None and (head or chain is None)
+        if drawn_tree and chain is not None:  # the head's draws take what the chains leave
+            shape = TreeShape(shape.width, shape.depth, shape.n_verify - chain.tokens.shape[1])
         host, path_feat, N, Bp, seconds = self._run(roots, settled, tables, states, params, seeds, drawn, shape, chain,
                                                     use_head)
         self.runner.report_decode(Bp * N, seconds)
+        if drawn_tree and use_head:
+            self._learn_head_reach(host, [b for b in range(len(states))
+                                          if params[b][0] > 0 and (chain is None or chains[b] is None)])
         D1 = (len(host[0]) - 3) // 2
         steps = []
         for b, st in enumerate(states):
@@ -188,10 +208,49 @@ class SpecDecoder:
             steps.append(StepTokens(toks[:n], lps[:n], n - 1, int(host[b][1])))
         return steps
 
-    def _chain(self, chains: list[Proposal | None], shape: TreeShape) -> TextChain:
+    def _chain_places(self, chains: list[Proposal | None], shape: TreeShape) -> int:
+        """How many of a drawn tree's N_verify places the chains take: the number c that most
+        raises the expected accepted tokens. A chain's token j is worth what its estimated
+        cumulative acceptance adds beyond the head's own chance of being accepted that deep
+        (head_reach; where the two guess the same token they share a node), averaged over the rows.
+        The head, drawing in N_verify - c places, loses the levels it no longer reaches (each worth
+        its head_reach) and the extra children it no longer draws (each worth about
+        h (1 - h) / 2, h the first level's reach: the chance that the first draw is rejected and
+        the next one, tested against the residual, accepted). The head keeps one place at least."""
+        room = min(shape.n_verify - 2, self.max_chain)
+        if room < 1:
+            return 0
+        reach = self.head_reach
+        gained = [0.0] * room  # [j]: the rows' mean gain from chain token j + 1
+        for p in chains:
+            for j, r in enumerate(itertools.accumulate(p.probs[:room] if p else (), operator.mul)):
+                gained[j] += max(0.0, r - reach[j]) / len(chains)
+        extra = reach[0] * (1.0 - reach[0]) / 2.0  # a drawn child beyond a node's first
+
+        def head_value(places: int) -> float:
+            k, e, levels = TreeShape(shape.width, shape.depth, places + 1).sampled_layout()
+            return sum(reach[:levels]) + (k + (levels - 1) * e * k - levels) * extra
+
+        full = head_value(shape.n_verify - 1)
+        values = [sum(gained[:c]) - (full - head_value(shape.n_verify - 1 - c)) for c in range(1, room + 1)]
+        best = max(range(room), key=values.__getitem__)
+        return best + 1 if values[best] > 0 else 0
+
+    def _learn_head_reach(self, host: list[list[float]], rows: list[int]) -> None:
+        """Drawn trees' rows that had no chain: at each depth their tree reached, whether the head's
+        draws were accepted that deep (a moving average per depth)."""
+        for b in rows:
+            accepted, depth = int(host[b][0]), min(int(host[b][1]), len(self.head_reach))
+            for d in range(depth):
+                self.head_reach[d] += HEAD_REACH_RATE * ((accepted > d) - self.head_reach[d])
+
+    def _chain(self, chains: list[Proposal | None], room: int) -> TextChain | None:
         """The step's text chains on the device (B, C): C the longest chain's length padded to a
-        power of two, at most what the tree could keep (N_verify - 1) and max_chain."""
-        C = min(bucket(max(len(p.tokens) for p in chains if p)), shape.n_verify - 1, self.max_chain)
+        power of two, at most `room` (the tree's places the chains may take) and max_chain; None
+        where there is no room."""
+        if room < 1:
+            return None
+        C = min(bucket(max(len(p.tokens) for p in chains if p)), room, self.max_chain)
         tokens, reach = [], []
         for p in chains:
             row_t, row_r, log_reach = [], [], 0.0
@@ -279,24 +338,25 @@ class SpecDecoder:
                features: torch.Tensor, chain_tokens: torch.Tensor | None, chain_reach: torch.Tensor | None,
                shape: TreeShape, greedy: bool, truncate: bool) -> tuple:
         """The draft step: catch up on the pending pairs, then grow a tree per row (with the text
-        chains, if any: a deterministic tree). Returns the tree's tensors (DraftTree's fields, then
+        chains, if any: merged into a deterministic tree, or each chain node its parent's lead
+        child in a tree of drawn children). Returns the tree's tensors (DraftTree's fields, then
         the draft distributions of a sampled tree (or None), which nodes are candidates (None: all),
-        then the nodes a chain proposed (or None)). Without pending pairs (the head does not run this
-        step), each tree is its row's chain."""
+        the nodes a chain proposed (or None), and each node's lead child (or None)). Without
+        pending pairs (the head does not run this step), each tree is its row's chain."""
         settled, roots, counts, top_k, seeds, drawn = ints  # (Bp,) each
         if pending is None:
             t = chain_tree(roots, TextChain(chain_tokens, chain_reach))
-            return t.tokens, t.parents, t.depths, t.ancestors, None, t.from_text | (t.depths == 0), t.from_text
+            return t.tokens, t.parents, t.depths, t.ancestors, None, t.from_text | (t.depths == 0), t.from_text, None
         root_feature = self.drafter.catch_up(table, settled - counts, pending, features, counts)  # (Bp, H)
         draw = None
         chain = None if chain_tokens is None else TextChain(chain_tokens, chain_reach)
-        if not greedy and self.rule == "rrs" and chain is None:
+        if not greedy and self.rule == "rrs":
             k, e, levels = shape.sampled_layout()
             params = sampler.SamplingBatch(floats[0], top_k, floats[1])
             draw = ChildDraw(params, self._uniforms(seeds, drawn, sampler.STREAM_CHILDREN, (levels, e, k)), truncate)
         grown = self.drafter.grow(table, settled, roots, root_feature, shape, draw, chain)
         t = grown.tree
-        return t.tokens, t.parents, t.depths, t.ancestors, grown.draft_logq, grown.candidate, t.from_text
+        return t.tokens, t.parents, t.depths, t.ancestors, grown.draft_logq, grown.candidate, t.from_text, grown.lead
 
     def _verify(self, table: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor, tree: tuple,
                 shape: TreeShape, greedy: bool, truncate: bool, chain_width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,7 +367,7 @@ class SpecDecoder:
         path's target features (Bp, D+1, H)."""
         settled, _, _, top_k, seeds, drawn = ints  # (Bp,) each
         params = sampler.SamplingBatch(floats[0], top_k, floats[1])
-        tokens, parents, depths, ancestors, draft_logq, candidate, from_text = tree
+        tokens, parents, depths, ancestors, draft_logq, candidate, from_text, lead = tree
         t = DraftTree(tokens, parents, depths, ancestors)
         B, N = tokens.shape
         sampled_tree = draft_logq is not None
@@ -324,8 +384,9 @@ class SpecDecoder:
             logp = sampler.sampling_logprobs(logits.reshape(B * N, V), params.repeat_rows(N), truncate).view(B, N, V)
             # greedy rows have a one-hot distribution: any uniform picks the argmax
             if sampled_tree:
-                u = self._uniforms(seeds, drawn, sampler.STREAM_VERIFY, (levels + 1, k + 1))
-                result = verify_rrs(t, logp, draft_logq, candidate, u, D, k)
+                # (D + 1 rounds of k tests, a lead's test where a chain joined, and the bonus)
+                u = self._uniforms(seeds, drawn, sampler.STREAM_VERIFY, (D + 1, k + 1 + (lead is not None)))
+                result = verify_rrs(t, logp, draft_logq, candidate, u, D, k, lead)
             else:
                 result = verify_sampled(t, logp, self._uniforms(seeds, drawn, sampler.STREAM_VERIFY, (N,)), D, candidate)
         D1 = D + 1
@@ -341,7 +402,9 @@ class SpecDecoder:
         emitted_logp = path_logp.gather(2, result.tokens[:, :, None])[:, :, 0]  # (B, D+1)
         path_feat = out.hidden.gather(1, result.path[:, :, None].expand(B, D1, out.hidden.shape[-1]))  # (B, D+1, H)
         text = torch.zeros_like(result.accepted)  # (B,) accepted nodes a text chain proposed
-        if from_text is not None:
+        if result.led is not None:  # (a chain's token that a drawn child repeats counts when it passed as the lead)
+            text = result.led
+        elif from_text is not None:
             text = (from_text.gather(1, result.path) & (steps >= 1) & (steps <= result.accepted[:, None])).sum(1)
         # float64 is exact for ids, counts and float32 logprobs; a tree keeps its best N_verify
         # nodes, not always L deep

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 TextSource = Literal["siblings", "history"]
 TEXT_SOURCES: tuple[TextSource, ...] = ("siblings", "history")
@@ -83,11 +83,12 @@ class SuffixIndex:
                 return token, count / (sum(counts.values()) + 1)
         return None
 
-    def propose(self, context: Sequence[int], max_len: int, min_reach: float, source: TextSource) -> Proposal | None:
+    def propose(self, context: Sequence[int], max_len: int, min_reach: float, source: TextSource,
+                scale: float = 1.0) -> Proposal | None:
         """Up to max_len tokens after context, while the chain's cumulative estimated acceptance
-        stays at least min_reach."""
+        (times scale: the source's calibration) stays at least min_reach."""
         ctx = list(context[-self.max_n:])
-        tokens, probs, reach = [], [], 1.0
+        tokens, probs, reach = [], [], scale
         while len(tokens) < max_len:
             nxt = self.next_token(ctx)
             if nxt is None or reach * nxt[1] < min_reach:
@@ -97,6 +98,36 @@ class SuffixIndex:
             reach *= nxt[1]
             ctx = ctx[1:] + [nxt[0]] if len(ctx) == self.max_n else ctx + [nxt[0]]
         return Proposal(tuple(tokens), tuple(probs), source) if tokens else None
+
+
+class Calibration:
+    """Per source, how often a chain's first token is what the sequence then emitted, against how
+    often its estimate said: the n-gram frequency is a guess (siblings writing in step with each
+    other repeat continuations that the target then seldom draws; a policy that moved on rewrites
+    its history), and what the target emits is an exact draw from it, so P(emitted == x) is the
+    probability that x, tested as a lead, is accepted. The ratio scales the first token's estimate
+    (so every cumulative estimate after it) where chains compete for a tree's places or are cut.
+    Every proposal counts, in trees or not: a source whose chains stop joining keeps being measured.
+    Sums decay, so the ratio follows the policy as it moves on."""
+
+    def __init__(self, sources: Sequence[TextSource], prior: float = 4.0, decay: float = 0.999):
+        self.decay = decay
+        self.sums = {s: [prior, prior] for s in sources}  # source -> [first tokens emitted, estimated]
+
+    def scale(self, source: TextSource) -> float:
+        matched, estimated = self.sums[source]
+        return matched / estimated
+
+    def observe(self, proposal: Proposal, emitted: int) -> None:
+        """The token emitted where proposal's first token was proposed."""
+        sums = self.sums[proposal.source]
+        sums[0] = self.decay * sums[0] + (proposal.tokens[0] == emitted)
+        sums[1] = self.decay * sums[1] + proposal.probs[0]
+
+    def apply(self, proposal: Proposal) -> Proposal:
+        """proposal with its first token's estimate scaled (within (0, 1))."""
+        first = min(0.99, max(1e-6, proposal.probs[0] * self.scale(proposal.source)))
+        return Proposal(proposal.tokens, (first,) + proposal.probs[1:], proposal.source)
 
 
 @dataclass(frozen=True)
@@ -166,6 +197,8 @@ class GroupDrafts:
     siblings: SuffixIndex | None
     history: SuffixIndex | None
     fed: dict[int, int] = field(default_factory=dict)  # sample index -> its tokens fed
+    # sample index -> (its tokens generated when proposed to, the proposal before calibration)
+    proposed: dict[int, tuple[int, Proposal]] = field(default_factory=dict)
 
     @staticmethod
     def open(prompt: tuple[int, ...], config: TextDraftConfig, sources: Sequence[TextSource],
@@ -193,16 +226,18 @@ class GroupDrafts:
             self.siblings.extend(tail + list(generated), start=len(tail) + done)
             self.fed[sample] = len(generated)
 
-    def propose(self, context: Sequence[int], max_len: int) -> Proposal | None:
+    def propose(self, context: Sequence[int], max_len: int,
+                scale: Callable[[TextSource], float] = lambda source: 1.0) -> Proposal | None:
         """The better of the sources' chains after context (the prompt and the tokens generated),
-        by expected accepted tokens."""
-        best = None
+        by expected accepted tokens, each source's estimates times scale(source) (Calibration);
+        the chain as the index estimated it."""
+        best, best_value = None, 0.0
         for index, source in ((self.siblings, "siblings"), (self.history, "history")):
             if index is None:
                 continue
-            p = index.propose(context, max_len, self.config.min_reach, source)
-            if p is not None and (best is None or p.expected_accepted() > best.expected_accepted()):
-                best = p
+            p = index.propose(context, max_len, self.config.min_reach, source, scale(source))
+            if p is not None and scale(source) * p.expected_accepted() > best_value:
+                best, best_value = p, scale(source) * p.expected_accepted()
         return best
 
 
@@ -219,6 +254,7 @@ class TextDrafts:
         self.sources = tuple(sources)
         self.config = config
         self.history = HistoryStore(history_tokens, history_max_age) if "history" in self.sources else None
+        self.calibration = Calibration(self.sources)
         self._groups: dict[tuple[object, int], GroupDrafts] = {}  # (request, prompt index) -> its group
 
     def group(self, key: tuple[object, int], prompt: tuple[int, ...], version: int) -> GroupDrafts:
@@ -239,11 +275,24 @@ class TextDrafts:
 
     def propose(self, group: GroupDrafts, sample: int, prompt: tuple[int, ...], generated: Sequence[int],
                 max_len: int) -> Proposal | None:
-        """Feeds the sample's new tokens to its group, then proposes what follows them."""
+        """Feeds the sample's new tokens to its group (and its last proposal's first token, with
+        what came instead, to the calibration), then proposes what follows them, calibrated."""
         group.feed(sample, generated)
+        self._check(group, sample, generated)
         n = self.config.max_n
         context = (list(prompt[-n:]) + list(generated[-n:]))[-n:]
-        return group.propose(context, max_len)
+        proposal = group.propose(context, max_len, self.calibration.scale)
+        if proposal is None:
+            return None
+        group.proposed[sample] = (len(generated), proposal)
+        return self.calibration.apply(proposal)
+
+    def _check(self, group: GroupDrafts, sample: int, generated: Sequence[int]) -> None:
+        """The sample's last proposal against the token it emitted there, once it has."""
+        last = group.proposed.get(sample)
+        if last is not None and len(generated) > last[0]:
+            del group.proposed[sample]
+            self.calibration.observe(last[1], generated[last[0]])
 
     def finished(self, key: tuple[object, int], prompt: tuple[int, ...], sample: int, generated: Sequence[int],
                  version: int, keep: bool) -> None:
@@ -252,6 +301,7 @@ class TextDrafts:
         group = self._groups.get(key)
         if group is not None:
             group.feed(sample, generated)
+            self._check(group, sample, generated)
         if keep and self.history is not None:
             self.history.add(prompt, version, generated)
 

@@ -275,6 +275,49 @@ def merge_chain(cand_tokens: torch.Tensor, cand_parents: torch.Tensor, cand_scor
 
 
 
+def attach_chain(tree: DraftTree, candidate: torch.Tensor, chain: TextChain,
+                 max_depth: int) -> tuple[DraftTree, torch.Tensor, torch.Tensor]:
+    """Adds a text chain to a tree of drawn children (recursive rejection sampling) as every chain
+    node's parent's *lead*: the child that node tests first, as a proposal with q = its point
+    mass (verify.verify_rrs). Where the chain repeats a drawn child, that child is the lead and
+    the chain goes on under it (its drawn children stay); from its first token that no drawn child
+    carries, the chain's nodes are new, each the only child of the one before.
+
+    tree (B, N), candidate (B, N) (the drawn children that are real draws), chain (B, C); max_depth:
+    the deepest node at most, chains included. Returns the tree (B, N + C) with from_text marking
+    the new nodes, candidate (B, N + C) (new nodes are no drawn children: False) and lead (B, N + C)
+    long: each node's lead child, -1 where it has none. Chain slots not used (past a row's
+    proposal, or repeating a drawn child) become padding: token 0 under the root, no one's lead.
+    """
+    B, N = tree.tokens.shape
+    C = chain.tokens.shape[1]
+    dev = tree.tokens.device
+    valid = chain.valid  # (B, C)
+    lead = torch.full((B, N + C), -1, dtype=torch.long, device=dev)
+    at = torch.zeros(B, dtype=torch.long, device=dev)  # (B,) the node the next chain token hangs under
+    drawn = torch.ones(B, dtype=torch.bool, device=dev)  # (B,) the chain so far repeats drawn children
+    new_parents, new_real = [], []
+    for j in range(C):
+        hit = (drawn[:, None] & candidate & (tree.depths == j + 1) & (tree.parents == at[:, None])
+               & (tree.tokens == chain.tokens[:, j: j + 1]))  # (B, N) at most one: draws are distinct
+        found = valid[:, j] & hit.any(1)  # (B,)
+        node = torch.where(found, hit.long().argmax(1), torch.full_like(at, N + j))  # (B,)
+        lead.scatter_(1, at[:, None], torch.where(valid[:, j], node, lead.gather(1, at[:, None])[:, 0])[:, None])
+        real = valid[:, j] & ~found  # (B,) slot N + j is a new node
+        new_parents.append(torch.where(real, at, torch.zeros_like(at)))
+        new_real.append(real)
+        drawn = found
+        at = torch.where(valid[:, j], node, at)
+    real = torch.stack(new_real, 1)  # (B, C)
+    parents = torch.cat([tree.parents, torch.stack(new_parents, 1)], 1)  # (B, N + C)
+    chain_depths = torch.arange(1, C + 1, device=dev).expand(B, C)
+    depths = torch.cat([tree.depths, torch.where(real, chain_depths, torch.ones_like(chain_depths))], 1)
+    tokens = torch.cat([tree.tokens, torch.where(real, chain.tokens, torch.zeros_like(chain.tokens))], 1)
+    from_text = torch.cat([torch.zeros(B, N, dtype=torch.bool, device=dev), real], 1)
+    out = DraftTree(tokens, parents, depths, ancestor_mask(parents, max_depth), from_text)
+    return out, torch.cat([candidate, torch.zeros(B, C, dtype=torch.bool, device=dev)], 1), lead
+
+
 def chain_tree(root: torch.Tensor, chain: TextChain) -> DraftTree:
     """A tree that is each row's chain alone (drafting from text without a draft head): root (B,),
     chain (B, C) -> N = C + 1 nodes in a line; from_text marks the chain's real nodes (a row's

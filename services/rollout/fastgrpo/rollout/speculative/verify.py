@@ -45,6 +45,7 @@ class VerifyResult:
     accepted: torch.Tensor  # (B,) long, draft tokens accepted (0..max depth)
     path: torch.Tensor  # (B, D+1) long, node indices root, a_1 .. a_m (the nodes whose logits emit)
     tokens: torch.Tensor  # (B, D+1) long, emitted tokens a_1 .. a_m, then the bonus token
+    led: torch.Tensor | None = None  # (B,) long, accepted nodes that passed as a lead child (verify_rrs)
 
     @property
     def n_emitted(self) -> torch.Tensor:
@@ -97,7 +98,8 @@ def verify_sampled(tree: DraftTree, sampling_logp: torch.Tensor, uniforms: torch
 
 
 def verify_rrs(tree: DraftTree, sampling_logp: torch.Tensor, draft_logq: torch.Tensor, candidate: torch.Tensor,
-               uniforms: torch.Tensor, max_depth: int, max_children: int) -> VerifyResult:
+               uniforms: torch.Tensor, max_depth: int, max_children: int,
+               lead: torch.Tensor | None = None) -> VerifyResult:
     """Recursive rejection sampling down a tree of drawn children.
 
     sampling_logp (B, N, V) the target's sampling distribution at each node; draft_logq (B, N, V)
@@ -106,20 +108,41 @@ def verify_rrs(tree: DraftTree, sampling_logp: torch.Tensor, draft_logq: torch.T
     D = max_depth the deepest node, C = max_children the most children of a node (host-side facts:
     the walk is D + 1 rounds of C tests, whoever stopped early): at each depth one uniform per
     child test and the last for the bonus.
+
+    lead (B, N), optional: a child each node tests *first*, as a proposal with q = its point mass
+    (a text chain's token: tree.attach_chain), -1 where a node has none; uniforms then need
+    C + 2 per depth (the lead's test takes the one at C). It is accepted with probability p(x);
+    on rejection the target becomes p zeroed at x and renormalised, the drawn children's q is
+    left as it is, and they are tested against that residual as above (a drawn child carrying x,
+    the lead itself where the chain repeats a draw, is then rejected surely). Each test is a round
+    of speculative sampling against the current residual with the proposal the child really came
+    from, so the emitted token is still an exact sample from p.
     """
     B, N = tree.tokens.shape
     dev = tree.tokens.device
     D, C = max_depth, max_children
     kids = children_table(tree.parents, candidate, C)  # (B, N, C)
-    assert uniforms.shape[0] == B and uniforms.shape[1] >= D + 1 and uniforms.shape[2] >= C + 1, uniforms.shape
+    need = C + 1 + (lead is not None)
+    assert uniforms.shape[0] == B and uniforms.shape[1] >= D + 1 and uniforms.shape[2] >= need, uniforms.shape
     rows = torch.arange(B, device=dev)
     node = torch.zeros(B, dtype=torch.long, device=dev)  # (B,) where each walk stands
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     path, emitted = [node], []
+    led = torch.zeros_like(node)  # (B,) accepted as a lead child
     for depth in range(D + 1):
         p = sampling_logp[rows, node].double().exp()  # (B, V)
         q = draft_logq[rows, node].double().exp()  # (B, V)
         nxt = torch.full_like(node, -1)  # (B,) accepted child
+        if lead is not None:
+            first = lead[rows, node]  # (B,)
+            live = ~done & (first >= 0)
+            x = tree.tokens[rows, first.clamp(min=0)][:, None]  # (B, 1)
+            accept = live & (uniforms[:, depth, C] < p.gather(1, x)[:, 0])  # q(x) = 1
+            nxt = torch.where(accept, first, nxt)
+            led += accept.long()
+            rest = p.scatter(1, x, 0.0)
+            mass = rest.sum(-1, keepdim=True)
+            p = torch.where((live & ~accept)[:, None] & (mass > 0), rest / mass.clamp(min=1e-300), p)
         for i in range(C):
             child = kids[rows, node, i]  # (B,)
             live = ~done & (nxt < 0) & (child >= 0)
@@ -144,4 +167,4 @@ def verify_rrs(tree: DraftTree, sampling_logp: torch.Tensor, draft_logq: torch.T
     tokens = torch.stack(emitted, dim=1)  # (B, D+1)
     path_t = torch.stack(path[:-1], dim=1)  # (B, D+1): root, a_1 .. a_m, then padding
     accepted = tree.depths.gather(1, node[:, None])[:, 0]  # (B,)
-    return VerifyResult(accepted, path_t, tokens)
+    return VerifyResult(accepted, path_t, tokens, None if lead is None else led)
