@@ -268,6 +268,49 @@ def test_draft_and_verify_steps_compile_once_per_batch_bucket_and_match_eager(ti
     assert accepted > 0
 
 
+@pytest.mark.system
+def test_compiled_steps_with_text_chains_attached_match_eager(tiny_model, monkeypatch):
+    """Text chains joining sampled (drawn) trees as lead children, and merging into greedy ones,
+    inside the compiled draft and verify steps (fullgraph): the same tokens and logprobs as the
+    same functions eagerly. The chains take 3 places every step here (how many they take is the
+    host's choice, outside the graphs)."""
+    from fastgrpo.rollout.speculative.draft_head import DraftHead
+    from fastgrpo.rollout.speculative.draft_runner import Drafter
+    from fastgrpo.rollout.speculative.spec_step import SpecDecoder, SpecState
+    from fastgrpo.rollout.speculative.text_drafts import Proposal
+    from fastgrpo.rollout.speculative.tree import TreeShape
+
+    monkeypatch.setattr(SpecDecoder, "_chain_places", lambda self, chains, shape: 3)
+    runner = ModelRunner(tiny_model, headroom=32)
+    runner.allocate_cache(num_blocks=1 + 8 * 16, block_size=4)
+    drafter = Drafter(DraftHead.for_target(tiny_model))
+    drafter.allocate_cache(num_blocks=1 + 8 * 16, block_size=4)
+    compiled = SpecDecoder(runner, drafter, "rrs", compiled_batch=8, max_batch=8)
+    eager = SpecDecoder(runner, drafter, "rrs", compiled_batch=0, max_batch=8)
+    shape = TreeShape(width=3, depth=3, n_verify=8)
+    g = torch.Generator().manual_seed(1)
+    tables = [list(range(1 + 16 * b, 17 + 16 * b)) for b in range(8)]
+    lens = [4 + b for b in range(8)]
+    for i in range(8):
+        B = 5 + i % 4
+        greedy = i % 4 == 3  # (an all-greedy batch: top-K trees, the chains merged into them)
+        params = [(0.0, 0, 1.0)] * B if greedy else [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 5, 0.9), (1.0, 0, 1.0)] * 2
+        pending = [1 + (i + b) % 4 for b in range(B)]
+        toks = [torch.randint(1, 97, (n,), generator=g).tolist() for n in pending]
+        feats = [torch.randn(n, 64, generator=g) for n in pending]
+        chains = [None if b % 3 == 0 else Proposal(tuple(torch.randint(1, 97, (4,), generator=g).tolist()),
+                                                   (0.9, 0.9, 0.8, 0.5), "history") for b in range(B)]
+        args = (torch.randint(1, 97, (B,), generator=g).tolist(), lens[:B], tables[:B])
+        noise = (params[:B], list(range(100, 100 + B)), [i] * B, shape)
+        out = compiled.step(*args, [SpecState(list(t), [f]) for t, f in zip(toks, feats)], *noise, chains=chains)
+        ref = eager.step(*args, [SpecState(list(t), [f]) for t, f in zip(toks, feats)], *noise, chains=chains)
+        assert [o.tokens for o in out] == [r.tokens for r in ref]
+        assert max(abs(a - b) for o, r in zip(out, ref) for a, b in zip(o.logprobs, r.logprobs)) <= 1e-4
+        for b in range(B):
+            lens[b] += 1
+    assert compiled.accepted_by_source == eager.accepted_by_source
+
+
 @pytest.fixture(scope="module")
 def spec_engines():
     """Speculative engines on test_speculative's five-token model (so the chi-square test can
