@@ -45,7 +45,7 @@ from fastgrpo.wire.records import SpecStats
 
 log = logging.getLogger(__name__)
 
-HEAD_REACH_PRIOR = 0.7  # per level, until measured (the controller's sizing assumes about this much)
+HEAD_REACH_PRIOR = 0.7  # the head's acceptance per level until measured (a prior, soon replaced)
 HEAD_REACH_RATE = 0.01  # moving-average weight of one row's outcome
 
 
@@ -166,10 +166,12 @@ class SpecDecoder:
         head False (with chains): the chains alone make the trees (a sequence without one emits
         one token) and the draft head does not run; the pairs it has not read wait for its next step.
         """
-        text_only = not head and bool(chains) and any(chains)  # (the chains alone make the trees)
-        drawn_tree = self.drafter is not None and not text_only and self.rule == "rrs" and any(p[0] > 0 for p in params)
+        has_chains = bool(chains) and any(chains)
+        # the head grows a tree of drawn children: it runs (not the chains alone), rule rrs, a row samples
+        drawn_tree = (self.drafter is not None and (head or not has_chains) and self.rule == "rrs"
+                      and any(p[0] > 0 for p in params))
         chain = None
-        if chains and any(chains):
+        if has_chains:
             chain = self._chain(chains, self._chain_places(chains, shape) if drawn_tree else shape.n_verify - 1)
         use_head = self.drafter is not None and (head or chain is None)
         if drawn_tree and chain is not None:  # the head's draws take what the chains leave

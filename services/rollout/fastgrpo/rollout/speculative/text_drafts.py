@@ -235,9 +235,11 @@ class GroupDrafts:
         for index, source in ((self.siblings, "siblings"), (self.history, "history")):
             if index is None:
                 continue
-            p = index.propose(context, max_len, self.config.min_reach, source, scale(source))
-            if p is not None and scale(source) * p.expected_accepted() > best_value:
-                best, best_value = p, scale(source) * p.expected_accepted()
+            factor = scale(source)
+            p = index.propose(context, max_len, self.config.min_reach, source, factor)
+            value = 0.0 if p is None else factor * p.expected_accepted()
+            if value > best_value:
+                best, best_value = p, value
         return best
 
 
