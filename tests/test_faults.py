@@ -9,6 +9,7 @@ checks and polls with a deadline.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import signal
@@ -308,7 +309,11 @@ def test_sigterm_drains_the_call_in_flight_refuses_new_ones_and_exits_0(tiny_dir
             seen.append(exc.code().name)
         return seen[-1] == "UNAVAILABLE"
 
-    poll("health checks refused after SIGTERM", refusing)
+    try:
+        poll("health checks refused after SIGTERM", refusing)
+    except pytest.fail.Exception as exc:
+        runs = [(code, len(list(group))) for code, group in itertools.groupby(seen)]
+        pytest.fail(f"{exc}; the checks answered, in order (answer, times): {runs}")
     with pytest.raises(grpc.RpcError) as err:
         list(s.rollout.Generate(request(1, 8), timeout=10))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value

@@ -245,7 +245,8 @@ def scraped_run(fixture_dir, draft_dir, tmp_path_factory):
     require_commands("prometheus", "promtool")
     steps = 2
     cfg = LearnerConfig(model=str(fixture_dir), steps=steps, prompts_per_step=6, group_size=4, max_new_tokens=40,
-                        eval_size=0, micro_batch=24, lr=2e-4, http_port=0)
+                        eval_size=0, micro_batch=24, lr=2e-4, http_port=0,
+                        push_kind="full")  # pushed every step: a dense delta is skipped when every advantage was 0
     out = io.StringIO()  # receives the 'http on HOST:PORT' line, as a script reading the learner's stdout would
     with ServiceProcess(fixture_dir, "--draft", str(draft_dir), "--spec-mode", "adaptive", "--c-peak", "64",
                         "--spec-sources", "head,siblings,history", "--max-running", "24", threads=1,
@@ -258,8 +259,9 @@ def scraped_run(fixture_dir, draft_dir, tmp_path_factory):
             started = time.monotonic()
             run_training(dataclasses.replace(cfg, rollout=rollout.address), out, metrics)
             prom.wait_for(lambda: first_value(prom.query("fastgrpo_learner_steps_total")) == steps
-                          and first_value(prom.query("fastgrpo_rollout_draft_rounds_total")) >= 1,
-                          120, "Prometheus should hold the final step and a draft round")
+                          and first_value(prom.query("fastgrpo_rollout_draft_rounds_total")) >= 1
+                          and first_value(prom.query("sum(fastgrpo_rollout_weight_update_seconds_count)")) >= steps,
+                          120, "Prometheus should hold the final step, a draft round and every step's push")
             yield {"prometheus": prom, "rollout": f"http://{rollout.http_address}", "rollout_grpc": rollout.address,
                    "learner": f"http://{learner_address}", "seconds": time.monotonic() - started, "log": out.getvalue()}
         finally:

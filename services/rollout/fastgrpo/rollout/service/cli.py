@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    while not done.wait(1.0):  # timed: a signal the kernel hands to another thread still runs its handler within 1 s
+        pass
     app.stop(cfg.limits.shutdown_grace_s)
     return 0
 
