@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import threading
 
 import pytest
@@ -117,3 +118,26 @@ def test_every_suite_prints_its_help(suite, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([suite, "--help"])
     assert exit_.value.code == 0 and "--out" in capsys.readouterr().out
+
+
+@pytest.mark.system  # runs git
+def test_commit_is_dirty_for_changed_code_not_for_results_a_run_writes(tmp_path, monkeypatch):
+    from fastgrpo.bench.common import commit
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "x.json").write_text("{}")
+    (tmp_path / "code.py").write_text("a = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    head = git("rev-parse", "HEAD")
+    monkeypatch.delenv("FASTGRPO_COMMIT", raising=False)
+    monkeypatch.chdir(tmp_path / "benchmarks")  # the check covers the whole tree from wherever it runs
+    (tmp_path / "benchmarks" / "results" / "x.json").write_text('{"records": []}')
+    assert commit() == head
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert commit() == head + "-dirty"

@@ -89,14 +89,15 @@ def vm_bytes(pid: int | str, field: str) -> int:
 
 
 def commit() -> str:
-    """HEAD (with -dirty for uncommitted changes to tracked files); FASTGRPO_COMMIT where the tree
-    came without its .git (a device machine gets a copy of the working tree)."""
+    """HEAD (with -dirty for uncommitted changes to tracked files other than benchmarks/results/,
+    which a run writes as it goes); FASTGRPO_COMMIT where the tree came without its .git (a device
+    machine gets a copy of the working tree)."""
     if os.environ.get("FASTGRPO_COMMIT"):
         return os.environ["FASTGRPO_COMMIT"]
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                ":(top,exclude)benchmarks/results"], capture_output=True, text=True).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
