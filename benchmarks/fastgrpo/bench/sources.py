@@ -16,6 +16,12 @@ serves many GRPO steps, so its step chooser has long learned what each way is wo
 size, with history and without, when a given step's prompts come. A run of
 Q x G here lasts 0.2-2 s, and a cold chooser's first tries of every way in every bin (a head step
 costs 3-5 plain ones on this CPU) would be a one-time cost that these short runs magnify.
+
+Each round samples anew (round r, epoch e: seed + 1000 r + e), and a mode's figure pools its rounds
+(their tokens over their seconds). Speculation is lossless in distribution, not draw for draw: the
+modes draw different completions from one seed, and a run's time hangs on its longest completion,
+so rounds that repeated one seed would repeat each mode's luck (one long straggler at B = 1 cost a
+mode a fifth of its tokens/s in every round) instead of averaging it out.
 """
 from __future__ import annotations
 
@@ -41,9 +47,9 @@ class SourcesBenchConfig:
     temperature: float = help_field(1.0, "sampling temperature")
     max_new_tokens: int = help_field(96, "tokens per sequence at most")
     c_peak: float = help_field(0.0, "adaptive C_peak; 0 = measure it now with the profiler")
-    repeats: int = help_field(len(MODES), "rounds (fresh engines each: history starts empty); figures are the rounds' medians (quick: 1); the engine stepping first rotates, so a multiple of the five modes gives each the first turn equally often")
+    repeats: int = help_field(len(MODES), "rounds (fresh engines each: history starts empty; new samples each); figures pool the rounds (quick: 1); the engine stepping first rotates, so a multiple of the five modes gives each the first turn equally often")
     warm_rounds: int = help_field(2, "warm-up rounds each engine runs alone before the measured epochs, each two epochs over Q x G other prompts (without history, then with): a rollout service serves many GRPO steps, and by then its step chooser (--spec-choose) knows what each way is worth at each batch size, with history and without; 0 = a cold chooser, whose first tries of every way in every bin fall on the measured steps")
-    seed: int = help_field(0, "sampling seed (epoch e uses seed + e: a new epoch samples anew)")
+    seed: int = help_field(0, "sampling seed (round r, epoch e use seed + 1000 r + e: every epoch and round samples anew)")
     threads: int = help_field(0, "torch CPU threads; 0 = one per core")
 
 
@@ -125,8 +131,6 @@ def run(cfg: SourcesBenchConfig) -> dict:
 
 def _measure(cfg: SourcesBenchConfig, Q: int, G: int, prompts, prompts_warm, eos, model, head, c_peak) -> list[dict]:
     """Every mode over cfg.epochs epochs of Q prompts x G samples, in lockstep, cfg.repeats rounds."""
-    import statistics
-
     from fastgrpo.bench.lockstep import lockstep_generation
     from fastgrpo.rollout.runtime.model_runner import ModelRunner
     from fastgrpo.rollout.scheduler.engine import Engine, EngineConfig
@@ -148,8 +152,9 @@ def _measure(cfg: SourcesBenchConfig, Q: int, G: int, prompts, prompts_warm, eos
                                [bins[mode]], spec.text_drafts() if sources else None)
         return out, bins
 
-    def requests(epoch: int, which=prompts):
-        sampling = Sampling(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + epoch)
+    def requests(epoch: int, which=prompts, r: int = 0):
+        sampling = Sampling(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                            seed=cfg.seed + 1000 * r + epoch)
         return lambda mode: [GenerationRequest(f"epoch{epoch}", which, G, sampling)]
 
     rounds = []  # per round: {(epoch, mode): {...}}
@@ -166,7 +171,7 @@ def _measure(cfg: SourcesBenchConfig, Q: int, G: int, prompts, prompts_warm, eos
                 bins[mode].take()
             got, before = {}, {m: dict(e.accepted_by_source) for m, e in engs.items()}
             for epoch in range(1, cfg.epochs + 1):
-                results = lockstep_generation(engs, requests(epoch), first=r)
+                results = lockstep_generation(engs, requests(epoch, r=r), first=r)
                 for mode in MODES:
                     now = dict(engs[mode].accepted_by_source)
                     got[(epoch, mode)] = {**results[mode], "bins": bins[mode].take(),
@@ -183,15 +188,18 @@ def _measure(cfg: SourcesBenchConfig, Q: int, G: int, prompts, prompts_warm, eos
     for epoch in range(1, cfg.epochs + 1):
         for mode in MODES:
             runs = [g[(epoch, mode)] for g in rounds]
-            speed = [x["tokens"] / x["seconds"] for x in runs]
-            off = [g[(epoch, "off")]["tokens"] / g[(epoch, "off")]["seconds"] for g in rounds]
+            offs = [g[(epoch, "off")] for g in rounds]
+            verify_steps = sum(x["verify_steps"] for x in runs)
             rec = {"prompts": Q, "batch_size": Q * G, "epoch": epoch, "mode": mode, "sources": MODES[mode],
-                   "tokens_per_s": statistics.median(speed),
-                   "speedup_vs_off": statistics.median(s / o for s, o in zip(speed, off)),
-                   "acceptance_length": statistics.median(x["acceptance_length"] for x in runs),
-                   "accepted_by_source": {k: statistics.median(x["by_source"][k] for x in runs)
-                                          for k in ("head", "siblings", "history")},
-                   "verify_steps": statistics.median(x["verify_steps"] for x in runs),
+                   "rounds": len(runs), "tokens": sum(x["tokens"] for x in runs),
+                   "seconds": sum(x["seconds"] for x in runs),
+                   "tokens_per_s": pooled_rate(runs),
+                   "speedup_vs_off": pooled_rate(runs) / pooled_rate(offs),
+                   "round_speedups": [x["tokens"] / x["seconds"] / (o["tokens"] / o["seconds"]) for x, o in zip(runs, offs)],
+                   "acceptance_length": sum(x["acceptance_length"] * x["verify_steps"] for x in runs) / verify_steps
+                   if verify_steps else 0.0,
+                   "accepted_by_source": {k: sum(x["by_source"][k] for x in runs) for k in ("head", "siblings", "history")},
+                   "verify_steps": verify_steps,
                    "by_batch_size": _bins(rounds, epoch, mode)}
             records.append(rec)
             acc = rec["accepted_by_source"]
@@ -199,6 +207,11 @@ def _measure(cfg: SourcesBenchConfig, Q: int, G: int, prompts, prompts_warm, eos
                   f"acceptance {rec['acceptance_length']:.2f}  accepted head/siblings/history "
                   f"{acc['head']:.0f}/{acc['siblings']:.0f}/{acc['history']:.0f}", flush=True)
     return records
+
+
+def pooled_rate(runs: list[dict]) -> float:
+    """Tokens per second over runs together (their tokens over their seconds)."""
+    return sum(x["tokens"] for x in runs) / sum(x["seconds"] for x in runs)
 
 
 def _bins(rounds, epoch, mode) -> list[dict]:
