@@ -190,12 +190,13 @@ def _measure(cfg: SourcesBenchConfig, Q: int, G: int, prompts, prompts_warm, eos
             runs = [g[(epoch, mode)] for g in rounds]
             offs = [g[(epoch, "off")] for g in rounds]
             verify_steps = sum(x["verify_steps"] for x in runs)
+            rate = pooled_rate(runs)
             rec = {"prompts": Q, "batch_size": Q * G, "epoch": epoch, "mode": mode, "sources": MODES[mode],
                    "rounds": len(runs), "tokens": sum(x["tokens"] for x in runs),
                    "seconds": sum(x["seconds"] for x in runs),
-                   "tokens_per_s": pooled_rate(runs),
-                   "speedup_vs_off": pooled_rate(runs) / pooled_rate(offs),
-                   "round_speedups": [x["tokens"] / x["seconds"] / (o["tokens"] / o["seconds"]) for x, o in zip(runs, offs)],
+                   "tokens_per_s": rate,
+                   "speedup_vs_off": rate / pooled_rate(offs),
+                   "round_speedups": [pooled_rate([x]) / pooled_rate([o]) for x, o in zip(runs, offs)],
                    "acceptance_length": sum(x["acceptance_length"] * x["verify_steps"] for x in runs) / verify_steps
                    if verify_steps else 0.0,
                    "accepted_by_source": {k: sum(x["by_source"][k] for x in runs) for k in ("head", "siblings", "history")},
