@@ -11,16 +11,27 @@ the chains alone, then plain, then the head); later bins start from the rates of
 that knows them (rates and step times alike, so a borrowed way is retried as its cost says: a
 cheap one soon, and a bad borrow cannot keep a bin on a slow way). A way that is behind is tried
 again from time to time, as rates move with the policy, the text and the draft -- the more a try
-costs, the more rarely, so that those tries cost a few percent of the time. A try's cost is the time it loses against the leader for the
-tokens it emits, counted in the leader's steps: a head step that lasts 3.4 plain steps and emits
-tokens at 0.8 of plain's rate loses 0.7 of a plain step (on a small model or a host-bound device
-a head step can cost several plain steps: tried as often as the others, it would eat what the
-choice saves).
+costs, the more rarely, so that those tries cost a few percent of the time, all ways together. A
+try's cost is the time it loses against the leader for the tokens it emits, counted in the
+leader's steps: a head step that lasts 3.4 plain steps and emits tokens at 0.8 of plain's rate
+loses 0.7 of a plain step (on a small model or a host-bound device a head step can cost several
+plain steps: tried as often as the others, it would eat what the choice saves). Each interval is
+stretched by a factor drawn in [0.5, 1.5) at every measurement: GRPO steps are alike, and a fixed
+interval locks onto their period, trying a way at the same point of every step (the sources
+bench, whose rounds are alike, saw one mode try plain decoding in 19 of 20 measured runs and
+another in none).
 
 Rates are kept apart by a regime the caller names, for steps whose ways are worth different things
 in kind: the engine's is whether most rows have their prompt's earlier completions to draft from
 (with them, chains alone ran at 1.41x plain at B = 8 on the CPU here; without, at 0.97x), so the
-second epoch of a prompt set does not inherit what the chains were worth in the first.
+second epoch of a prompt set does not inherit what the chains were worth in the first. Only the
+chains' way differs in kind: a plain step is the same step in every regime, and a head step
+differs by the chains it takes in where they are worth it, so a bin new to a regime starts with
+the head's and plain's figures of the same batch size in another regime (taken as they are, each
+replaced by its first measurement here) and tries the chains' way alone. Borrowing the head's
+rate from another batch size instead would scale it by what the chains are worth there, which
+moves with the tree's size (bench fixture, with history: chains alone ran at 0.94x the head's
+rate at B = 16 and 0.49x at B = 4).
 
 The choice depends on past steps only, never on the step's own draws, and every way is lossless on
 its own (plain decoding trivially; the tree's verification for the others): the emitted tokens keep
@@ -29,18 +40,21 @@ the target's distribution whichever way each step takes.
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from typing import Hashable, Literal, Sequence
 
 Way = Literal["text", "plain", "head"]
 WAYS: tuple[Way, ...] = ("text", "plain", "head")  # the order in which a new bin tries them
+SHARED: tuple[Way, ...] = ("plain", "head")  # ways a bin new to a regime takes from another regime
 # a bin: (regime, power-of-two batch size); the regime, the caller's, tells apart steps whose ways
 # differ in kind (the engine's: whether most rows have the prompt's earlier completions)
 Bin = tuple[Hashable, int]
 
 
 class StepChooser:
-    def __init__(self, explore: int = 8, max_explore: int = 256, budget: float = 0.03, keep: float = 0.8):
+    def __init__(self, explore: int = 8, max_explore: int = 256, budget: float = 0.03, keep: float = 0.8,
+                 seed: int | None = None):
         if not 2 <= explore <= max_explore or not 0.0 < budget < 1.0 or not 0.0 <= keep < 1.0:
             raise ValueError(f"need 2 <= explore <= max_explore, 0 < budget < 1 and 0 <= keep < 1, got {explore}, "
                              f"{max_explore}, {budget}, {keep}")
@@ -52,7 +66,11 @@ class StepChooser:
         self._choices: dict[Bin, int] = {}  # bin -> choices made there
         self._tried: dict[tuple[Bin, Way], int] = {}  # (bin, way) -> the bin's choice count when last measured
         self._every: dict[tuple[Bin, Way], int] = {}  # (bin, way) -> choices between tries of a way behind
+        # (bin, way) -> the factor, drawn at each measurement in [0.5, 1.5), on the interval to its next try
+        self._jitter: dict[tuple[Bin, Way], float] = {}
+        self._rng = random.Random(seed)  # (the draws of the steps are not this: a choice never depends on them)
         self._borrowed: set[tuple[Bin, Way]] = set()  # figures taken from another bin, not measured here yet
+        self._shared: set[tuple[Bin, Way]] = set()  # figures taken from another regime, not measured here yet
 
     @staticmethod
     def _bin(batch: int, regime: Hashable = None) -> Bin:
@@ -65,18 +83,23 @@ class StepChooser:
         fastest, except that a way behind is tried again once enough choices of this bin have
         passed since it was last measured: as many as keep the extra time of those tries within
         `budget` of the time (a way whose tries each lose one leader's step every 1 / budget
-        choices), at least `explore`, at most `max_explore`; a borrowed way alike, by its borrowed
-        figures. Bins of another regime are never borrowed from."""
+        choices), at least `explore`, at most `max_explore`, times the jitter drawn when it was
+        measured; a borrowed way alike, by its borrowed figures. Before any of that, the SHARED
+        ways take the figures of the same batch size in another regime where one has them; other
+        bins of another regime are never borrowed from."""
         b = self._bin(batch, regime)
         ordered = [w for w in WAYS if w in ways]
         if len(ordered) == 1:
             return ordered[0]
         n = self._choices[b] = self._choices.get(b, 0) + 1
         unknown = [w for w in ordered if (b, w) not in self.rates]
+        if unknown and self._share(b, unknown, ordered, n):
+            unknown = [w for w in ordered if (b, w) not in self.rates]
         if unknown and not self._borrow(b, unknown, ordered, n):
             return unknown[0]
         best = self.leader(batch, ordered, regime)
-        due = [w for w in ordered if w != best and n - self._tried[(b, w)] >= self._every[(b, w)]]
+        due = [w for w in ordered
+               if w != best and n - self._tried[(b, w)] >= self._every[(b, w)] * self._jitter[(b, w)]]
         return min(due, key=lambda w: self._tried[(b, w)]) if due else best
 
     def leader(self, batch: int, ways: Sequence[Way], regime: Hashable = None) -> Way | None:
@@ -96,7 +119,10 @@ class StepChooser:
         rate = tokens / seconds
         old = self.rates.get(key)
         old_s = self.seconds.get(key)
-        if key in self._borrowed:  # the first measurement here: it sets the scale of the bin's borrowed figures
+        if key in self._shared:  # the first measurement here replaces the other regime's figures
+            self._shared.discard(key)
+            old = old_s = None
+        elif key in self._borrowed:  # the first measurement here: it sets the scale of the bin's borrowed figures
             self._borrowed.discard(key)
             for other in [k for k in self._borrowed if k[0] == b]:
                 self.rates[other] *= rate / old
@@ -104,21 +130,54 @@ class StepChooser:
             old = old_s = None
         self.rates[key] = rate if old is None else self.keep * old + (1 - self.keep) * rate
         self.seconds[key] = seconds if old_s is None else self.keep * old_s + (1 - self.keep) * seconds
-        self._tried[key] = self._choices.get(b, 0)
+        self._mark(key, self._choices.get(b, 0))
         for w in WAYS:  # every way of the bin: its interval follows the rates, the best one's too
             if (b, w) in self.rates:
                 self._every[(b, w)] = self._interval(b, w)
+
+    def _mark(self, key: tuple[Bin, Way], n: int) -> None:
+        """A way measured (or given figures) at the bin's n-th choice: its next try is due a jittered
+        interval on."""
+        self._tried[key] = n
+        self._jitter[key] = 0.5 + self._rng.random()
 
     def _interval(self, b: Bin, way: Way) -> int:
         """Choices between two tries of `way` in bin b. A try of `way` takes s_w seconds and emits
         rate_w * s_w tokens, which the leader would emit in s_w * rate_w / rate_best: it loses
         s_w * (1 - rate_w / rate_best), that is (s_w / s_best) * (1 - rate_w / rate_best) of the
         leader's steps (borrowed figures count as measured: a borrowed way that costs little is
-        measured soon, and a bad borrow cannot keep a bin on a slow way)."""
-        leader = max((w for w in WAYS if (b, w) in self.rates), key=lambda w: self.rates[(b, w)])
+        measured soon, and a bad borrow cannot keep a bin on a slow way). The ways behind share
+        the budget, each an equal part: with history the chains' way and plain decoding are both
+        behind the head, and a whole budget each let them cost twice the budget (bench fixture,
+        with history, B = 16: 27 of 90 steps were tries)."""
+        known = [w for w in WAYS if (b, w) in self.rates]
+        leader = max(known, key=lambda w: self.rates[(b, w)])
         best, rate = self.rates[(b, leader)], self.rates[(b, way)]
         lost = self.seconds[(b, way)] / self.seconds[(b, leader)] * (1.0 - rate / best)
-        return min(self.max_explore, max(self.explore, math.ceil(lost / self.budget)))
+        share = self.budget / max(1, len(known) - 1)
+        return min(self.max_explore, max(self.explore, math.ceil(lost / share)))
+
+    def _share(self, b: Bin, unknown: list[Way], ways: list[Way], n: int) -> bool:
+        """Gives bin b's unknown SHARED ways the figures of the same batch size in another regime
+        (the first regime to have measured it there); False where none has any."""
+        took = False
+        for w in unknown:
+            if w not in SHARED:
+                continue
+            others = [k for k in self._tried if k[1] == w and k[0][1] == b[1] and k[0][0] != b[0]
+                      and k not in self._shared and k not in self._borrowed]
+            if not others:
+                continue
+            src = others[0][0]
+            self.rates[(b, w)], self.seconds[(b, w)] = self.rates[(src, w)], self.seconds[(src, w)]
+            self._mark((b, w), n)
+            self._shared.add((b, w))
+            took = True
+        if took:
+            for w in ways:
+                if (b, w) in self.rates:
+                    self._every[(b, w)] = self._interval(b, w)
+        return took
 
     def _borrow(self, b: Bin, unknown: list[Way], ways: list[Way], n: int) -> bool:
         """Gives bin b's unknown ways the rates and step times of the nearest bin that knows all
@@ -136,7 +195,7 @@ class StepChooser:
         for w in unknown:
             self.rates[(b, w)] = self.rates[(src, w)] * scale
             self.seconds[(b, w)] = self.seconds[(src, w)] * s_scale
-            self._tried[(b, w)] = n
+            self._mark((b, w), n)
             self._borrowed.add((b, w))
         for w in ways:
             self._every[(b, w)] = self._interval(b, w)
