@@ -280,7 +280,7 @@ def test_compiled_steps_with_text_chains_attached_match_eager(tiny_model, monkey
     from fastgrpo.rollout.speculative.text_drafts import Proposal
     from fastgrpo.rollout.speculative.tree import TreeShape
 
-    monkeypatch.setattr(SpecDecoder, "_chain_places", lambda self, chains, shape: 3)
+    monkeypatch.setattr(SpecDecoder, "_chain_places", lambda self, chains, shape: (3, 1.0))
     runner = ModelRunner(tiny_model, headroom=32)
     runner.allocate_cache(num_blocks=1 + 8 * 16, block_size=4)
     drafter = Drafter(DraftHead.for_target(tiny_model))

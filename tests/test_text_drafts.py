@@ -252,7 +252,10 @@ def test_chains_take_the_places_where_they_are_worth_more_than_the_heads_draws()
 
     def places(head_per_level, chains):
         me = SimpleNamespace(head_reach=[head_per_level ** (d + 1) for d in range(16)], max_chain=16)
-        return SpecDecoder._chain_places(me, chains, shape)
+        me._head_value = lambda shape, places: SpecDecoder._head_value(me, shape, places)
+        c, gained = SpecDecoder._chain_places(me, chains, shape)
+        assert (gained > 0) == (c > 0)
+        return c
 
     assert places(0.9, weak) == 0  # a head accepted 9 levels in 10 keeps its places from a doubtful chain
     # and its levels from a confident one, which adds little to it (giving up only second children)
@@ -346,7 +349,7 @@ def _first3(spec, temperature, top_p):
 
 
 def _chains_take_every_place(monkeypatch):
-    monkeypatch.setattr(spec_decode.SpecDecoder, "_chain_places", lambda self, chains, shape: shape.n_verify - 2)
+    monkeypatch.setattr(spec_decode.SpecDecoder, "_chain_places", lambda self, chains, shape: (shape.n_verify - 2, 1.0))
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.95)])
@@ -497,6 +500,64 @@ def test_the_step_chooser_keeps_regimes_apart():
     # and where no other regime has measured that batch size, nothing is shared
     assert chooser.choose(64, ["head", "plain"], regime="new") == "plain" and (("new", 64), "head") not in chooser.rates
 
+
+
+def test_the_step_chooser_refines_its_leader_by_each_steps_estimates():
+    chooser = StepChooser(seed=0)
+    ways = ["head", "text", "plain"]
+    for way, (tokens, seconds) in (("text", (20, 1.0)), ("plain", (8, 0.5)), ("head", (30, 1.25))):
+        assert chooser.choose(8, ways, regime=True) == way
+        chooser.record(8, way, tokens, seconds, regime=True)
+    # no yields yet: the estimates as they are, over each way's step time
+    assert chooser.refine(8, {"head": 30.0, "text": 40.0}, regime=True) == "text"  # 40 / 1.0 > 30 / 1.25
+    assert chooser.refine(8, {"head": 30.0, "text": 20.0}, regime=True) == "head"
+    # the chains alone emitted half what they promised: their estimates count half from then on
+    chooser.record(8, "text", tokens=20, seconds=1.0, regime=True, estimate=40.0)
+    assert chooser.yields[((True, 8), "text")] == 0.5
+    assert chooser.refine(8, {"head": 30.0, "text": 40.0}, regime=True) == "head"
+    chooser.record(8, "text", tokens=40, seconds=1.0, regime=True, estimate=40.0)  # a moving average
+    assert chooser.yields[((True, 8), "text")] == pytest.approx(0.8 * 0.5 + 0.2 * 1.0)
+
+
+def test_with_history_each_step_takes_the_head_or_the_chains_by_its_own_estimates_and_stays_exact():
+    """Where the head and the chains alone lead plain decoding, each step of the second request
+    (history: the first request's greedy completions, exact) takes whichever its chains make
+    faster (StepChooser.refine), and greedy output stays plain decoding's."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen2")).eval()
+    config = EngineConfig(max_running=12, max_queued=10_000)
+    controller = SpecController("adaptive")
+    plain = Engine(ModelRunner(model), (0,), config)
+    spec = Engine(ModelRunner(model, headroom=controller.max_nodes()), (0,), config,
+                  Drafter(DraftHead.for_target(model)), controller,
+                  text_drafts=TextDrafts(("siblings", "history"), history_tokens=100_000, history_max_age=4))
+
+    class PlainNeverLeads(StepChooser):  # (this tiny model's plain steps are the fastest: the test is
+        def choose(self, batch, ways, regime=None):  # about the other two ways)
+            return "head" if "head" in ways else super().choose(batch, ways, regime)
+
+        def leader(self, batch, ways, regime=None):
+            return "head"
+
+    spec.chooser = PlainNeverLeads()
+    for b in (1, 2, 4, 8):  # both ways' step times known at every batch size the requests reach
+        for way in ("head", "text"):
+            spec.chooser.record(b, way, tokens=b, seconds=1e-3, regime=True)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 97, (int(n),), generator=g).tolist() for n in torch.randint(2, 12, (6,), generator=g)]
+    try:
+        a = _run(plain, prompts, n=2, temperature=0.0, max_new_tokens=40)
+        first = _run(spec, prompts, n=2, temperature=0.0, max_new_tokens=40)
+        before = dict(spec.chooser.steps)
+        second = _run(spec, prompts, n=2, temperature=0.0, max_new_tokens=40)
+    finally:
+        plain.shutdown()
+        spec.shutdown()
+    for b in (first, second):
+        assert [x.token_ids for x in a] == [y.token_ids for y in b]
+    refined = {w: spec.chooser.steps[w] - before[w] for w in ("head", "text")}
+    assert refined["text"] > 0 and any(k[1] == "text" for k in spec.chooser.yields)
+    assert sum(y.spec.accepted_history for y in second) > 0
 
 
 def test_without_history_a_head_step_takes_the_chains_and_there_is_no_text_way():

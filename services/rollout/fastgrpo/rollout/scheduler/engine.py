@@ -534,10 +534,17 @@ class Engine:
             way = self.chooser.choose(len(seqs), ways, regime)
         t0 = time.perf_counter()  # (a way's time includes its proposals: host work a plain step skips)
         chains = None  # (the proposals cost a lookup per sequence: none for a plain step)
+        estimate = None
         if way != "plain" and self.text_drafts is not None:
             chains = [self._proposal(s, tree) for s in seqs]
             if way == "text" and not any(chains):
                 way = "plain"
+            elif (not probe and "text" in ways and "head" in ways
+                  and way == self.chooser.leader(len(seqs), ways, regime)):
+                # the leader is the head or the chains alone: whichever this step's chains make faster
+                estimates = {w: self.spec.expected_tokens(chains, tree, head=w == "head") for w in ("head", "text")}
+                way = self.chooser.refine(len(seqs), estimates, regime)
+                estimate = estimates[way]
         if way == "plain":
             self._decode(seqs)
             self.chooser.record(len(seqs), way, len(seqs), 0.0 if probe else time.perf_counter() - t0, regime)
@@ -547,7 +554,7 @@ class Engine:
                                params=[self._params(s) for s in seqs], seeds=[s.seed for s in seqs],
                                drawn=[len(s.generated) for s in seqs], shape=tree, chains=chains, head=way == "head")
         took = 0.0 if probe else time.perf_counter() - t0  # (a probe's time is not its way's speed)
-        self.chooser.record(len(seqs), way, sum(st.accepted + 1 for st in steps), took, regime)
+        self.chooser.record(len(seqs), way, sum(st.accepted + 1 for st in steps), took, regime, estimate)
         for s, st in zip(seqs, steps):
             s.cached += st.accepted + 1  # the root and the accepted draft tokens are now in the cache
             self._append(s, st.tokens, st.logprobs)

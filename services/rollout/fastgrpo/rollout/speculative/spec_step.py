@@ -172,7 +172,7 @@ class SpecDecoder:
                       and any(p[0] > 0 for p in params))
         chain = None
         if has_chains:
-            chain = self._chain(chains, self._chain_places(chains, shape) if drawn_tree else shape.n_verify - 1)
+            chain = self._chain(chains, self._chain_places(chains, shape)[0] if drawn_tree else shape.n_verify - 1)
         use_head = self.drafter is not None and (head or chain is None)
         if drawn_tree and chain is not None:  # the head's draws take what the chains leave
             shape = TreeShape(shape.width, shape.depth, shape.n_verify - chain.tokens.shape[1])
@@ -210,9 +210,32 @@ class SpecDecoder:
             steps.append(StepTokens(toks[:n], lps[:n], n - 1, int(host[b][1])))
         return steps
 
-    def _chain_places(self, chains: list[Proposal | None], shape: TreeShape) -> int:
+    def expected_tokens(self, chains: list[Proposal | None], shape: TreeShape, head: bool) -> float:
+        """The tokens a step of these rows is expected to emit (its accepted drafts and each row's
+        own token) by the estimates the tree is built from: with the head (a drawn tree of `shape`
+        the chains take places of where they are worth it: the head's measured reach per depth,
+        and the chains' gain) or with the chains alone (each chain's cumulative estimates, as far
+        as the tree would take it; a row without one emits its own token only). A step chooser
+        compares the two per step (speculative.chooser: scaled by what each way emitted against
+        its estimates)."""
+        if not head:
+            C = min(shape.n_verify - 1, self.max_chain)
+            return len(chains) + sum(sum(itertools.accumulate(p.probs[:C], operator.mul)) for p in chains if p)
+        _, gained = self._chain_places(chains, shape)
+        return len(chains) * (1.0 + self._head_value(shape, shape.n_verify - 1) + gained)
+
+    def _head_value(self, shape: TreeShape, places: int) -> float:
+        """A row's expected accepted head draws in a drawn tree of `shape` cut to `places` places
+        (besides the root): each level it reaches worth the head's reach there, each extra child
+        about h (1 - h) / 2 (see _chain_places)."""
+        reach = self.head_reach
+        extra = reach[0] * (1.0 - reach[0]) / 2.0  # a drawn child beyond a node's first
+        k, e, levels = TreeShape(shape.width, shape.depth, places + 1).sampled_layout()
+        return sum(reach[:levels]) + (k + (levels - 1) * e * k - levels) * extra
+
+    def _chain_places(self, chains: list[Proposal | None], shape: TreeShape) -> tuple[int, float]:
         """How many of a drawn tree's N_verify places the chains take: the number c that most
-        raises the expected accepted tokens. A chain's token j is worth what its estimated
+        raises the expected accepted tokens, and by how much a row's (0.0 with c = 0). A chain's token j is worth what its estimated
         cumulative acceptance adds beyond the head's own chance of being accepted that deep
         (head_reach; where the two guess the same token they share a node), averaged over the rows.
         The head, drawing in N_verify - c places, loses the levels it no longer reaches (each worth
@@ -220,23 +243,18 @@ class SpecDecoder:
         h (1 - h) / 2, h the first level's reach: the chance that the first draw is rejected and
         the next one, tested against the residual, accepted). The head keeps one place at least."""
         room = min(shape.n_verify - 2, self.max_chain)
-        if room < 1:
-            return 0
+        if room < 1 or not any(chains):
+            return 0, 0.0
         reach = self.head_reach
         gained = [0.0] * room  # [j]: the rows' mean gain from chain token j + 1
         for p in chains:
             for j, r in enumerate(itertools.accumulate(p.probs[:room] if p else (), operator.mul)):
                 gained[j] += max(0.0, r - reach[j]) / len(chains)
-        extra = reach[0] * (1.0 - reach[0]) / 2.0  # a drawn child beyond a node's first
-
-        def head_value(places: int) -> float:
-            k, e, levels = TreeShape(shape.width, shape.depth, places + 1).sampled_layout()
-            return sum(reach[:levels]) + (k + (levels - 1) * e * k - levels) * extra
-
-        full = head_value(shape.n_verify - 1)
-        values = [sum(gained[:c]) - (full - head_value(shape.n_verify - 1 - c)) for c in range(1, room + 1)]
+        full = self._head_value(shape, shape.n_verify - 1)
+        values = [sum(gained[:c]) - (full - self._head_value(shape, shape.n_verify - 1 - c))
+                  for c in range(1, room + 1)]
         best = max(range(room), key=values.__getitem__)
-        return best + 1 if values[best] > 0 else 0
+        return (best + 1, values[best]) if values[best] > 0 else (0, 0.0)
 
     def _learn_head_reach(self, host: list[list[float]], rows: list[int]) -> None:
         """Drawn trees' rows that had no chain: at each depth their tree reached, whether the head's
