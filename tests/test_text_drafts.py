@@ -280,18 +280,17 @@ def _text_engines(model, shape, slots=8, verify="rrs", sources=("siblings", "his
     return plain, spec
 
 
-@pytest.mark.parametrize("head", [True, False], ids=["with-head", "text-alone"])
-def test_greedy_with_text_drafts_is_token_identical_and_history_is_used(head):
-    """Greedy samples of a prompt are identical, so the second request's history holds the exact
-    continuation: its chains are accepted, and the tokens stay those of plain decoding."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("qwen2")).eval()
-    plain, spec = _text_engines(model, TreeShape(width=2, depth=3, n_verify=8), head=head)
+def _greedy_twice(plain, spec):
+    """Six random prompts x 2 samples, greedy, through plain once and through spec twice (the
+    second time with the first's completions as history); asserts that spec's tokens and logprobs
+    are plain's both times. Returns spec's two results and its chooser's step counts between them;
+    shuts both engines down."""
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(1, 97, (int(n),), generator=g).tolist() for n in torch.randint(2, 12, (6,), generator=g)]
     try:
         a = _run(plain, prompts, n=2, temperature=0.0, max_new_tokens=40)
         first = _run(spec, prompts, n=2, temperature=0.0, max_new_tokens=40)
+        between = dict(spec.chooser.steps)
         second = _run(spec, prompts, n=2, temperature=0.0, max_new_tokens=40)
     finally:
         plain.shutdown()
@@ -300,6 +299,17 @@ def test_greedy_with_text_drafts_is_token_identical_and_history_is_used(head):
         assert [x.token_ids for x in a] == [y.token_ids for y in b]
         for x, y in zip(a, b):
             assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) <= 1e-4
+    return first, second, between
+
+
+@pytest.mark.parametrize("head", [True, False], ids=["with-head", "text-alone"])
+def test_greedy_with_text_drafts_is_token_identical_and_history_is_used(head):
+    """Greedy samples of a prompt are identical, so the second request's history holds the exact
+    continuation: its chains are accepted, and the tokens stay those of plain decoding."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen2")).eval()
+    plain, spec = _text_engines(model, TreeShape(width=2, depth=3, n_verify=8), head=head)
+    first, second, _ = _greedy_twice(plain, spec)
     hist = sum(y.spec.accepted_history for y in second)
     assert hist > 0.5 * sum(len(y.token_ids) for y in second)  # the history carried most tokens
     assert sum(y.spec.accepted_history for y in first) == 0
@@ -543,18 +553,7 @@ def test_with_history_each_step_takes_the_head_or_the_chains_by_its_own_estimate
     for b in (1, 2, 4, 8):  # both ways' step times known at every batch size the requests reach
         for way in ("head", "text"):
             spec.chooser.record(b, way, tokens=b, seconds=1e-3, regime=True)
-    g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(1, 97, (int(n),), generator=g).tolist() for n in torch.randint(2, 12, (6,), generator=g)]
-    try:
-        a = _run(plain, prompts, n=2, temperature=0.0, max_new_tokens=40)
-        first = _run(spec, prompts, n=2, temperature=0.0, max_new_tokens=40)
-        before = dict(spec.chooser.steps)
-        second = _run(spec, prompts, n=2, temperature=0.0, max_new_tokens=40)
-    finally:
-        plain.shutdown()
-        spec.shutdown()
-    for b in (first, second):
-        assert [x.token_ids for x in a] == [y.token_ids for y in b]
+    first, second, before = _greedy_twice(plain, spec)
     refined = {w: spec.chooser.steps[w] - before[w] for w in ("head", "text")}
     assert refined["text"] > 0 and any(k[1] == "text" for k in spec.chooser.yields)
     assert sum(y.spec.accepted_history for y in second) > 0
