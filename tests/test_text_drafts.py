@@ -73,6 +73,11 @@ def test_history_keeps_recent_versions_within_its_token_bound():
     assert store.completions((2,), 5) == [] and store.tokens == 8 and len(store) == 2
     store.add((4,), 5, list(range(11)))  # larger than the whole store: not kept
     assert store.completions((4,), 5) == [] and store.completions((1,), 9) == []
+    # `before`: what was added before a serial (a request's mark) only
+    mark = store.serial
+    store.add((1,), 9, [8, 8])
+    assert store.completions((1,), 9, before=mark) == [] and store.completions((1,), 9) == [(8, 8)]
+    assert not store.has((1,), 9, before=mark) and store.has((1,), 9, before=mark + 1)
     with pytest.raises(ValueError, match="history bounds must be >= 0"):
         HistoryStore(-1, 2)
 
@@ -96,6 +101,27 @@ def test_history_feeds_the_prompts_next_group():
     assert drafts.has_history(("r5", 0), prompt, 3) and not drafts.has_history(("r5", 0), prompt, 4)
     assert not drafts.has_history(("r5", 1), (1, 2), 3) and drafts.live_groups == live
     assert drafts.has_history(("r3", 0), prompt, 3) is False  # an open group answers for itself
+
+
+def test_a_requests_own_finished_samples_are_its_siblings_not_its_history():
+    """Samples that end before their group opens (a GRPO batch decodes plainly while it is large)
+    go to the history store for later requests; for the samples of their own request still running
+    they are siblings: the group's siblings' index has them, and the request is not "with history"."""
+    drafts = TextDrafts(("siblings", "history"), history_tokens=1000, history_max_age=4)
+    prompt = (3, 4, 5)
+    drafts.begin("r0")  # admitted, and another request beside it
+    drafts.begin("rb")
+    drafts.finished(("r0", 0), prompt, 0, [9, 8, 7, 6], version=0, keep=True)
+    assert not drafts.has_history(("r0", 0), prompt, 0)
+    group = drafts.group(("r0", 0), prompt, version=0)
+    assert group.history is None
+    p = drafts.propose(group, 1, prompt, [], max_len=8)
+    assert p.source == "siblings" and p.tokens[:4] == (9, 8, 7, 6)
+    # a request admitted after it drafts from it as history; one admitted beside it does not
+    drafts.begin("r1")
+    assert drafts.has_history(("r1", 0), prompt, 0) and not drafts.has_history(("rb", 0), prompt, 0)
+    drafts.close("r0")
+    assert drafts.live_groups == 0
 
 
 def test_calibration_scales_a_sources_first_estimate_by_how_often_it_is_what_was_emitted():

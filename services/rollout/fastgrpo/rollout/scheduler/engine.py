@@ -368,6 +368,9 @@ class Engine:
         t0 = time.perf_counter()
         decoding = list(self._running)
         fresh = [s for s in admitted if not s.recompute]  # (recomputed ones had their first token)
+        if admitted and self.text_drafts is not None:
+            for s in admitted:
+                self.text_drafts.begin(id(s.handle))
         if admitted:
             self._prefill(admitted)
             with self._cv:

@@ -151,36 +151,41 @@ class HistoryStore:
         if max_tokens < 0 or max_age < 0:
             raise ValueError(f"history bounds must be >= 0, got max_tokens {max_tokens}, max_age {max_age}")
         self.max_tokens, self.max_age = max_tokens, max_age
-        self._store: OrderedDict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = OrderedDict()
+        # prompt -> [(policy version, completion, serial)]
+        self._store: OrderedDict[tuple[int, ...], list[tuple[int, tuple[int, ...], int]]] = OrderedDict()
         self.tokens = 0  # completion tokens held
+        self.serial = 0  # completions added since start: an entry's serial is the count before it
 
     def add(self, prompt: tuple[int, ...], version: int, completion: Sequence[int]) -> None:
+        self.serial += 1
         if not completion or len(completion) > self.max_tokens:
             return
-        self._store.setdefault(prompt, []).append((version, tuple(completion)))
+        self._store.setdefault(prompt, []).append((version, tuple(completion), self.serial - 1))
         self._store.move_to_end(prompt)
         self.tokens += len(completion)
         while self.tokens > self.max_tokens:
             _, evicted = self._store.popitem(last=False)
-            self.tokens -= sum(len(c) for _, c in evicted)
+            self.tokens -= sum(len(c) for _, c, _ in evicted)
 
-    def completions(self, prompt: tuple[int, ...], version: int) -> list[tuple[int, ...]]:
-        """The prompt's completions at most max_age versions older than `version`."""
+    def completions(self, prompt: tuple[int, ...], version: int, before: int | None = None) -> list[tuple[int, ...]]:
+        """The prompt's completions at most max_age versions older than `version` (and, with
+        `before`, added before serial `before`: not a request's own finished samples)."""
         entries = self._store.get(prompt)
         if not entries:
             return []
-        fresh = [(v, c) for v, c in entries if version - v <= self.max_age]
-        self.tokens -= sum(len(c) for v, c in entries if version - v > self.max_age)
+        fresh = [e for e in entries if version - e[0] <= self.max_age]
+        self.tokens -= sum(len(c) for v, c, _ in entries if version - v > self.max_age)
         if fresh:
             self._store[prompt] = fresh
             self._store.move_to_end(prompt)
         else:
             del self._store[prompt]
-        return [c for _, c in fresh]
+        return [c for _, c, n in fresh if before is None or n < before]
 
-    def has(self, prompt: tuple[int, ...], version: int) -> bool:
+    def has(self, prompt: tuple[int, ...], version: int, before: int | None = None) -> bool:
         """Whether completions() would return any (and nothing changes)."""
-        return any(version - v <= self.max_age for v, _ in self._store.get(prompt, ()))
+        return any(version - v <= self.max_age and (before is None or n < before)
+                   for v, _, n in self._store.get(prompt, ()))
 
     def __len__(self) -> int:
         return len(self._store)
@@ -202,16 +207,22 @@ class GroupDrafts:
 
     @staticmethod
     def open(prompt: tuple[int, ...], config: TextDraftConfig, sources: Sequence[TextSource],
-             history: HistoryStore | None, version: int) -> GroupDrafts:
+             history: HistoryStore | None, version: int, before: int | None = None,
+             done: Sequence[Sequence[int]] = ()) -> GroupDrafts:
+        """The group's indexes: the siblings' from the prompt and the samples already `done`
+        (finished before the group opened), the history's from the prompt's completions added
+        to the store before serial `before` (earlier requests')."""
         siblings = hist = None
+        tail = list(prompt[-config.max_n:])
         if "siblings" in sources:
             siblings = SuffixIndex(config.max_n, config.min_n)
             siblings.extend(prompt)
+            for c in done:
+                siblings.extend(tail + list(c), start=len(tail))
         if "history" in sources and history is not None:
-            completions = history.completions(prompt, version)
+            completions = history.completions(prompt, version, before)
             if completions:
                 hist = SuffixIndex(config.max_n, config.min_n)
-                tail = list(prompt[-config.max_n:])
                 for c in completions:
                     hist.extend(tail + list(c), start=len(tail))
         return GroupDrafts(prompt, config, siblings, hist)
@@ -258,22 +269,33 @@ class TextDrafts:
         self.history = HistoryStore(history_tokens, history_max_age) if "history" in self.sources else None
         self.calibration = Calibration(self.sources)
         self._groups: dict[tuple[object, int], GroupDrafts] = {}  # (request, prompt index) -> its group
+        # request -> the history's serial when it was first admitted: completions added since then
+        # are its own samples' (its groups draft from those as siblings) or those of requests
+        # running beside it, never its history
+        self._marks: dict[object, int] = {}
+        self._done: dict[tuple[object, int], list[tuple[int, ...]]] = {}  # key -> samples done before its group opened
+
+    def begin(self, request: object) -> int | None:
+        """A request's sequences are admitted (the first call counts, until close): its history is
+        what the store holds now. Returns that mark (None without a history source)."""
+        return None if self.history is None else self._marks.setdefault(request, self.history.serial)
 
     def group(self, key: tuple[object, int], prompt: tuple[int, ...], version: int) -> GroupDrafts:
         """The group of key = (request, prompt index), opened on first use."""
         group = self._groups.get(key)
         if group is None:
-            group = self._groups[key] = GroupDrafts.open(prompt, self.config, self.sources, self.history, version)
+            group = self._groups[key] = GroupDrafts.open(prompt, self.config, self.sources, self.history, version,
+                                                         self.begin(key[0]), self._done.pop(key, ()))
         return group
 
     def has_history(self, key: tuple[object, int], prompt: tuple[int, ...], version: int) -> bool:
-        """Whether the group of key drafts from earlier completions: its own answer where it is
-        open, else whether the store holds completions of prompt fresh at `version` (without
+        """Whether the group of key drafts from earlier requests' completions: its own answer where
+        it is open, else whether the store holds completions of prompt fresh at `version` (without
         building the group's indexes: a step that runs plainly needs none)."""
         group = self._groups.get(key)
         if group is not None:
             return group.history is not None
-        return self.history is not None and self.history.has(prompt, version)
+        return self.history is not None and self.history.has(prompt, version, self.begin(key[0]))
 
     def propose(self, group: GroupDrafts, sample: int, prompt: tuple[int, ...], generated: Sequence[int],
                 max_len: int) -> Proposal | None:
@@ -304,13 +326,19 @@ class TextDrafts:
         if group is not None:
             group.feed(sample, generated)
             self._check(group, sample, generated)
+        elif "siblings" in self.sources and generated:  # for the group's siblings' index, should it open
+            self._done.setdefault(key, []).append(tuple(generated))
         if keep and self.history is not None:
+            self.begin(key[0])  # (before the add, where admission did not: its own samples are never its history)
             self.history.add(prompt, version, generated)
 
     def close(self, request: object) -> None:
-        """Drops the groups of a request whose samples are all done (or failed)."""
+        """Drops the groups (and what waits for them) of a request whose samples are all done (or failed)."""
         for key in [k for k in self._groups if k[0] == request]:
             del self._groups[key]
+        for key in [k for k in self._done if k[0] == request]:
+            del self._done[key]
+        self._marks.pop(request, None)
 
     @property
     def live_groups(self) -> int:
