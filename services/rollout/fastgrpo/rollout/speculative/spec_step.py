@@ -235,9 +235,10 @@ class SpecDecoder:
 
     def _chain_places(self, chains: list[Proposal | None], shape: TreeShape) -> tuple[int, float]:
         """How many of a drawn tree's N_verify places the chains take: the number c that most
-        raises the expected accepted tokens, and by how much a row's (0.0 with c = 0). A chain's token j is worth what its estimated
-        cumulative acceptance adds beyond the head's own chance of being accepted that deep
-        (head_reach; where the two guess the same token they share a node), averaged over the rows.
+        raises the expected accepted tokens, and by how much a row's (0.0 with c = 0). A chain's
+        token j is worth what its estimated cumulative acceptance adds beyond the head's own
+        chance of being accepted that deep (head_reach; where the two guess the same token they
+        share a node), averaged over the rows.
         The head, drawing in N_verify - c places, loses the levels it no longer reaches (each worth
         its head_reach) and the extra children it no longer draws (each worth about
         h (1 - h) / 2, h the first level's reach: the chance that the first draw is rejected and
