@@ -112,13 +112,14 @@ class StepChooser:
         return max(ways, key=lambda w: self.rates[(b, w)])
 
     def refine(self, batch: int, estimates: dict[Way, float], regime: Hashable = None) -> Way:
-        """Among ways whose step this one's own inputs let the caller estimate (the tokens it would
-        emit, by the estimates its tree is built from), the one expected fastest: each estimate
-        times what that way has emitted per token estimated at this batch size, over its step
-        time. For a leader between ways that are worth much more on some steps than on others
-        (the chains alone: on the bench fixture with history at B = 8-15, the steps whose chains
-        promised more than the head emitted 37 tokens where the head's steps emitted 30, the rest
-        23); the estimates read the sequences' text so far, never the step's draws."""
+        """The way among `estimates` (the tokens each would emit this step, by the estimates its
+        tree is built from) expected to emit the most tokens per second: each estimate times
+        what that way has emitted per token estimated at this batch size (1 until measured),
+        over its step time. For a leader between ways worth far more on some steps than on
+        others: with history, the chains alone beat the head on steps whose chains are long and
+        confident (bench fixture, B = 8-15: those steps emitted 37 tokens against the head
+        steps' 30, the other chains-alone steps 23). The estimates read the text written so
+        far, never the step's draws."""
         b = self._bin(batch, regime)
         return max(estimates, key=lambda w: self.yields.get((b, w), 1.0) * estimates[w] / self.seconds[(b, w)])
 
