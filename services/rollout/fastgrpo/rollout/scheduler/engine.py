@@ -368,7 +368,7 @@ class Engine:
         t0 = time.perf_counter()
         decoding = list(self._running)
         fresh = [s for s in admitted if not s.recompute]  # (recomputed ones had their first token)
-        if admitted and self.text_drafts is not None:
+        if self.text_drafts is not None:
             for s in admitted:
                 self.text_drafts.begin(id(s.handle))
         if admitted:

@@ -95,7 +95,7 @@ class StepChooser:
             return ordered[0]
         n = self._choices[b] = self._choices.get(b, 0) + 1
         unknown = [w for w in ordered if (b, w) not in self.rates]
-        if unknown and self._share(b, unknown, ordered, n):
+        if unknown and self._share(b, unknown, n):
             unknown = [w for w in ordered if (b, w) not in self.rates]
         if unknown and not self._borrow(b, unknown, ordered, n):
             return unknown[0]
@@ -151,7 +151,11 @@ class StepChooser:
         self.rates[key] = rate if old is None else self.keep * old + (1 - self.keep) * rate
         self.seconds[key] = seconds if old_s is None else self.keep * old_s + (1 - self.keep) * seconds
         self._mark(key, self._choices.get(b, 0))
-        for w in WAYS:  # every way of the bin: its interval follows the rates, the best one's too
+        self._retime(b)
+
+    def _retime(self, b: Bin) -> None:
+        """Every known way of bin b gets its interval again: it follows the rates, the best one's too."""
+        for w in WAYS:
             if (b, w) in self.rates:
                 self._every[(b, w)] = self._interval(b, w)
 
@@ -177,7 +181,7 @@ class StepChooser:
         share = self.budget / max(1, len(known) - 1)
         return min(self.max_explore, max(self.explore, math.ceil(lost / share)))
 
-    def _share(self, b: Bin, unknown: list[Way], ways: list[Way], n: int) -> bool:
+    def _share(self, b: Bin, unknown: list[Way], n: int) -> bool:
         """Gives bin b's unknown SHARED ways the figures of the same batch size in another regime
         (the first regime to have measured it there); False where none has any."""
         took = False
@@ -194,9 +198,7 @@ class StepChooser:
             self._shared.add((b, w))
             took = True
         if took:
-            for w in ways:
-                if (b, w) in self.rates:
-                    self._every[(b, w)] = self._interval(b, w)
+            self._retime(b)
         return took
 
     def _borrow(self, b: Bin, unknown: list[Way], ways: list[Way], n: int) -> bool:
@@ -217,6 +219,5 @@ class StepChooser:
             self.seconds[(b, w)] = self.seconds[(src, w)] * s_scale
             self._mark((b, w), n)
             self._borrowed.add((b, w))
-        for w in ways:
-            self._every[(b, w)] = self._interval(b, w)
+        self._retime(b)
         return True
