@@ -488,20 +488,34 @@ def test_the_step_chooser_keeps_the_fastest_way_and_tries_the_slower_ones_the_mo
     assert len(set(gaps["plain"])) >= 3 and len(set(gaps["head"])) >= 5  # no fixed period to lock onto
     # a new bin starts from the nearest bin's rates: the fastest at once, no round of slow tries
     assert chooser.choose(64, ways) == "text" and chooser.rates[((None, 64), "head")] == chooser.rates[((None, 8), "head")]
-    chooser.record(64, "text", tokens=300, seconds=1.0)  # 10x bin 8's rate: the borrowed ones scale with it
+    chooser.record(64, "text", tokens=2400, seconds=1.0)  # 10x bin 8's rate: the borrowed ones scale with it
     assert chooser.rates[((None, 64), "plain")] == pytest.approx(10 * chooser.rates[((None, 8), "plain")])
-    assert chooser.rates[((None, 64), "text")] == 300
+    assert chooser.rates[((None, 64), "text")] == 2400 / 64  # (tokens per second per sequence)
     # borrowed figures count as measured: plain, cheap to try, is measured `explore` (times 0.5-1.5)
     # choices on
     late = [chooser.choose(64, ways) for _ in range(7)]
     assert "plain" in late[1:] and set(late[:late.index("plain")]) == {"text"}
     chooser.record(64, "plain", tokens=200, seconds=1.0)
     chooser.record(8, "head", tokens=4000, seconds=1.0)  # the head got much faster: the average follows
-    assert chooser.rates[((None, 8), "head")] == pytest.approx(0.8 * 10 + 0.2 * 4000)
+    assert chooser.rates[((None, 8), "head")] == pytest.approx(0.8 * 10 / 8 + 0.2 * 4000 / 8)
     assert chooser.choose(8, ways) == "head"
     assert sum(chooser.steps.values()) == 3 + 400 + 3
     with pytest.raises(ValueError, match="explore <= max_explore"):
         StepChooser(explore=1)
+
+
+def test_the_step_chooser_compares_ways_per_sequence_whatever_the_batch_size_in_the_bin_they_were_measured_at():
+    """A bin spans B to 2B - 1 rows: plain decoding measured as the batch drained through its top (15
+    rows, 15 tokens a second) and the head at its bottom (8 rows, 12.8 tokens a second) compare as
+    they would at one size, where a step's time hardly moves with the rows (below the knee): the
+    head emits 1.6 tokens a second per sequence, plain decoding 1."""
+    chooser = StepChooser(seed=0)
+    assert chooser.choose(15, ["head", "plain"]) == "plain"
+    chooser.record(15, "plain", tokens=15, seconds=1.0)
+    assert chooser.choose(8, ["head", "plain"]) == "head"
+    chooser.record(8, "head", tokens=12.8, seconds=1.0)
+    assert chooser.leader(8, ["head", "plain"]) == chooser.leader(15, ["head", "plain"]) == "head"
+    assert chooser.rates[((None, 8), "plain")] == 1.0 and chooser.rates[((None, 8), "head")] == 1.6
 
 
 def test_the_step_chooser_keeps_regimes_apart():
@@ -527,12 +541,12 @@ def test_the_step_chooser_keeps_regimes_apart():
         assert chooser.choose(4, ["head", "plain"], regime=False) == way
         chooser.record(4, way, tokens=rate, seconds=1.0, regime=False)
     assert chooser.choose(4, ways, regime=True) == "text"
-    assert chooser.rates[((True, 4), "head")] == 40 and chooser.rates[((True, 4), "plain")] == 20
+    assert chooser.rates[((True, 4), "head")] == 40 / 4 and chooser.rates[((True, 4), "plain")] == 20 / 4
     chooser.record(4, "text", tokens=25, seconds=1.0, regime=True)
     assert chooser.choose(4, ways, regime=True) == "head"
     chooser.record(4, "head", tokens=50, seconds=1.0, regime=True)  # replaces the borrowed 40, scales nothing
-    assert chooser.rates[((True, 4), "head")] == 50 and chooser.rates[((True, 4), "plain")] == 20
-    assert chooser.rates[((False, 4), "head")] == 40
+    assert chooser.rates[((True, 4), "head")] == 50 / 4 and chooser.rates[((True, 4), "plain")] == 20 / 4
+    assert chooser.rates[((False, 4), "head")] == 40 / 4
     # and where no other regime has measured that batch size, nothing is shared
     assert chooser.choose(64, ["head", "plain"], regime="new") == "plain" and (("new", 64), "head") not in chooser.rates
 

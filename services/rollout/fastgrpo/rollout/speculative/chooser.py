@@ -5,8 +5,8 @@ The controller sizes a tree from C_peak and the acceptance it has seen, but it d
 drafting costs here: on a small model or a host-bound device a draft forward costs about as much as
 a target forward, and a tree that is accepted three tokens deep can still emit fewer tokens per
 second than plain decoding. So every step that has more than one way open records the tokens it
-emitted per second of step time, per way and per batch size (power-of-two bins, a moving average),
-and the next step of that size takes the fastest. The first bin tries each way once (cheapest first:
+emitted per second of step time and per sequence, per way and per batch size (power-of-two bins, a
+moving average), and the next step of that size takes the fastest. The first bin tries each way once (cheapest first:
 the chains alone, then plain, then the head); later bins start from the rates of the nearest bin
 that knows them (rates and step times alike, so a borrowed way is retried as its cost says: a
 cheap one soon, and a bad borrow cannot keep a bin on a slow way). A way that is behind is tried
@@ -20,6 +20,14 @@ stretched by a factor drawn in [0.5, 1.5) at every measurement: GRPO steps are a
 interval locks onto their period, trying a way at the same point of every step (the sources
 bench, whose rounds are alike, saw one mode try plain decoding in 19 of 20 measured runs and
 another in none).
+
+A bin spans B to 2B - 1 sequences, and as a GRPO batch drains a way may be measured at the top of a
+bin and another at its bottom. Where trees run, a step's time barely moves with the batch size
+(they run where C_peak / B >= 2, below the latency knee), so its tokens grow with the rows while its
+seconds do not: in tokens per second, a way measured near 2B looks nearly twice as fast as one
+measured near B (bench fixture, in-process, 4 x 8: plain decoding, measured near B = 15, led the
+head in 14 of the 41 steps at B = 8-15 at 145 tokens/s against the head's 249). Per sequence, the
+two compare as they would at the same size.
 
 Rates are kept apart by a regime the caller names, for steps whose ways are worth different things
 in kind: the engine's is whether most rows have their prompt's earlier completions to draft from
@@ -59,7 +67,7 @@ class StepChooser:
             raise ValueError(f"need 2 <= explore <= max_explore, 0 < budget < 1 and 0 <= keep < 1, got {explore}, "
                              f"{max_explore}, {budget}, {keep}")
         self.explore, self.max_explore, self.budget, self.keep = explore, max_explore, budget, keep
-        self.rates: dict[tuple[Bin, Way], float] = {}  # (bin, way) -> tokens per second
+        self.rates: dict[tuple[Bin, Way], float] = {}  # (bin, way) -> tokens per second per sequence
         self.seconds: dict[tuple[Bin, Way], float] = {}  # (bin, way) -> seconds a step (borrowed ones too)
         # steps taken each way since start; every key there from the start (other threads read it)
         self.steps: Counter[Way] = Counter(dict.fromkeys(WAYS, 0))
@@ -126,7 +134,7 @@ class StepChooser:
     def record(self, batch: int, way: Way, tokens: int, seconds: float, regime: Hashable = None,
                estimate: float | None = None) -> None:
         """A step of `batch` sequences went `way` and emitted `tokens` in `seconds` (against
-        `estimate` tokens, where the step was refined)."""
+        `estimate` tokens, where the step was refined): its rate is tokens / seconds / batch."""
         self.steps[way] += 1
         b = self._bin(batch, regime)
         key = (b, way)
@@ -136,7 +144,7 @@ class StepChooser:
             self.yields[key] = y if old_y is None else self.keep * old_y + (1 - self.keep) * y
         if seconds <= 0:
             return
-        rate = tokens / seconds
+        rate = tokens / seconds / batch
         old = self.rates.get(key)
         old_s = self.seconds.get(key)
         if key in self._shared:  # the first measurement here replaces the other regime's figures
@@ -204,7 +212,7 @@ class StepChooser:
     def _borrow(self, b: Bin, unknown: list[Way], ways: list[Way], n: int) -> bool:
         """Gives bin b's unknown ways the rates and step times of the nearest bin that knows all
         of `ways` (scaled by the ways b knows; the first of them measured here rescales the others,
-        since tokens per second and step times grow with the batch size while the ratios between
+        since rates and step times move with the batch size while the ratios between
         ways move slowly); False where no bin does."""
         known = sorted({k for k, _ in self.rates if k[0] == b[0] and all((k, w) in self.rates for w in ways)},
                        key=lambda k: abs(math.log2(k[1] / b[1])))
