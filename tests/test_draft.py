@@ -98,7 +98,7 @@ def test_engine_captures_start_the_loss_at_the_prompts_last_pair():
 
     st = SpecState()
     SpecDecoder.after_prefill(st, (5, 6, 7, 8), 9, torch.randn(4, 3), prompt_len=4)
-    SpecDecoder.queue_pair(st, torch.randn(3), 10)
+    SpecDecoder.queue_pair(st, torch.randn(1, 3), 10)
     cap = SpecDecoder.captured(st)
     assert cap.tokens.tolist() == [6, 7, 8, 9, 10] and cap.loss_from == 3
 

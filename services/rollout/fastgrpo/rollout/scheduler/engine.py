@@ -492,10 +492,13 @@ class Engine:
                                [len(s.generated) for s in seqs])
         self._append_drawn(seqs, out.tokens, out.logprobs)
         self.runner.report_decode(len(seqs), time.perf_counter() - t0)
+        # the draft catches up on plainly decoded tokens at its next step: each row's (1, H) feature,
+        # cut in one call (indexing row by row cost 0.6 ms a step at B = 128, a few % of a small model's step)
+        features = out.hidden[:, None].unbind(0) if self._features is not None else None
         for b, s in enumerate(seqs):
             s.cached += 1
-            if self._features is not None:  # the draft catches up on plainly decoded tokens at its next step
-                SpecDecoder.queue_pair(s.spec, out.hidden[b], s.generated[-1])
+            if features is not None:
+                SpecDecoder.queue_pair(s.spec, features[b], s.generated[-1])
 
     def _trees_for(self, seqs: list[SequenceState]) -> list[tuple[TreeShape | None, bool, list[SequenceState]]]:
         """Groups the decoding sequences by the tree each gets this step (None: plain decode) and

@@ -141,9 +141,9 @@ class SpecDecoder:
 
     @staticmethod
     def queue_pair(state: SpecState, feature: torch.Tensor, next_token: int) -> None:
-        """Adds one settled pair (f_i (H,), x_{i+1}) for the draft's next catch-up."""
+        """Adds one settled pair (f_i (1, H), x_{i+1}) for the draft's next catch-up."""
         state.pending_tokens.append(next_token)
-        state.pending_chunks.append(feature[None])
+        state.pending_chunks.append(feature)
 
     @torch.inference_mode()
     def step(self, roots: list[int], settled: list[int], tables: list[list[int]], states: list[SpecState],
