@@ -109,6 +109,7 @@ class SpecDecoder:
         # [d]: the share of drawn trees' rows (without a chain) accepted deeper than d, per depth:
         # what the head's nodes at depth d + 1 are worth, against which chains take places
         self.head_reach = [HEAD_REACH_PRIOR ** (d + 1) for d in range(self.max_chain)]
+        self._last_places = None  # (chains, shape, _chain_places's answer) of the last rows asked about
         self.accepted_by_source = {"head": 0, **dict.fromkeys(TEXT_SOURCES, 0)}  # draft tokens accepted since start
         self.max_batch = max_batch
         self._compiled = None
@@ -172,12 +173,13 @@ class SpecDecoder:
                       and any(p[0] > 0 for p in params))
         chain = None
         if has_chains:
-            chain = self._chain(chains, self._chain_places(chains, shape)[0] if drawn_tree else shape.n_verify - 1)
+            chain = self._chain(chains, self._places(chains, shape)[0] if drawn_tree else shape.n_verify - 1)
         use_head = self.drafter is not None and (head or chain is None)
         if drawn_tree and chain is not None:  # the head's draws take what the chains leave
             shape = TreeShape(shape.width, shape.depth, shape.n_verify - chain.tokens.shape[1])
         host, path_feat, N, Bp, seconds = self._run(roots, settled, tables, states, params, seeds, drawn, shape, chain,
                                                     use_head)
+        self._last_places = None  # (the head's reach is learnt below)
         self.runner.report_decode(Bp * N, seconds)
         if drawn_tree and use_head:
             self._learn_head_reach(host, [b for b in range(len(states))
@@ -221,8 +223,17 @@ class SpecDecoder:
         if not head:
             C = min(shape.n_verify - 1, self.max_chain)
             return len(chains) + sum(sum(itertools.accumulate(p.probs[:C], operator.mul)) for p in chains if p)
-        _, gained = self._chain_places(chains, shape)
+        _, gained = self._places(chains, shape)
         return len(chains) * (1.0 + self._head_value(shape, shape.n_verify - 1) + gained)
+
+    def _places(self, chains: list[Proposal | None], shape: TreeShape) -> tuple[int, float]:
+        """_chain_places, worked out once for a step's rows: a refined step asks for its estimate
+        (expected_tokens), then builds its tree from the same chains (step). head_reach moves only
+        after a step has run, which forgets the answer."""
+        last = self._last_places
+        if last is None or last[0] is not chains or last[1] != shape:
+            last = self._last_places = (chains, shape, self._chain_places(chains, shape))
+        return last[2]
 
     def _head_value(self, shape: TreeShape, places: int) -> float:
         """A row's expected accepted head draws in a drawn tree of `shape` cut to `places` places
