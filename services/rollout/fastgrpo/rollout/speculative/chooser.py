@@ -6,20 +6,20 @@ drafting costs here: on a small model or a host-bound device a draft forward cos
 a target forward, and a tree that is accepted three tokens deep can still emit fewer tokens per
 second than plain decoding. So every step that has more than one way open records the tokens it
 emitted per second of step time and per sequence, per way and per batch size (power-of-two bins, a
-moving average), and the next step of that size takes the fastest. The first bin tries each way once (cheapest first:
-the chains alone, then plain, then the head); later bins start from the rates of the nearest bin
-that knows them (rates and step times alike, so a borrowed way is retried as its cost says: a
-cheap one soon, and a bad borrow cannot keep a bin on a slow way). A way that is behind is tried
-again from time to time, as rates move with the policy, the text and the draft -- the more a try
-costs, the more rarely, so that those tries cost a few percent of the time, all ways together. A
-try's cost is the time it loses against the leader for the tokens it emits, counted in the
-leader's steps: a head step that lasts 3.4 plain steps and emits tokens at 0.8 of plain's rate
+moving average), and the next step of that size takes the fastest. The first bin tries each way
+once (cheapest first: the chains alone, then plain, then the head); later bins start from the rates
+of the nearest bin that knows them (rates and step times alike, so a borrowed way is retried as its
+cost says: a cheap one soon, and a bad borrow cannot keep a bin on a slow way). A way that is
+behind is tried again from time to time, as rates move with the policy, the text and the draft --
+the more a try costs, the more rarely, so that those tries cost a few percent of the time, all ways
+together. A try's cost is the time it loses against the leader for the tokens it emits, counted in
+the leader's steps: a head step that lasts 3.4 plain steps and emits tokens at 0.8 of plain's rate
 loses 0.7 of a plain step (on a small model or a host-bound device a head step can cost several
 plain steps: tried as often as the others, it would eat what the choice saves). Each interval is
 stretched by a factor drawn in [0.5, 1.5) at every measurement: GRPO steps are alike, and a fixed
-interval locks onto their period, trying a way at the same point of every step (the sources
-bench, whose rounds are alike, saw one mode try plain decoding in 19 of 20 measured runs and
-another in none).
+interval locks onto their period, trying a way at the same point of every step (the sources bench,
+whose rounds are alike, saw one mode try plain decoding in 19 of 20 measured runs and another in
+none).
 
 A bin spans B to 2B - 1 sequences, and as a GRPO batch drains a way may be measured at the top of a
 bin and another at its bottom. Where trees run, a step's time barely moves with the batch size
