@@ -549,7 +549,36 @@ def test_the_step_chooser_keeps_regimes_apart():
     assert chooser.rates[((False, 4), "head")] == 40 / 4
     # and where no other regime has measured that batch size, nothing is shared
     assert chooser.choose(64, ["head", "plain"], regime="new") == "plain" and (("new", 64), "head") not in chooser.rates
+    # what GetStatus shows: every figure, by regime, bin and way; plain's at B = 4 with history is
+    # still the other regime's, not measured there
+    assert [(r.with_history, r.batch_size, r.way, r.tokens_per_second, r.measured) for r in chooser.table()] == [
+        (False, 4, "plain", 20 / 4, True), (False, 4, "head", 40 / 4, True),
+        (True, 4, "text", 25 / 4, True), (True, 4, "plain", 20 / 4, False), (True, 4, "head", 50 / 4, True)]
+    assert [r.step_seconds for r in chooser.table()] == [1.0] * 5
 
+
+
+@pytest.mark.service
+def test_get_status_shows_the_rates_the_step_chooser_compares(fixture_dir, draft_dir, start_service):
+    """GetStatus's way_rates are the step chooser's figures, per bin and way: a batch of 8 sampled
+    sequences with a draft head (C_peak 160 sizes trees at B <= 8) tries plain decoding and the
+    head, and every figure is a rate and a step time."""
+    from fastgrpo.client import RolloutClient, Sampling
+
+    app = start_service(fixture_dir, draft=str(draft_dir), max_running=8, draft_learning=False, c_peak_refine=False)
+    with RolloutClient(f"127.0.0.1:{app.port}") as client:
+        assert client.status().speculation.way_rates == ()  # no step with a tree yet
+        client.generate_batch([[1, 2, 3, 4], [5, 6, 7]], 4, Sampling(temperature=1.0, max_new_tokens=24, seed=1))
+        spec = client.status().speculation
+    assert spec.way_rates == tuple(app.engine.chooser.table())  # (idle engine: nothing moved in between)
+    assert {r.way for r in spec.way_rates} == {"plain", "head"} and not any(r.with_history for r in spec.way_rates)
+    for r in spec.way_rates:
+        assert r.batch_size & (r.batch_size - 1) == 0 and r.tokens_per_second > 0 and r.step_seconds > 0
+    # a bin new to the chooser, with nothing to borrow, tries plain decoding, then the head: some bin
+    # has measured both (which one depends on when the samples ended; the others borrowed from it)
+    measured = {(r.batch_size, r.way) for r in spec.way_rates if r.measured}
+    assert any({(b, "plain"), (b, "head")} <= measured for b in (1, 2, 4, 8))
+    assert spec.steps_plain >= 1 and spec.steps_head >= 1 and spec.steps_text == 0
 
 
 def test_the_step_chooser_refines_its_leader_by_each_steps_estimates():

@@ -296,7 +296,7 @@ class KVCacheStatus(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., blocks_total: _Optional[int] = ..., bytes_total: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_cached: _Optional[int] = ..., blocks_free: _Optional[int] = ..., preemptions: _Optional[int] = ..., shared_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class SpeculationStatus(_message.Message):
-    __slots__ = ("mode", "c_peak", "c_peak_source", "batch_size", "n_verify", "width", "depth", "c_peak_start", "c_peak_start_source", "c_peak_updates", "alpha", "alpha_start", "alpha_updates", "sources", "accepted_head", "accepted_siblings", "accepted_history", "history_tokens", "history_prompts", "steps_head", "steps_text", "steps_plain")
+    __slots__ = ("mode", "c_peak", "c_peak_source", "batch_size", "n_verify", "width", "depth", "c_peak_start", "c_peak_start_source", "c_peak_updates", "alpha", "alpha_start", "alpha_updates", "sources", "accepted_head", "accepted_siblings", "accepted_history", "history_tokens", "history_prompts", "steps_head", "steps_text", "steps_plain", "way_rates")
     MODE_FIELD_NUMBER: _ClassVar[int]
     C_PEAK_FIELD_NUMBER: _ClassVar[int]
     C_PEAK_SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -319,6 +319,7 @@ class SpeculationStatus(_message.Message):
     STEPS_HEAD_FIELD_NUMBER: _ClassVar[int]
     STEPS_TEXT_FIELD_NUMBER: _ClassVar[int]
     STEPS_PLAIN_FIELD_NUMBER: _ClassVar[int]
+    WAY_RATES_FIELD_NUMBER: _ClassVar[int]
     mode: str
     c_peak: float
     c_peak_source: str
@@ -341,4 +342,21 @@ class SpeculationStatus(_message.Message):
     steps_head: int
     steps_text: int
     steps_plain: int
-    def __init__(self, mode: _Optional[str] = ..., c_peak: _Optional[float] = ..., c_peak_source: _Optional[str] = ..., batch_size: _Optional[int] = ..., n_verify: _Optional[int] = ..., width: _Optional[int] = ..., depth: _Optional[int] = ..., c_peak_start: _Optional[float] = ..., c_peak_start_source: _Optional[str] = ..., c_peak_updates: _Optional[int] = ..., alpha: _Optional[float] = ..., alpha_start: _Optional[float] = ..., alpha_updates: _Optional[int] = ..., sources: _Optional[str] = ..., accepted_head: _Optional[int] = ..., accepted_siblings: _Optional[int] = ..., accepted_history: _Optional[int] = ..., history_tokens: _Optional[int] = ..., history_prompts: _Optional[int] = ..., steps_head: _Optional[int] = ..., steps_text: _Optional[int] = ..., steps_plain: _Optional[int] = ...) -> None: ...
+    way_rates: _containers.RepeatedCompositeFieldContainer[WayRate]
+    def __init__(self, mode: _Optional[str] = ..., c_peak: _Optional[float] = ..., c_peak_source: _Optional[str] = ..., batch_size: _Optional[int] = ..., n_verify: _Optional[int] = ..., width: _Optional[int] = ..., depth: _Optional[int] = ..., c_peak_start: _Optional[float] = ..., c_peak_start_source: _Optional[str] = ..., c_peak_updates: _Optional[int] = ..., alpha: _Optional[float] = ..., alpha_start: _Optional[float] = ..., alpha_updates: _Optional[int] = ..., sources: _Optional[str] = ..., accepted_head: _Optional[int] = ..., accepted_siblings: _Optional[int] = ..., accepted_history: _Optional[int] = ..., history_tokens: _Optional[int] = ..., history_prompts: _Optional[int] = ..., steps_head: _Optional[int] = ..., steps_text: _Optional[int] = ..., steps_plain: _Optional[int] = ..., way_rates: _Optional[_Iterable[_Union[WayRate, _Mapping]]] = ...) -> None: ...
+
+class WayRate(_message.Message):
+    __slots__ = ("with_history", "batch_size", "way", "tokens_per_second", "step_seconds", "measured")
+    WITH_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WAY_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_FIELD_NUMBER: _ClassVar[int]
+    with_history: bool
+    batch_size: int
+    way: str
+    tokens_per_second: float
+    step_seconds: float
+    measured: bool
+    def __init__(self, with_history: _Optional[bool] = ..., batch_size: _Optional[int] = ..., way: _Optional[str] = ..., tokens_per_second: _Optional[float] = ..., step_seconds: _Optional[float] = ..., measured: _Optional[bool] = ...) -> None: ...

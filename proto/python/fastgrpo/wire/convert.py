@@ -23,6 +23,7 @@ MESSAGES: dict[type, type] = {
     rec.Completion: pb.Completion,
     rec.ModelInfo: pb.ModelInfo,
     rec.Speculation: pb.SpeculationStatus,
+    rec.WayRate: pb.WayRate,
     rec.KVCache: pb.KVCacheStatus,
     rec.Status: pb.StatusReply,
     rec.DraftTraining: pb.TrainDraftReply,
@@ -52,8 +53,8 @@ def to_pb(record: Any):
         value = getattr(record, f.name)
         if dataclasses.is_dataclass(value):
             value = to_pb(value)
-        elif isinstance(value, tuple):
-            value = list(value)
+        elif isinstance(value, tuple):  # a repeated field, of scalars or of messages
+            value = [to_pb(v) if dataclasses.is_dataclass(v) else v for v in value]
         values[f.name] = value
     if isinstance(record, rec.Sampling):
         values["seed"], values["has_seed"] = record.seed or 0, record.seed is not None
@@ -79,8 +80,9 @@ def from_pb(cls: type[R], message: Any) -> R:
         kind = hints[f.name]
         if dataclasses.is_dataclass(kind):
             value = from_pb(kind, value)
-        elif typing.get_origin(kind) is tuple:
-            value = tuple(value)
+        elif typing.get_origin(kind) is tuple:  # a repeated field, of scalars or of messages
+            item = typing.get_args(kind)[0]
+            value = tuple(from_pb(item, v) for v in value) if dataclasses.is_dataclass(item) else tuple(value)
         elif typing.get_origin(kind) is list:
             value = list(value)
         values[f.name] = value

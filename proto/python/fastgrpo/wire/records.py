@@ -101,6 +101,21 @@ class KVCache:
 
 
 @dataclass(frozen=True)
+class WayRate:
+    """One way's figures in one bin of the step chooser: steps with history or without, of
+    batch_size to 2 batch_size - 1 sequences, by way ("head", "text", "plain"): tokens per second
+    per sequence and seconds a step (moving averages); measured False while they are borrowed from
+    a neighbouring bin or the other regime."""
+
+    with_history: bool = False
+    batch_size: int = 0
+    way: str = ""
+    tokens_per_second: float = 0.0
+    step_seconds: float = 0.0
+    measured: bool = False
+
+
+@dataclass(frozen=True)
 class Speculation:
     """Speculative decoding now: mode, C_peak and its source, live B and the latest tree (0 = plain),
     the C_peak the server started with (the online estimate moves away from it), and alpha live and at start.
@@ -128,6 +143,7 @@ class Speculation:
     steps_head: int = 0  # steps with a tree since start, by the way they ran (head, text chains alone, plain)
     steps_text: int = 0
     steps_plain: int = 0
+    way_rates: tuple[WayRate, ...] = ()  # what the step chooser compares, per regime, bin and way
 
 
 @dataclass(frozen=True)

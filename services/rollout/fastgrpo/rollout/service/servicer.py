@@ -243,4 +243,5 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             accepted_head=accepted["head"], accepted_siblings=accepted["siblings"], accepted_history=accepted["history"],
             history_tokens=history.tokens if history else 0, history_prompts=len(history) if history else 0,
             **{f"steps_{way}": n for way, n in self.engine.chooser.steps.items()},
+            way_rates=tuple(self.engine.chooser.table()),
         )

@@ -52,6 +52,8 @@ import random
 from collections import Counter
 from typing import Hashable, Literal, Sequence
 
+from fastgrpo.wire.records import WayRate
+
 Way = Literal["text", "plain", "head"]
 WAYS: tuple[Way, ...] = ("text", "plain", "head")  # the order in which a new bin tries them
 SHARED: tuple[Way, ...] = ("plain", "head")  # ways a bin new to a regime takes from another regime
@@ -118,6 +120,17 @@ class StepChooser:
         if any((b, w) not in self.rates for w in ways):
             return None
         return max(ways, key=lambda w: self.rates[(b, w)])
+
+    def table(self) -> list[WayRate]:
+        """Every (regime, bin, way) the chooser holds figures for, sorted: what the next step of
+        that size compares (GetStatus shows it, so that whoever wonders why a service decodes
+        plainly at some batch size reads the rates it chose by). Another thread may read it while
+        the engine's records: each dict is copied whole first (one C call under the GIL)."""
+        rates, seconds = dict(self.rates), dict(self.seconds)
+        unmeasured = set(self._borrowed) | set(self._shared)
+        return sorted((WayRate(bool(b[0]), b[1], w, rate, seconds.get((b, w), 0.0), (b, w) not in unmeasured)
+                       for (b, w), rate in rates.items()),
+                      key=lambda r: (r.with_history, r.batch_size, WAYS.index(r.way)))
 
     def refine(self, batch: int, estimates: dict[Way, float], regime: Hashable = None) -> Way:
         """The way among `estimates` (the tokens each would emit this step, by the estimates its
