@@ -1,22 +1,31 @@
 """`fastgrpo-bench e2e`: real GRPO steps end to end, per speculation mode -- the figure the paper's
 headline (2.35-2.72x per GRPO step, on GPUs) is about.
 
-Four rollout services in this process host the same fixture policy, each with its own GRPO learner
-talking to it over gRPC (rewards, group advantages, the clipped surrogate, dense-delta pushes):
+Four rollout services in this process host the same fixture policy:
   * off:        plain decoding;
   * adaptive:   the fixture's draft head, adaptive trees, online draft learning off;
   * online:     the same, with online draft learning;
   * all:        online, and drafts from the sibling samples' text and the prompt's history.
-The learners train on a small prompt set (--train-size), so prompts come back every epoch and
-history exists from the second on. Every mode uses the same seeds; the modes take steps in turn
-(step 1 of each, then step 2, ...), so a slow spell of a shared machine hits them alike. Sampling
-is lossless in every mode, so rewards follow the same distribution; which sample a seed gives
-depends on the draft tree, so curves agree in distribution, not token for token.
+One GRPO learner (rewards, group advantages, the clipped surrogate, dense-delta pushes) drives all
+four over gRPC: every step, each service generates the step's rollouts (the same prompts and
+sampling seed), timed one after the other in an order that rotates from step to step; the learner
+trains on off's and pushes the update to all four. So every mode generates from the same policy at
+every step. Four learners, one per mode, had drifted apart within a few steps (each trained on its
+own samples, which are exact draws of the policy but not the same draws once trees change which
+noise a token uses): their completions' lengths, and with them the generate times being compared,
+differed by up to 2x at the same step (bench fixture, 2 x 8), and their reward curves could not be
+compared either. Now each mode's reward is that of its own rollouts of the same policy: lossless
+modes agree in distribution.
+
+The learner trains on a small prompt set (--train-size), so prompts come back every epoch and
+history exists from the second on. A mode's step time is its own generate and scoring plus the
+shared training and one service's share of the push.
 """
 from __future__ import annotations
 
 import os
 import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +40,7 @@ PHASES = ("generate", "score", "train", "push")
 class E2EBenchConfig:
     out: str = help_field("benchmarks/results/e2e-cpu.json", "JSON output path (a PNG is written beside it)")
     preset: str = help_field("default", "fixture preset of the policy")
-    quick: bool = help_field(False, "4 steps of 8 prompts x 8 over 8 problems: about 3-5 minutes")
+    quick: bool = help_field(False, "4 steps of 8 prompts x 8 over 8 problems: about a minute once fixtures are cached")
     steps: int = help_field(12, "GRPO steps per mode")
     prompts_per_step: int = help_field(16, "Q prompts per step")
     group_size: int = help_field(8, "G completions per prompt")
@@ -39,7 +48,7 @@ class E2EBenchConfig:
     max_new_tokens: int = help_field(64, "tokens per completion at most")
     lr: float = help_field(3e-4, "learner AdamW learning rate")
     c_peak: float = help_field(0.0, "adaptive C_peak of every service; 0 = measure it now with the profiler")
-    seed: int = help_field(0, "seed of every learner (prompt order, rollouts)")
+    seed: int = help_field(0, "seed of the learner (prompt order, rollouts)")
     threads: int = help_field(0, "torch CPU threads; 0 = one per core")
 
 
@@ -73,8 +82,9 @@ def run(cfg: E2EBenchConfig) -> dict:
         c_peak, source = knee(profile(runner, DEFAULT_SWEEP, budget_s=60)), "profile"
         del runner
         print(f"profiled C_peak {c_peak:.1f}", flush=True)
-    apps, learners, clients = {}, {}, {}
+    apps, clients = {}, {}
     records = []
+    learner = None
     try:
         for mode in MODES:
             apps[mode] = build_app(ServeConfig(
@@ -83,27 +93,29 @@ def run(cfg: E2EBenchConfig) -> dict:
                 spec=SpecConfig("adaptive", sources=_sources(mode)), controller=ControllerConfig(c_peak=c_peak),
                 draft_learning=DraftLearningConfig(enabled=mode in ("online", "all"))))
             clients[mode] = RolloutClient(f"127.0.0.1:{apps[mode].port}")
-            learners[mode] = GRPOLearner(LearnerConfig(
-                rollout=f"127.0.0.1:{apps[mode].port}", model=str(fixture), steps=steps, prompts_per_step=Q,
-                group_size=cfg.group_size, train_size=P, lr=cfg.lr, max_new_tokens=cfg.max_new_tokens, eval_size=0,
-                seed=cfg.seed), clients[mode])
-        before = {m: _accepted(clients[m]) for m in MODES}
+        addresses = [f"127.0.0.1:{apps[m].port}" for m in MODES]
+        learner = GRPOLearner(LearnerConfig(
+            rollout=",".join(addresses), model=str(fixture), steps=steps, prompts_per_step=Q,
+            group_size=cfg.group_size, train_size=P, lr=cfg.lr, max_new_tokens=cfg.max_new_tokens, eval_size=0,
+            seed=cfg.seed), RolloutClient(addresses))
+        rollouts = _Rollouts(learner, clients)
         for step in range(1, steps + 1):
+            st = learner.step()  # (its _generate is rollouts': every mode generates, off's batch is trained on)
             for mode in MODES:
-                st = learners[mode].step()
-                now = _accepted(clients[mode])
-                rec = {"mode": mode, "step": st.step, "epoch": 1 + (step - 1) * Q // P,
-                       **{f"{p}_s": getattr(st, f"{p}_s") for p in PHASES},
-                       "rollout_tokens": st.completion_tokens, "rollout_tokens_per_s": st.tokens_per_s,
-                       "acceptance_length": st.acceptance_length,
-                       "accepted": {k: now[k] - before[mode][k] for k in now},
-                       "reward_mean": st.reward_mean, "accuracy": st.accuracy, "policy_version": st.new_version}
-                before[mode] = now
+                r = rollouts.last[mode]
+                rec = {"mode": mode, "step": st.step, "epoch": 1 + (step - 1) * Q // P, "generate_s": r["generate_s"],
+                       "score_s": r["score_s"], "train_s": st.train_s, "push_s": st.push_s / len(MODES),
+                       "rollout_tokens": r["tokens"], "rollout_tokens_per_s": r["tokens"] / r["generate_s"],
+                       "acceptance_length": r["acceptance_length"], "accepted": r["accepted"],
+                       "reward_mean": r["reward_mean"], "accuracy": r["accuracy"], "policy_version": st.new_version,
+                       "order": r["order"]}
                 records.append(rec)
-                print(f"step {step:3d} {mode:9s} generate {st.generate_s:6.2f}s score {st.score_s:5.2f}s train "
-                      f"{st.train_s:5.2f}s push {st.push_s:5.2f}s  {st.tokens_per_s:6.0f} tok/s  acceptance "
-                      f"{st.acceptance_length:.2f}  reward {st.reward_mean:.3f}", flush=True)
+                print(f"step {step:3d} {mode:9s} generate {rec['generate_s']:6.2f}s score {rec['score_s']:5.2f}s train "
+                      f"{rec['train_s']:5.2f}s push {rec['push_s']:5.2f}s  {rec['rollout_tokens_per_s']:6.0f} tok/s  "
+                      f"acceptance {rec['acceptance_length']:.2f}  reward {rec['reward_mean']:.3f}", flush=True)
     finally:
+        if learner is not None and learner.client is not None:
+            learner.client.close()
         for client in clients.values():
             client.close()
         for app in apps.values():
@@ -114,7 +126,7 @@ def run(cfg: E2EBenchConfig) -> dict:
               f"{s['step_s']:7.2f}s (x{s['step_speedup_vs_off']:.2f})  acceptance {s['acceptance_length']:.2f}  "
               f"reward {s['reward_mean']:.3f}", flush=True)
     path = write_results(cfg.out, "e2e", records, summary=summary, c_peak=c_peak, c_peak_source=source,
-                         **placement(learners["off"].model),
+                         **placement(learner.model), trained_on="off",
                          config={**cfg.__dict__, "steps": steps, "prompts_per_step": Q, "train_size": P})
     plot(path.with_suffix(".png"), f"GRPO {Q} x {cfg.group_size}: rollout seconds per step ({path.stem})", "GRPO step",
          "generate seconds", {m: ([r["step"] for r in records if r["mode"] == m],
@@ -122,6 +134,58 @@ def run(cfg: E2EBenchConfig) -> dict:
          logx=False, hline=None)
     print(f"wrote {path}")
     return {"path": str(path), "records": records, "summary": summary}
+
+
+class _Rollouts:
+    """Stands in for the learner's _generate: each mode's service generates the step's rollouts in
+    turn (the order rotating by one mode a step, so that none always goes first after a push), each
+    timed, scored and counted apart; the learner gets off's batch to train on."""
+
+    def __init__(self, learner, clients: dict):
+        self.learner, self.clients = learner, clients
+        self.last: dict[str, dict] = {}
+        self.before = {m: _accepted(c) for m, c in clients.items()}
+        self.problems = []
+        self.turn = 0
+        take = learner._next_problems
+
+        def next_problems(n: int):  # (the step's problems, to score every mode's rollouts against)
+            self.problems = take(n)
+            return self.problems
+
+        learner._next_problems = next_problems
+        learner._generate = self.generate
+
+    def generate(self, prompts: list[list[int]], G: int, sampling):
+        from fastgrpo.learner.tasks import correctness_reward
+
+        learner = self.learner
+        learner._ensure_served()  # (what the learner's own _generate does first)
+        order = MODES[self.turn % len(MODES):] + MODES[:self.turn % len(MODES)]
+        self.turn += 1
+        batches = {}
+        for mode in order:
+            t0 = time.perf_counter()
+            batch = self.clients[mode].generate_batch(prompts, G, sampling, timeout=learner.cfg.timeout)
+            generate_s = time.perf_counter() - t0
+            if any(c.policy_version != learner.pusher.version for c in batch.flat()):
+                raise RuntimeError(f"{mode}: rollouts from another policy version than the learner's")
+            t1 = time.perf_counter()
+            done = batch.flat()
+            texts = [learner.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in done]
+            problems = [p for p in self.problems for _ in range(G)]
+            rewards = learner.reward_fn.batch(texts, problems)
+            accuracy = sum(correctness_reward(t, p) for t, p in zip(texts, problems)) / max(len(done), 1)
+            score_s = time.perf_counter() - t1
+            now = _accepted(self.clients[mode])
+            self.last[mode] = {"generate_s": generate_s, "score_s": score_s, "tokens": sum(len(c.token_ids) for c in done),
+                               "acceptance_length": batch.spec().acceptance_length,
+                               "accepted": {k: now[k] - self.before[mode][k] for k in now},
+                               "reward_mean": sum(rewards) / max(len(rewards), 1), "accuracy": accuracy,
+                               "order": order.index(mode)}
+            self.before[mode] = now
+            batches[mode] = batch
+        return batches["off"]
 
 
 def _accepted(client) -> dict[str, int]:
