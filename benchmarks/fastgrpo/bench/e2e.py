@@ -55,6 +55,7 @@ class E2EBenchConfig:
     max_new_tokens: int = help_field(64, "tokens per completion at most")
     lr: float = help_field(3e-4, "learner AdamW learning rate")
     c_peak: float = help_field(0.0, "adaptive C_peak of every service; 0 = measure it now with the profiler")
+    draft_time_fraction: float = help_field(0.05, "the online modes' --draft-time-fraction: their draft-training rounds' share of the serving time (0 = unbounded: train whenever the service is idle)")
     seed: int = help_field(0, "seed of the learner (prompt order, rollouts)")
     threads: int = help_field(0, "torch CPU threads; 0 = one per core")
 
@@ -98,7 +99,8 @@ def run(cfg: E2EBenchConfig) -> dict:
                 model=str(fixture), port=0, draft="" if mode == "off" else str(draft),
                 engine=EngineConfig(max_running=Q * cfg.group_size),
                 spec=SpecConfig("adaptive", sources=_sources(mode)), controller=ControllerConfig(c_peak=c_peak),
-                draft_learning=DraftLearningConfig(enabled=mode in ("online", "all"))))
+                draft_learning=DraftLearningConfig(enabled=mode in ("online", "all"),
+                                                   time_fraction=cfg.draft_time_fraction)))
             clients[mode] = RolloutClient(f"127.0.0.1:{apps[mode].port}")
         addresses = [f"127.0.0.1:{apps[m].port}" for m in MODES]
         learner = GRPOLearner(LearnerConfig(
