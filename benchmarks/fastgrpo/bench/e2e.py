@@ -167,8 +167,6 @@ class _Rollouts:
         learner._generate = self.generate
 
     def generate(self, prompts: list[list[int]], G: int, sampling):
-        from fastgrpo.learner.tasks import correctness_reward
-
         learner = self.learner
         learner._ensure_served()  # (what the learner's own _generate does first)
         order = MODES[self.turn % len(MODES):] + MODES[:self.turn % len(MODES)]
@@ -183,16 +181,14 @@ class _Rollouts:
                 raise RuntimeError(f"{mode}: rollouts from another policy version than the learner's")
             t1 = time.perf_counter()
             done = batch.flat()
-            texts = [learner.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in done]
-            problems = [p for p in self.problems for _ in range(G)]
-            rewards = learner.reward_fn.batch(texts, problems)
-            accuracy = sum(correctness_reward(t, p) for t, p in zip(texts, problems)) / max(len(done), 1)
+            rewards, correct = learner.score(done, [p for p in self.problems for _ in range(G)])
             score_s = time.perf_counter() - t1
             now = _accepted(self.clients[mode])
             self.last[mode] = {"generate_s": generate_s, "score_s": score_s, "tokens": sum(len(c.token_ids) for c in done),
                                "acceptance_length": batch.spec().acceptance_length,
                                "accepted": {k: now[k] - self.before[mode][k] for k in now},
-                               "reward_mean": sum(rewards) / max(len(rewards), 1), "accuracy": accuracy,
+                               "reward_mean": float(rewards.mean()) if done else 0.0,
+                               "accuracy": sum(correct) / max(len(done), 1),
                                "order": order.index(mode)}
             self.before[mode] = now
             batches[mode] = batch
@@ -210,8 +206,11 @@ class _Rollouts:
         then until each engine has finished the piece it may be in (an op runs between pieces)."""
         engines = [a.engine for a in self.apps.values()]
         deadline = time.monotonic() + timeout
-        while any(any(w.has_work() for w in e.background) or any(e.snapshot()[k] for k in ("running", "queued"))
-                  for e in engines):
+        def busy(e) -> bool:
+            snap = e.snapshot()
+            return snap["running"] > 0 or snap["queued"] > 0 or any(w.has_work() for w in e.background)
+
+        while any(busy(e) for e in engines):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the services were still busy after {timeout:.0f} s")
             time.sleep(0.005)

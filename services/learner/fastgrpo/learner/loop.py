@@ -183,10 +183,7 @@ class GRPOLearner:
         kept = fresh_groups(batch.completions, version, cfg.max_staleness)
         dropped = (Q - len(kept)) * G
         completions: list[Completion] = [c for i in kept for c in batch.completions[i]]
-        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-        group_problems = [problems[i] for i in kept for _ in range(G)]
-        rewards = torch.tensor(self.reward_fn.batch(texts, group_problems), dtype=torch.float32)  # (N,)
-        correct = [correctness_reward(t, p) for t, p in zip(texts, group_problems)]
+        rewards, correct = self.score(completions, [problems[i] for i in kept for _ in range(G)])
         t2 = time.perf_counter()
 
         frac_zero = 1.0
@@ -223,6 +220,12 @@ class GRPOLearner:
             train_s=t3 - t2,
             push_s=t4 - t3,
         ), StepStats, self.world)
+
+    def score(self, completions: list[Completion], problems: list[Problem]) -> tuple[torch.Tensor, list[float]]:
+        """Each completion's reward (N,) and correctness, problems[i] the one completions[i] answers."""
+        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        rewards = torch.tensor(self.reward_fn.batch(texts, problems), dtype=torch.float32)
+        return rewards, [correctness_reward(t, p) for t, p in zip(texts, problems)]
 
     # ---------------------------------------------------------------- the ranks under torchrun
     # Rank 0's step and _follow_step make the same collectives in the same order: the weights flag
